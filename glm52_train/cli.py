@@ -1,0 +1,100 @@
+"""`glm52`: the command line. Each subcommand parses its arguments and calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+
+def _quiet() -> None:
+    # Megatron-Core warns at import about missing Apex/TE on every CPU run; say it once in the
+    # README instead of on every command.
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|TE).*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_info(args) -> int:
+    from glm52_train.config import get_model_config
+    from glm52_train.model.info import format_info, model_info
+
+    info = model_info(get_model_config(args.model), seq_len=args.seq_len)
+    print(json.dumps(info.to_dict(), indent=2) if args.json else format_info(info))
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    from glm52_train.hf.interop import import_hf
+
+    out = import_hf(args.hf, args.out)
+    print(f"imported {args.hf} -> {out}")
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    from glm52_train.hf.interop import export_hf
+
+    out = export_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_gb=args.max_shard_gb)
+    print(f"exported {args.ckpt} -> {out}")
+    return 0
+
+
+def cmd_verify_hf(args) -> int:
+    from glm52_train.hf.interop import describe, dump, verify_hf
+
+    result = verify_hf(args.hf, seq_len=args.seq_len, batch=args.batch, tolerance=args.tolerance)
+    print(dump(result) if args.json else describe(result))
+    return 0 if result.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glm52", description="GLM-5.2 pretraining on Megatron-Core")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="parameter counts, FLOPs per token and layer layout")
+    p.add_argument("--model", required=True, help="a model name from glm52_train.config.MODELS")
+    p.add_argument("--seq-len", type=int, default=4096, help="sequence length for FLOPs (default 4096)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("import-hf", help="HF glm_moe_dsa folder -> checkpoint")
+    p.add_argument("--hf", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("export-hf", help="checkpoint -> HF glm_moe_dsa folder")
+    p.add_argument("--ckpt", required=True, help="a checkpoint folder, or a root holding 'latest'")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("verify-hf", help="compare our logits with transformers' on a HF folder")
+    p.add_argument("--hf", required=True)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest allowed |difference| / largest |logit| (default 1e-4)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify_hf)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet()
+    args = build_parser().parse_args(argv)
+    from glm52_train.checkpoint import CheckpointError
+    from glm52_train.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError) as e:
+        print(f"glm52 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Workarounds that let Megatron-Core 0.16.1 run without CUDA or Transformer Engine.
+
+Megatron-Core assumes a GPU and, in a few places, Transformer Engine. On the CPU machines used
+for development, tests and CI neither exists. Each item below names the upstream behaviour it
+works around; `apply()` installs all of them once, and only where they are needed, so that the
+same model classes run unchanged on GPU (where nothing here is touched).
+
+Items (each covered by `tests/test_compat.py`):
+
+1. ``torch.cuda.current_device()`` is called for tensor placement in many modules (router,
+   experts, layers, mappings, MTP and DSA loss trackers). Without CUDA it raises. We make it
+   return the CPU device, which every one of those call sites accepts as a ``device=`` argument.
+2. ``torch.cuda.Stream`` / ``current_stream`` / ``stream`` are used by the all-to-all token
+   dispatcher to overlap device-to-host copies. On the CPU there is one stream; we supply a
+   host stand-in whose waits and events are no-ops.
+3. The RNG tracker (``tensor_parallel.random``) stores and swaps CUDA generator states. Without
+   CUDA we keep the tracked states as CPU generator states, so ``fork()`` still gives each
+   parallel region its own reproducible stream.
+4. ``moe_utils.te_general_gemm`` is only defined when TE imports; the router's gating GEMM then
+   raises NameError. We define it as ``None`` so the router takes its ``torch.mm`` branch.
+5. ``multi_latent_attention.HAVE_TE`` is True even without TE, because
+   ``extensions.transformer_engine`` imports with a MagicMock ``te``; ``TELinear`` is then a mock
+   subclass. We set ``HAVE_TE`` to the truth so MLA never takes a TE-only branch.
+6. The distributed optimizer and gradient buffers build a few tensors with ``device='cuda'`` or
+   call ``.cuda()``. Handled by item 1 for ``current_device``; ``torch.Tensor.cuda`` is made the
+   identity on CPU-only builds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+
+import torch
+
+_APPLIED = False
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def transformer_engine_available() -> bool:
+    try:
+        importlib.import_module("transformer_engine.pytorch")
+    except Exception:  # noqa: BLE001 - TE fails to import in many ways without a GPU
+        return False
+    return True
+
+
+class _HostEvent:
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+
+class _HostStream:
+    """Stand-in for ``torch.cuda.Stream`` on a machine whose only stream is the host thread."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None) -> _HostEvent:
+        return event if event is not None else _HostEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _HostStream)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+_HOST_STREAM = _HostStream()
+
+
+def _patch_cuda_device_and_streams() -> None:
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.Stream = _HostStream
+    torch.cuda.Event = lambda *a, **k: _HostEvent()
+    torch.cuda.current_stream = lambda device=None: _HOST_STREAM
+    torch.cuda.default_stream = lambda device=None: _HOST_STREAM
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    torch.cuda.synchronize = lambda device=None: None
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.Tensor.record_stream = lambda self, stream: None
+
+
+def _patch_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class HostRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        """`CudaRNGStatesTracker` whose tracked states are CPU generator states."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer_state = torch.get_rng_state()
+            outer_name = self._current_state_name
+            if outer_name != "default-rng":
+                self.states_[outer_name] = outer_state
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                if outer_name != "default-rng":
+                    outer_state = self.states_[outer_name]
+                torch.set_rng_state(outer_state)
+                self._current_state_name = outer_name
+
+    mrandom.CudaRNGStatesTracker = HostRNGStatesTracker
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    # The default (data-parallel) generator is the CPU one here: seed it as CUDA's would be.
+    # (torch.manual_seed itself calls torch.cuda.manual_seed_all, so seed the generator directly.)
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.manual_seed_all = lambda seed: None
+    if mrandom._CUDA_RNG_STATE_TRACKER is not None and not isinstance(
+        mrandom._CUDA_RNG_STATE_TRACKER, HostRNGStatesTracker
+    ):
+        mrandom.initialize_rng_tracker(force_reset=True)
+
+
+def _patch_te_symbols() -> None:
+    from megatron.core.transformer import multi_latent_attention
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    multi_latent_attention.HAVE_TE = False
+
+
+def apply() -> None:
+    """Install every workaround needed on this machine; idempotent."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    if not cuda_available():
+        _patch_cuda_device_and_streams()
+        _patch_rng_tracker()
+    if not transformer_engine_available():
+        _patch_te_symbols()
+    _APPLIED = True
+
+
+@functools.cache
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")

@@ -1,0 +1,134 @@
+"""Reading and writing HF `glm_moe_dsa` folders, and moving weights between them and a model.
+
+A folder holds config.json plus safetensors: one `model.safetensors`, or shards with a
+`model.safetensors.index.json` weight map. Tensors are read lazily, one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from glm52_train.config import ConfigError, ModelConfig
+from glm52_train.hf import mapping
+from glm52_train.hf.configs import from_hf_config, to_hf_config
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class HFCheckpoint:
+    """A HF folder opened for lazy reading: `names`, `get(name)`, `config`, `model_config`."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._handles: dict[Path, object] = {}
+        cfg_file = self.path / "config.json"
+        if not cfg_file.is_file():
+            raise ConfigError(f"{self.path} has no config.json; is it a Hugging Face model folder?")
+        try:
+            self.config = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_file} is not valid JSON ({e}).") from None
+        self.model_config = from_hf_config(self.config, name=self.path.name)
+        self._file_of: dict[str, Path] = {}
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            self._file_of = {k: self.path / v for k, v in weight_map.items()}
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise ConfigError(f"{self.path} holds no .safetensors files.")
+            for f in files:
+                for name in self._open(f).keys():
+                    self._file_of[name] = f
+
+    def _open(self, file: Path):
+        if file not in self._handles:
+            if not file.is_file():
+                raise ConfigError(f"{file} is listed in {INDEX_NAME} but does not exist.")
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except Exception as e:  # noqa: BLE001 - safetensors raises several types
+                raise ConfigError(f"{file} is not a readable safetensors file ({e}).") from None
+        return self._handles[file]
+
+    @property
+    def names(self) -> set[str]:
+        return set(self._file_of)
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._open(self._file_of[name]).get_tensor(name)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"tensor {name} in {self._file_of[name]} cannot be read ({e}).") from None
+
+
+def write_hf(
+    out_dir: str | os.PathLike,
+    model: ModelConfig,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Write config.json, safetensors shards of at most `max_shard_bytes` and the index."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype_name = str(dtype).removeprefix("torch.")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    sizes = [0]
+    for name, tensor in tensors:
+        # The router's correction bias stays fp32, as transformers keeps it (and as trained).
+        t = tensor.detach().to("cpu")
+        t = t.float() if name.endswith("e_score_correction_bias") else t.to(dtype)
+        nbytes = t.numel() * t.element_size()
+        if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][name] = t.contiguous().clone()
+        sizes[-1] += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(to_hf_config(model, dtype_name), indent=2) + "\n")
+    return out
+
+
+def megatron_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors by Megatron name, without Transformer Engine's `_extra_state`."""
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def load_hf_weights(model: torch.nn.Module, model_config: ModelConfig, ckpt: HFCheckpoint) -> None:
+    """Copy a HF checkpoint's weights into a single-process (TP=PP=EP=1) GLM-5.2 model."""
+    state = mapping.from_hf(model_config, ckpt.get, ckpt.names)
+    own = megatron_state(model)
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ConfigError(f"the conversion table leaves {len(missing)} model tensor(s) unset, e.g. {missing[:3]}.")
+    with torch.no_grad():
+        for name, target in own.items():
+            source = state[name]
+            if tuple(source.shape) != tuple(target.shape):
+                raise ConfigError(
+                    f"{name} has shape {tuple(source.shape)} in the HF checkpoint but "
+                    f"{tuple(target.shape)} in the model."
+                )
+            target.copy_(source.to(target.dtype))
+
+
+def hf_tensors(model: torch.nn.Module, model_config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    return mapping.to_hf(model_config, megatron_state(model))

@@ -1,0 +1,122 @@
+"""The three HF commands: import a HF folder as a checkpoint, export a checkpoint as a HF
+folder, and verify that our model and transformers compute the same logits from a HF folder.
+
+All three run in one process (tensor/pipeline/expert parallel 1): the checkpoint side reshards
+on load, so a checkpoint trained under any layout exports the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from glm52_train import checkpoint, parallel
+from glm52_train.config import ConfigError, ModelConfig
+from glm52_train.hf.convert import HFCheckpoint, hf_tensors, load_hf_weights, write_hf
+from glm52_train.model.build import RuntimeOptions, build_model
+
+
+def _single_process_model(model_config: ModelConfig, seed: int = 1234):
+    parallel.initialize(RuntimeOptions(), seed=seed)
+    return build_model(model_config, RuntimeOptions(init=False))
+
+
+def import_hf(hf_dir: str, out_dir: str) -> Path:
+    """HF folder -> checkpoint (weights only, iteration 0) that `pretrain --init-from` reads."""
+    ckpt = HFCheckpoint(hf_dir)
+    model = _single_process_model(ckpt.model_config)
+    load_hf_weights(model, ckpt.model_config, ckpt)
+    meta = {
+        "kind": "weights",
+        "source": str(Path(hf_dir).resolve()),
+        "model": ckpt.model_config.to_dict(),
+    }
+    return checkpoint.save_checkpoint(out_dir, 0, [model], meta=meta)
+
+
+def model_config_of_checkpoint(path: Path) -> ModelConfig:
+    meta = checkpoint.read_meta(path)
+    if "model" not in meta:
+        raise checkpoint.CheckpointError(f"{path} records no model config.")
+    return ModelConfig.from_dict(meta["model"])
+
+
+def export_hf(ckpt_dir: str, out_dir: str, dtype: str = "bfloat16", max_shard_gb: float = 5.0) -> Path:
+    """Checkpoint -> HF `glm_moe_dsa` folder (config.json, safetensors shards, index)."""
+    path = checkpoint.resolve(ckpt_dir)
+    model_config = model_config_of_checkpoint(path)
+    model = _single_process_model(model_config)
+    checkpoint.load_checkpoint(path, [model])
+    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
+    return write_hf(
+        out_dir, model_config, hf_tensors(model, model_config), dtype=torch_dtype,
+        max_shard_bytes=int(max_shard_gb * 1024**3),
+    )
+
+
+@dataclass
+class VerifyResult:
+    max_abs_diff: float
+    logit_scale: float
+    relative: float
+    tolerance: float
+    tokens: int
+
+    @property
+    def ok(self) -> bool:
+        return math.isfinite(self.relative) and self.relative <= self.tolerance
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "ok": self.ok}
+
+
+def our_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
+    with torch.no_grad():
+        return model(input_ids, positions, None).float()
+
+
+def reference_logits(hf_dir: str, input_ids: torch.Tensor) -> torch.Tensor:
+    from transformers import GlmMoeDsaForCausalLM
+
+    ref = GlmMoeDsaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    ref.eval()
+    with torch.no_grad():
+        return ref(input_ids).logits.float()
+
+
+def verify_hf(hf_dir: str, seq_len: int = 64, batch: int = 2, tolerance: float = 1e-4, seed: int = 0) -> VerifyResult:
+    """Load `hf_dir` into both implementations, run the same random tokens, compare logits.
+    The difference is reported relative to the largest reference logit (the logit scale)."""
+    ckpt = HFCheckpoint(hf_dir)
+    model_config = ckpt.model_config
+    model = _single_process_model(model_config)
+    load_hf_weights(model, model_config, ckpt)
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    seq_len = min(seq_len, model_config.max_position_embeddings)
+    input_ids = torch.randint(0, model_config.vocab_size, (batch, seq_len), generator=generator)
+    ours = our_logits(model, input_ids)
+    ref = reference_logits(hf_dir, input_ids)
+    if ours.shape != ref.shape:
+        raise ConfigError(f"logit shapes differ: ours {tuple(ours.shape)}, transformers {tuple(ref.shape)}.")
+    diff = (ours - ref).abs().max().item()
+    scale = max(ref.abs().max().item(), 1e-12)
+    return VerifyResult(diff, scale, diff / scale, tolerance, batch * seq_len)
+
+
+def describe(result: VerifyResult) -> str:
+    verdict = "PASS" if result.ok else "FAIL"
+    return (
+        f"{verdict}: max |logit difference| {result.max_abs_diff:.3e} over {result.tokens} tokens; "
+        f"logit scale {result.logit_scale:.3e}; relative {result.relative:.3e} "
+        f"(tolerance {result.tolerance:.1e})"
+    )
+
+
+def dump(result: VerifyResult) -> str:
+    return json.dumps(result.to_dict())

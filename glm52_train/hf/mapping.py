@@ -1,0 +1,193 @@
+"""Megatron <-> Hugging Face names for GLM-5.2, as one declarative table used both ways.
+
+Each entry names a Megatron-Core parameter (the unsharded, tensor-parallel-1 view of
+`GPTModel.state_dict()`) and the HF tensor(s) it corresponds to in a `glm_moe_dsa` checkpoint
+as released (per-expert tensors; transformers fuses them on load). Placeholders:
+`{layer}` a decoder layer, `{expert}` a routed expert. Transforms:
+- ``copy``: the same tensor;
+- ``fuse``: several HF tensors concatenated along dim 0 make one Megatron tensor (SwiGLU gate and
+  up projections -> `linear_fc1`); export splits it back.
+
+`when` restricts an entry to some layers: dense FFN or MoE layers, and layers that own an
+indexer (IndexShare "shared" layers carry no indexer weights, as in the released checkpoint).
+The MTP layer reuses the layer table under its own prefixes, plus `MTP_TABLE`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from glm52_train.config import ConfigError, ModelConfig
+
+DENSE, MOE, INDEXER, ALWAYS = "dense", "moe", "indexer", "always"
+
+
+@dataclass(frozen=True)
+class Entry:
+    megatron: str
+    hf: tuple[str, ...]
+    transform: str = "copy"  # copy | fuse
+    when: str = ALWAYS
+
+    def __post_init__(self):
+        assert self.transform in ("copy", "fuse")
+        assert (self.transform == "fuse") == (len(self.hf) > 1)
+
+
+def _copy(megatron: str, hf: str, when: str = ALWAYS) -> Entry:
+    return Entry(megatron, (hf,), "copy", when)
+
+
+def _fuse(megatron: str, hf: list[str], when: str = ALWAYS) -> Entry:
+    return Entry(megatron, tuple(hf), "fuse", when)
+
+
+MODEL_TABLE = [
+    _copy("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+    _copy("decoder.final_layernorm.weight", "model.norm.weight"),
+    _copy("output_layer.weight", "lm_head.weight"),
+]
+
+# Suffixes under a layer prefix: Megatron "decoder.layers.{layer}." / HF "model.layers.{layer}."
+LAYER_TABLE = [
+    _copy("input_layernorm.weight", "input_layernorm.weight"),
+    _copy("self_attention.linear_q_down_proj.weight", "self_attn.q_a_proj.weight"),
+    _copy("self_attention.q_layernorm.weight", "self_attn.q_a_layernorm.weight"),
+    _copy("self_attention.linear_q_up_proj.weight", "self_attn.q_b_proj.weight"),
+    _copy("self_attention.linear_kv_down_proj.weight", "self_attn.kv_a_proj_with_mqa.weight"),
+    _copy("self_attention.kv_layernorm.weight", "self_attn.kv_a_layernorm.weight"),
+    _copy("self_attention.linear_kv_up_proj.weight", "self_attn.kv_b_proj.weight"),
+    _copy("self_attention.linear_proj.weight", "self_attn.o_proj.weight"),
+    _copy("self_attention.core_attention.indexer.wq_b.weight", "self_attn.indexer.wq_b.weight", INDEXER),
+    _copy("self_attention.core_attention.indexer.wk.weight", "self_attn.indexer.wk.weight", INDEXER),
+    _copy("self_attention.core_attention.indexer.k_norm.weight", "self_attn.indexer.k_norm.weight", INDEXER),
+    _copy("self_attention.core_attention.indexer.k_norm.bias", "self_attn.indexer.k_norm.bias", INDEXER),
+    _copy("self_attention.core_attention.indexer.weights_proj.weight",
+          "self_attn.indexer.weights_proj.weight", INDEXER),
+    _copy("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
+    _fuse("mlp.linear_fc1.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight"], DENSE),
+    _copy("mlp.linear_fc2.weight", "mlp.down_proj.weight", DENSE),
+    _copy("mlp.router.weight", "mlp.gate.weight", MOE),
+    _copy("mlp.router.expert_bias", "mlp.gate.e_score_correction_bias", MOE),
+    _fuse("mlp.experts.local_experts.{expert}.linear_fc1.weight",
+          ["mlp.experts.{expert}.gate_proj.weight", "mlp.experts.{expert}.up_proj.weight"], MOE),
+    _copy("mlp.experts.local_experts.{expert}.linear_fc2.weight", "mlp.experts.{expert}.down_proj.weight", MOE),
+    _fuse("mlp.shared_experts.linear_fc1.weight",
+          ["mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"], MOE),
+    _copy("mlp.shared_experts.linear_fc2.weight", "mlp.shared_experts.down_proj.weight", MOE),
+]
+
+# Suffixes under an MTP prefix: Megatron "mtp.layers.{m}." / HF "model.layers.{num_layers + m}."
+MTP_TABLE = [
+    _copy("enorm.weight", "enorm.weight"),
+    _copy("hnorm.weight", "hnorm.weight"),
+    _copy("eh_proj.weight", "eh_proj.weight"),
+    _copy("final_layernorm.weight", "shared_head.norm.weight"),
+]
+# Written on export for DeepSeek-V3-style MTP loaders (copies of the shared embedding and head);
+# ignored on import.
+MTP_SHARED_COPIES = [
+    ("embedding.word_embeddings.weight", "embed_tokens.weight"),
+    ("output_layer.weight", "shared_head.head.weight"),
+]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One resolved row: a Megatron name and the HF name(s) that hold the same numbers."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    transform: str
+
+
+def _layer_kind(model: ModelConfig, layer: int, is_mtp: bool) -> set[str]:
+    moe = (model.num_moe_layers > 0) if is_mtp else model.is_moe_layer(layer)
+    indexer = is_mtp or model.layer_index_pattern[layer] == "F"
+    kinds = {ALWAYS, MOE if moe else DENSE}
+    if indexer:
+        kinds.add(INDEXER)
+    return kinds
+
+
+def _expand(entry: Entry, mprefix: str, hprefix: str, num_experts: int) -> Iterator[Pair]:
+    experts = range(num_experts) if "{expert}" in entry.megatron else [None]
+    for e in experts:
+        fmt: Callable[[str], str] = (lambda s: s) if e is None else (lambda s, e=e: s.replace("{expert}", str(e)))
+        yield Pair(mprefix + fmt(entry.megatron), tuple(hprefix + fmt(h) for h in entry.hf), entry.transform)
+
+
+def resolved_pairs(model: ModelConfig) -> list[Pair]:
+    """Every (Megatron, HF) pair of `model`, in a stable order."""
+    pairs = [Pair(e.megatron, e.hf, e.transform) for e in MODEL_TABLE]
+    if model.tie_embeddings:
+        pairs = [p for p in pairs if p.megatron != "output_layer.weight"]
+    blocks = [(f"decoder.layers.{i}.", f"model.layers.{i}.", i, False) for i in range(model.num_layers)]
+    blocks += [
+        (f"mtp.layers.{m}.transformer_layer.", f"model.layers.{model.num_layers + m}.", m, True)
+        for m in range(model.mtp_layers)
+    ]
+    for mprefix, hprefix, layer, is_mtp in blocks:
+        kinds = _layer_kind(model, layer, is_mtp)
+        for entry in LAYER_TABLE:
+            if entry.when in kinds:
+                pairs.extend(_expand(entry, mprefix, hprefix, model.num_experts))
+    for m in range(model.mtp_layers):
+        for entry in MTP_TABLE:
+            pairs.extend(_expand(entry, f"mtp.layers.{m}.", f"model.layers.{model.num_layers + m}.", 0))
+    return pairs
+
+
+def mtp_copy_names(model: ModelConfig) -> list[tuple[str, str]]:
+    return [
+        (mname, f"model.layers.{model.num_layers + m}.{hsuffix}")
+        for m in range(model.mtp_layers)
+        for mname, hsuffix in MTP_SHARED_COPIES
+        if not (model.tie_embeddings and mname == "output_layer.weight")
+    ]
+
+
+# ---- tensors -----------------------------------------------------------------------------------
+
+def to_hf(model: ModelConfig, megatron_state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) for a full Megatron state dict (TP1 view)."""
+    for pair in resolved_pairs(model):
+        tensor = megatron_state[pair.megatron]
+        if pair.transform == "copy":
+            yield pair.hf[0], tensor
+        else:
+            for name, part in zip(pair.hf, tensor.chunk(len(pair.hf), dim=0)):
+                yield name, part
+    for mname, hname in mtp_copy_names(model):
+        yield hname, megatron_state[mname]
+
+
+def from_hf(
+    model: ModelConfig, get: Callable[[str], torch.Tensor], available: set[str]
+) -> dict[str, torch.Tensor]:
+    """Build the Megatron state (TP1 view) from HF tensors. `get(name)` loads one tensor;
+    `available` is the set of names in the checkpoint. Raises ConfigError naming missing or
+    unexpected tensors."""
+    pairs = resolved_pairs(model)
+    wanted = {h for p in pairs for h in p.hf}
+    missing = sorted(wanted - available)
+    if missing:
+        raise ConfigError(
+            f"the HF checkpoint lacks {len(missing)} tensor(s) this config needs, e.g. "
+            f"{', '.join(missing[:3])}."
+        )
+    ignorable = {h for _, h in mtp_copy_names(model)}
+    unexpected = sorted(available - wanted - ignorable)
+    if unexpected:
+        raise ConfigError(
+            f"the HF checkpoint has {len(unexpected)} tensor(s) this config does not use, e.g. "
+            f"{', '.join(unexpected[:3])} (does config.json match the weights?)."
+        )
+    state = {}
+    for pair in pairs:
+        parts = [get(h) for h in pair.hf]
+        state[pair.megatron] = parts[0] if pair.transform == "copy" else torch.cat(parts, dim=0)
+    return state

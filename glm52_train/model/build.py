@@ -1,0 +1,216 @@
+"""Build the GLM-5.2 Megatron-Core model from a `ModelConfig`.
+
+`transformer_config()` turns the architecture (and the run's parallel and precision choices)
+into Megatron-Core's `MLATransformerConfig` subclass; `build_model()` makes the `GPTModel` of one
+pipeline stage from the project's module specs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+from glm52_train import compat
+from glm52_train.config import ConfigError, ModelConfig
+from glm52_train.model.mtp import SharedMTPBlock
+from glm52_train.model.spec import glm52_block_spec, glm52_mtp_block_spec
+
+DSA_MODES = ("sparse", "warmup")
+
+
+@dataclass
+class GLMTransformerConfig(MLATransformerConfig):
+    """Megatron-Core's MLA config plus what GLM-5.2 adds: DSA and IndexShare, the latent-norm
+    epsilon, and MTP layers shared across prediction steps."""
+
+    dsa_index_heads: int = 32
+    dsa_index_head_dim: int = 128
+    dsa_index_topk: int = 2048
+    dsa_index_pattern: str = ""
+    dsa_index_norm_epsilon: float = 1e-6
+    dsa_mode: str = "sparse"
+    dsa_loss_coeff: float = 1.0
+    dsa_backend: str = "auto"
+    latent_layernorm_epsilon: float = 1e-6
+    mtp_distinct_layers: int = 0
+
+
+@dataclass
+class RuntimeOptions:
+    """The run's choices that shape the Megatron-Core config (not the architecture)."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline_parallel: int | None = None
+    expert_parallel: int = 1
+    expert_tensor_parallel: int | None = None
+    context_parallel: int = 1
+    sequence_parallel: bool = False
+    pipeline_first_stage_layers: int | None = None
+    pipeline_last_stage_layers: int | None = None
+    bf16: bool = False
+    fp8: str | None = None
+    use_te: bool = False
+    dsa_mode: str = "sparse"
+    dsa_loss_coeff: float = 1.0
+    dsa_backend: str = "auto"
+    moe_aux_loss_coeff: float = 1e-4
+    moe_bias_update_rate: float = 1e-3
+    mtp_loss_scale: float = 0.3
+    recompute: str | None = None  # None | "full" | "selective"
+    cpu_init: bool = True
+    init: bool = True
+
+
+def transformer_config(model: ModelConfig, run: RuntimeOptions | None = None) -> GLMTransformerConfig:
+    """The Megatron-Core config of `model` under the run options `run`."""
+    model.validate()
+    run = run or RuntimeOptions()
+    if run.dsa_mode not in DSA_MODES:
+        raise ConfigError(f"dsa mode {run.dsa_mode!r} is not one of {', '.join(DSA_MODES)}.")
+    params_dtype = torch.bfloat16 if run.bf16 else torch.float32
+    moe = model.num_moe_layers > 0
+    rope = dict(rope_type="rope")
+    if model.rope_scaling and model.rope_scaling.get("rope_type", model.rope_scaling.get("type")) == "yarn":
+        rs = model.rope_scaling
+        rope = dict(
+            rope_type="yarn",
+            rotary_scaling_factor=float(rs["factor"]),
+            original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+            beta_fast=float(rs.get("beta_fast", 32)),
+            beta_slow=float(rs.get("beta_slow", 1)),
+            mscale=float(rs.get("mscale", 1.0)),
+            mscale_all_dim=float(rs.get("mscale_all_dim", 0.0)),
+        )
+    kwargs = dict(
+        # architecture
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.dense_ffn_size,
+        num_attention_heads=model.num_heads,
+        q_lora_rank=model.q_lora_rank,
+        kv_lora_rank=model.kv_lora_rank,
+        qk_head_dim=model.qk_nope_dim,
+        qk_pos_emb_head_dim=model.qk_rope_dim,
+        v_head_dim=model.v_head_dim,
+        kv_channels=model.qk_head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        latent_layernorm_epsilon=model.latent_norm_eps,
+        qk_layernorm=True,
+        rotary_base=model.rope_theta,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_std,
+        dsa_index_heads=model.index_heads,
+        dsa_index_head_dim=model.index_head_dim,
+        dsa_index_topk=model.index_topk,
+        dsa_index_pattern=model.layer_index_pattern,
+        dsa_mode=run.dsa_mode,
+        dsa_loss_coeff=run.dsa_loss_coeff,
+        dsa_backend=run.dsa_backend,
+        mtp_num_layers=model.mtp_steps if model.mtp_layers else None,
+        mtp_distinct_layers=model.mtp_layers,
+        mtp_loss_scaling_factor=run.mtp_loss_scale,
+        # parallelism
+        tensor_model_parallel_size=run.tensor_parallel,
+        pipeline_model_parallel_size=run.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=run.virtual_pipeline_parallel,
+        expert_model_parallel_size=run.expert_parallel,
+        expert_tensor_parallel_size=run.expert_tensor_parallel,
+        context_parallel_size=run.context_parallel,
+        sequence_parallel=run.sequence_parallel,
+        num_layers_in_first_pipeline_stage=run.pipeline_first_stage_layers,
+        num_layers_in_last_pipeline_stage=run.pipeline_last_stage_layers,
+        # precision and kernels
+        params_dtype=params_dtype,
+        bf16=run.bf16,
+        pipeline_dtype=params_dtype,
+        fp8=run.fp8,
+        use_cpu_initialization=run.cpu_init,
+        perform_initialization=run.init,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        **rope,
+    )
+    if run.recompute == "full":
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif run.recompute is not None:
+        raise ConfigError(f"recompute {run.recompute!r} is not supported (use 'full' or none).")
+    if moe:
+        kwargs.update(
+            num_moe_experts=model.num_experts,
+            moe_layer_freq=[0] * model.num_dense_layers + [1] * model.num_moe_layers,
+            moe_ffn_hidden_size=model.moe_ffn_size,
+            moe_shared_expert_intermediate_size=model.moe_ffn_size * model.num_shared_experts
+            if model.num_shared_experts
+            else None,
+            moe_router_topk=model.moe_topk,
+            moe_router_score_function="sigmoid",
+            moe_router_pre_softmax=False,
+            moe_router_enable_expert_bias=True,
+            moe_router_bias_update_rate=run.moe_bias_update_rate,
+            moe_router_topk_scaling_factor=model.routed_scaling_factor,
+            moe_router_num_groups=model.moe_groups if model.moe_groups > 1 else None,
+            moe_router_group_topk=model.moe_topk_groups if model.moe_groups > 1 else None,
+            moe_router_dtype="fp32",
+            moe_router_load_balancing_type="seq_aux_loss" if run.moe_aux_loss_coeff > 0 else "none",
+            moe_aux_loss_coeff=run.moe_aux_loss_coeff,
+            moe_token_dispatcher_type="alltoall",
+            moe_grouped_gemm=run.use_te,
+            moe_permute_fusion=False,
+        )
+    return GLMTransformerConfig(**kwargs)
+
+
+class GLM52Model(GPTModel):
+    """Megatron-Core's GPTModel built from GLM-5.2 specs. The only change: the MTP block applies
+    its layers cyclically over `mtp_num_layers` prediction steps (`SharedMTPBlock`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.mtp_process:
+            # GPTModel constructs MultiTokenPredictionBlock by name; SharedMTPBlock adds no state,
+            # only a forward that reuses layers across steps.
+            self.mtp.__class__ = SharedMTPBlock
+
+
+def build_model(
+    model: ModelConfig,
+    run: RuntimeOptions | None = None,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+    config: GLMTransformerConfig | None = None,
+) -> GLM52Model:
+    """The GLM-5.2 model of this pipeline stage. Megatron-Core's parallel state must be
+    initialised (`glm52_train.parallel.initialize`)."""
+    compat.apply()
+    run = run or RuntimeOptions()
+    config = config or transformer_config(model, run)
+    block = glm52_block_spec(config, use_te=run.use_te, vp_stage=vp_stage)
+    mtp = glm52_mtp_block_spec(config, use_te=run.use_te) if post_process else None
+    return GLM52Model(
+        config=config,
+        transformer_layer_spec=block,
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(model.rope_theta),
+        mtp_block_spec=mtp,
+        vp_stage=vp_stage,
+    )

@@ -1,0 +1,201 @@
+"""DeepSeek Sparse Attention as Megatron-Core core attention, with IndexShare.
+
+`DSACoreAttention` replaces MLA's core attention. A *full* layer owns a lightning indexer: it
+scores every earlier key, keeps the top-k per query and attends only to those. A *shared* layer
+(IndexShare, GLM-5.2) owns no indexer and attends to the top-k handed to it by the previous full
+layer; the indices travel between layers in Megatron-Core's per-layer `context` slot (see
+`layer.py`), which also carries them through activation recomputation.
+
+Training modes (`config.dsa_mode`):
+- ``sparse``: attention over the selected keys; the indexer learns from the KL divergence to the
+  head-summed main attention on the selected set; the indexer's inputs are detached, so its loss
+  does not reach the rest of the model (DeepSeek-V3.2, sparse training stage).
+- ``warmup``: main attention stays dense; the indexer learns from the KL over all visible keys
+  (the dense warm-up stage). Freezing everything but the indexer is the optimizer's job
+  (`train.freeze` in the run config).
+
+Departures from the HF reference: the reference computes the indexer under `no_grad` (it is an
+inference implementation); here it is trained. The attention result is identical: the HF model
+masks with causal & top-k exactly as `dsa_torch.masked_attention` does.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.common.embeddings import apply_rotary_pos_emb
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer.module import MegatronModule
+
+from glm52_train.model import dsa_torch
+
+
+class DSALossScaler(torch.autograd.Function):
+    """Attaches an auxiliary loss to an activation: identity forward; in backward the loss
+    receives gradient `scale` (set per iteration to the main loss's scale, e.g. 1 / number of
+    microbatches), so it is optimised with the LM loss without appearing in it."""
+
+    scale: torch.Tensor = torch.tensor(1.0)
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(loss)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (loss,) = ctx.saved_tensors
+        return grad_output, torch.ones_like(loss) * DSALossScaler.scale.to(loss.device)
+
+    @staticmethod
+    def set_loss_scale(scale) -> None:
+        DSALossScaler.scale = torch.as_tensor(scale, dtype=torch.float32).detach().reshape(())
+
+
+class DSALossTracker:
+    """Per-layer indexer KL values accumulated over the microbatches of one step, for logging."""
+
+    values: dict[int, list[torch.Tensor]] = {}
+
+    @classmethod
+    def add(cls, layer_number: int, loss: torch.Tensor) -> None:
+        cls.values.setdefault(layer_number, []).append(loss.detach())
+
+    @classmethod
+    def pop(cls) -> dict[int, float]:
+        """Mean per layer over the accumulated microbatches; clears the tracker."""
+        out = {layer: float(torch.stack(v).mean()) for layer, v in cls.values.items() if v}
+        cls.values = {}
+        return out
+
+
+class LightningIndexer(MegatronModule):
+    """The DSA indexer: 32 small heads scoring (query, key) pairs with ReLU and per-query head
+    weights. Its projections are replicated on every tensor-parallel rank (they are small), so
+    its inputs are gathered when activations are sequence-parallel."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config=config)
+        h, d = config.dsa_index_heads, config.dsa_index_head_dim
+        self.n_heads, self.head_dim, self.rope_dim = h, d, config.qk_pos_emb_head_dim
+        self.wq_b = torch.nn.Linear(config.q_lora_rank, h * d, bias=False, dtype=config.params_dtype)
+        self.wk = torch.nn.Linear(config.hidden_size, d, bias=False, dtype=config.params_dtype)
+        self.k_norm = torch.nn.LayerNorm(d, eps=config.dsa_index_norm_epsilon, dtype=config.params_dtype)
+        self.weights_proj = torch.nn.Linear(config.hidden_size, h, bias=False, dtype=config.params_dtype)
+        if config.perform_initialization:
+            for linear in (self.wq_b, self.wk, self.weights_proj):
+                config.init_method(linear.weight)
+
+    def _rope(self, t: torch.Tensor, freqs: torch.Tensor, mscale: float) -> torch.Tensor:
+        # The indexer rotates its *first* rope_dim channels (the main attention its last ones),
+        # with the interleaved convention; apply_rotary_pos_emb rotates t[..., :freqs.shape[-1]].
+        return apply_rotary_pos_emb(t, freqs, config=self.config, mscale=mscale)
+
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, freqs: torch.Tensor, mscale: float = 1.0):
+        """x: [s, b, hidden]; qr: [s, b, q_lora_rank] (after q_a_layernorm); freqs: [s, 1, 1, rope].
+        Returns q [s, b, H, D], k [s, b, D] and head weights w [s, b, H] (scaled by
+        H^-1/2 * D^-1/2, the ReLU commuting with the positive scale)."""
+        s, b, _ = x.shape
+        q = self.wq_b(qr).view(s, b, self.n_heads, self.head_dim)
+        q = self._rope(q, freqs, mscale)
+        k = self.k_norm(self.wk(x)).view(s, b, 1, self.head_dim)
+        k = self._rope(k, freqs, mscale).view(s, b, self.head_dim)
+        w = self.weights_proj(x).float() * (self.n_heads**-0.5 * self.head_dim**-0.5)
+        return q, k, w
+
+
+class DSACoreAttention(MegatronModule):
+    """Core attention of a GLM-5.2 layer: lightning indexer (full layers), top-k selection,
+    sparse attention, and the indexer's KL loss. Built by MLA with the usual core-attention
+    arguments; `forward` also takes the layer input `x`, the compressed query `qr`, the RoPE
+    frequencies and, on shared layers, the top-k indices of the previous full layer."""
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type=None,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        k_channels: int | None = None,
+        v_channels: int | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ) -> None:
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        # (Attention.__init__ builds a core attention without k_channels before MLA rebuilds it.)
+        if softmax_scale is None:
+            softmax_scale = (k_channels or config.qk_head_dim + config.qk_pos_emb_head_dim) ** -0.5
+        self.softmax_scale = softmax_scale
+        self.pg_collection = pg_collection
+        pattern = config.dsa_index_pattern
+        # Layers past the decoder (the MTP layers) always run their own indexer.
+        self.is_full = layer_number > len(pattern) or pattern[layer_number - 1] == "F"
+        self.indexer = LightningIndexer(config) if self.is_full else None
+        self.num_indexer_layers = max(1, pattern.count("F"))
+
+    @property
+    def tp_group(self):
+        return getattr(self.pg_collection, "tp", None) if self.pg_collection is not None else None
+
+    def _gather_sequence(self, t: torch.Tensor) -> torch.Tensor:
+        tp = self.tp_group
+        if self.config.sequence_parallel and tp is not None and tp.size() > 1:
+            return gather_from_sequence_parallel_region(t, group=tp)
+        return t
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *,
+        x: torch.Tensor,
+        qr: torch.Tensor,
+        freqs: torch.Tensor,
+        mscale: float = 1.0,
+        topk_indices: torch.Tensor | None = None,
+        packed_seq_params=None,
+        attn_mask_type=None,
+    ):
+        """query/key: [s, b, n, dk]; value: [s, b, n, dv]. Returns ([s, b, n * dv], top-k)."""
+        if packed_seq_params is not None:
+            raise NotImplementedError("packed sequences are not supported by DSA attention yet.")
+        sq, sk = query.shape[0], key.shape[0]
+        positions = torch.arange(sk, device=query.device)
+        causal = dsa_torch.allowed_keys(positions[-sq:], positions)
+
+        index_scores = None
+        if self.indexer is not None:
+            xi = self._gather_sequence(x.detach())
+            qri = self._gather_sequence(qr.detach())
+            want_loss = self.training and torch.is_grad_enabled() and self.config.dsa_loss_coeff > 0
+            with torch.set_grad_enabled(want_loss):
+                iq, ik, iw = self.indexer(xi, qri, freqs, mscale)
+                index_scores = dsa_torch.lightning_index_scores(iq, ik, iw)
+            topk_indices = dsa_torch.select_topk(
+                index_scores.detach(), causal.unsqueeze(0), self.config.dsa_index_topk
+            )
+        elif topk_indices is None:
+            raise RuntimeError(
+                f"layer {self.layer_number} shares the top-k of an earlier layer (IndexShare) but "
+                "received none: the previous full layer must run before it."
+            )
+
+        if self.config.dsa_mode == "warmup":
+            allowed = causal.unsqueeze(0)
+        else:
+            allowed = causal.unsqueeze(0) & dsa_torch.selection_mask(topk_indices, sk)
+        out = dsa_torch.masked_attention(query, key, value, allowed, self.softmax_scale)
+
+        if index_scores is not None and index_scores.requires_grad:
+            target = dsa_torch.head_summed_attention(
+                query.detach(), key.detach(), allowed, self.softmax_scale, self.tp_group
+            )
+            loss = dsa_torch.indexer_kl_loss(index_scores, target, allowed)
+            DSALossTracker.add(self.layer_number, loss)
+            weight = self.config.dsa_loss_coeff / self.num_indexer_layers
+            out = DSALossScaler.apply(out, loss * weight)
+        return out, topk_indices

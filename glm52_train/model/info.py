@@ -1,0 +1,175 @@
+"""Parameter and FLOP counts of a GLM-5.2 config, computed from the numbers (no model built).
+
+`tests/test_info.py` checks these counts against a meta-device build of the model.
+
+Conventions:
+- `total_params` counts the decoder, embeddings and output head, without the MTP layer(s), which
+  are reported separately (`mtp_params`, their own weights; they share the embedding and head).
+- `active_params` is what one token touches, without the input embedding (a lookup, not a
+  matmul): every non-expert weight, the shared experts and `moe_topk` routed experts per MoE
+  layer, and the output head.
+- FLOPs count multiply-adds as 2. Attention is counted as DSA computes it: each query attends
+  to min(top-k, visible keys) keys in every layer, and each full (F) layer's indexer scores the
+  query against every visible key, so the indexer is the one term that grows with the context.
+  Training = 3x forward for weights and sparse attention (backward is two GEMMs per forward GEMM);
+  the indexer's dense scoring pass runs forward only (its KL loss and gradient use the top-k set).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from glm52_train.config import ModelConfig
+
+
+def _attention_params(m: ModelConfig, indexer: bool) -> int:
+    qk = m.qk_head_dim
+    p = m.hidden_size * m.q_lora_rank + m.q_lora_rank  # q_a + q_a_layernorm
+    p += m.q_lora_rank * m.num_heads * qk  # q_b
+    p += m.hidden_size * (m.kv_lora_rank + m.qk_rope_dim) + m.kv_lora_rank  # kv_a + norm
+    p += m.kv_lora_rank * m.num_heads * (m.qk_nope_dim + m.v_head_dim)  # kv_b
+    p += m.num_heads * m.v_head_dim * m.hidden_size  # o_proj
+    if indexer:
+        p += m.q_lora_rank * m.index_heads * m.index_head_dim  # wq_b
+        p += m.hidden_size * m.index_head_dim + 2 * m.index_head_dim  # wk + LayerNorm
+        p += m.hidden_size * m.index_heads  # weights_proj
+    return p
+
+
+def _mlp_params(hidden: int, ffn: int) -> int:
+    return 3 * hidden * ffn
+
+
+def _layer_params(m: ModelConfig, moe: bool, indexer: bool) -> tuple[int, int]:
+    """(total, active) parameters of one decoder layer."""
+    norms = 2 * m.hidden_size
+    attn = _attention_params(m, indexer)
+    if not moe:
+        mlp = _mlp_params(m.hidden_size, m.dense_ffn_size)
+        return norms + attn + mlp, norms + attn + mlp
+    expert = _mlp_params(m.hidden_size, m.moe_ffn_size)
+    router = m.num_experts * m.hidden_size
+    shared = m.num_shared_experts * expert
+    total = norms + attn + router + shared + m.num_experts * expert
+    active = norms + attn + router + shared + m.moe_topk * expert
+    return total, active
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    total_params: int
+    active_params: int
+    embedding_params: int
+    output_params: int
+    mtp_params: int
+    mtp_active_params: int
+    layers: int
+    dense_layers: int
+    moe_layers: int
+    indexer_layers: int
+    shared_index_layers: int
+    index_pattern: str
+    layout: str
+    seq_len: int
+    forward_flops_per_token: float
+    train_flops_per_token: float
+    flops_breakdown: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def attention_keys_per_query(seq_len: int, topk: int) -> tuple[float, float]:
+    """Mean over positions 0..S-1 of (visible keys, attended keys = min(top-k, visible))."""
+    visible = (seq_len + 1) / 2
+    if seq_len <= topk:
+        attended = visible
+    else:
+        # positions < topk attend to all visible keys, later ones to topk
+        attended = (topk * (topk + 1) / 2 + (seq_len - topk) * topk) / seq_len
+    return visible, attended
+
+
+def model_info(m: ModelConfig, seq_len: int = 4096) -> ModelInfo:
+    m.validate()
+    pattern = m.layer_index_pattern
+    total = active = 0
+    for i in range(m.num_layers):
+        t, a = _layer_params(m, m.is_moe_layer(i), pattern[i] == "F")
+        total += t
+        active += a
+    emb = m.vocab_size * m.hidden_size
+    out = 0 if m.tie_embeddings else emb
+    final_norm = m.hidden_size
+    total += emb + out + final_norm
+    active += out + final_norm
+    mtp_layer_t, mtp_layer_a = _layer_params(m, m.num_moe_layers > 0, True)
+    mtp_extra = 3 * m.hidden_size + 2 * m.hidden_size * m.hidden_size  # enorm, hnorm, final norm, eh_proj
+    mtp_total = m.mtp_layers * (mtp_layer_t + mtp_extra)
+    mtp_active = m.mtp_layers * (mtp_layer_a + mtp_extra)
+
+    visible, attended = attention_keys_per_query(seq_len, m.index_topk)
+    per_head = m.qk_head_dim + m.v_head_dim
+    attn_fwd = 2 * m.num_heads * per_head * attended * m.num_layers
+    n_full = pattern.count("F")
+    indexer_fwd = 2 * m.index_heads * m.index_head_dim * visible * n_full
+    indexer_loss = 2 * m.index_heads * m.index_head_dim * attended * n_full
+    dense_equiv = 2 * m.num_heads * per_head * visible * m.num_layers
+    matmul_fwd = 2 * active
+    mtp_fwd = m.mtp_steps * (2 * mtp_active + 2 * m.num_heads * per_head * attended
+                             + 2 * m.index_heads * m.index_head_dim * visible + 2 * out)
+    forward = matmul_fwd + attn_fwd + indexer_fwd
+    train = 3 * (matmul_fwd + attn_fwd) + indexer_fwd + 3 * indexer_loss + 3 * mtp_fwd
+    breakdown = {
+        "weights_fwd": matmul_fwd,
+        "sparse_attention_fwd": attn_fwd,
+        "indexer_fwd": indexer_fwd,
+        "indexer_loss_fwd": indexer_loss,
+        "mtp_fwd": mtp_fwd,
+        "dense_attention_fwd_equivalent": dense_equiv,
+    }
+    layout = "".join("D" if not m.is_moe_layer(i) else "M" for i in range(m.num_layers))
+    return ModelInfo(
+        name=m.name,
+        total_params=total,
+        active_params=active,
+        embedding_params=emb,
+        output_params=out,
+        mtp_params=mtp_total,
+        mtp_active_params=mtp_active,
+        layers=m.num_layers,
+        dense_layers=m.num_dense_layers,
+        moe_layers=m.num_moe_layers,
+        indexer_layers=n_full,
+        shared_index_layers=pattern.count("S"),
+        index_pattern=pattern,
+        layout=layout,
+        seq_len=seq_len,
+        forward_flops_per_token=forward,
+        train_flops_per_token=train,
+        flops_breakdown=breakdown,
+    )
+
+
+def format_info(info: ModelInfo) -> str:
+    def b(n: float) -> str:
+        return f"{n / 1e9:,.2f}B" if n >= 1e8 else f"{n / 1e6:,.2f}M"
+
+    def flops(n: float) -> str:
+        return f"{n / 1e9:,.2f} G" if n >= 1e8 else f"{n / 1e6:,.2f} M"
+
+    lines = [
+        f"model              {info.name}",
+        f"total params       {info.total_params:,} ({b(info.total_params)}; MTP excluded)",
+        f"active params      {info.active_params:,} ({b(info.active_params)} per token, input embedding excluded)",
+        f"embedding params   {info.embedding_params:,} (+ output head {info.output_params:,})",
+        f"MTP params         {info.mtp_params:,} ({b(info.mtp_params)}; shares embedding and head)",
+        f"layers             {info.layers}: {info.dense_layers} dense + {info.moe_layers} MoE  [{info.layout}]",
+        f"IndexShare         {info.indexer_layers} full + {info.shared_index_layers} shared  [{info.index_pattern}]",
+        f"FLOPs/token @ {info.seq_len:<7} forward {flops(info.forward_flops_per_token)}, "
+        f"train {flops(info.train_flops_per_token)}",
+    ]
+    for k, v in info.flops_breakdown.items():
+        lines.append(f"  {k:<32} {flops(v)}")
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""Process groups and seeds: the one place that initialises torch.distributed and
+Megatron-Core's parallel state from a run's parallel layout."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+
+import torch
+
+from glm52_train import compat
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> None:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT), or make a
+    one-process group when run directly. NCCL on GPUs, gloo on CPUs."""
+    compat.apply()
+    if torch.distributed.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group(backend=backend, timeout=timeout)
+    else:
+        store = tempfile.NamedTemporaryFile(prefix="glm52-pg-", delete=False).name
+        torch.distributed.init_process_group(
+            backend=backend, init_method=f"file://{store}", rank=0, world_size=1, timeout=timeout
+        )
+
+
+def initialize(run=None, seed: int = 1234) -> None:
+    """Process group + Megatron-Core model-parallel groups + the parallel RNG tracker."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from glm52_train.model.build import RuntimeOptions
+
+    run = run or RuntimeOptions()
+    init_distributed()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=run.tensor_parallel,
+        pipeline_model_parallel_size=run.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=run.virtual_pipeline_parallel,
+        context_parallel_size=run.context_parallel,
+        expert_model_parallel_size=run.expert_parallel,
+        expert_tensor_parallel_size=run.expert_tensor_parallel,
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
