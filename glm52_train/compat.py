@@ -24,6 +24,11 @@ Items (each covered by `tests/test_compat.py`):
 6. The distributed optimizer and gradient buffers build a few tensors with ``device='cuda'`` or
    call ``.cuda()``. Handled by item 1 for ``current_device``; ``torch.Tensor.cuda`` is made the
    identity on CPU-only builds.
+7. The ``torch_dist`` checkpoint writer (``FileSystemWriterAsync``) starts a spawn-context
+   ``Manager`` process and forks one writer process per file at every save. Forking a process
+   that runs gloo, tqdm or pytest threads deadlocked here (the forked writer never reported
+   back). We write the same files, in the same format, from the saving process itself. This one
+   applies on GPU machines too: a save that can hang costs more than the parallel file writes.
 """
 
 from __future__ import annotations
@@ -161,6 +166,32 @@ def _patch_te_symbols() -> None:
     multi_latent_attention.HAVE_TE = False
 
 
+def _patch_checkpoint_writer() -> None:
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    def write_in_process(transform_list, use_msc, rank, write_buckets, global_results_queue):
+        results: dict = {}
+        local: queue.Queue = queue.Queue()
+        pending: queue.Queue = queue.Queue()
+        for i, bucket in enumerate(write_buckets):
+            pending.put(i)
+            kwargs = {"use_msc": use_msc} if use_msc else {}
+            filesystem_async.FileSystemWriterAsync.write_preloaded_data(
+                transform_list, i, bucket, local, pending, True, **kwargs
+            )
+            idx, out = local.get()
+            if isinstance(out, Exception):
+                global_results_queue.put(out)
+                return
+            results[idx] = out
+        global_results_queue.put(results)
+
+    filesystem_async._get_write_results_queue = lambda: queue.Queue()
+    filesystem_async.FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(write_in_process)
+
+
 def apply() -> None:
     """Install every workaround needed on this machine; idempotent."""
     global _APPLIED
@@ -171,6 +202,7 @@ def apply() -> None:
         _patch_rng_tracker()
     if not transformer_engine_available():
         _patch_te_symbols()
+    _patch_checkpoint_writer()
     _APPLIED = True
 
 

@@ -130,6 +130,11 @@ class ModelConfig:
             need(1 <= self.moe_topk_groups <= self.moe_groups,
                  f"moe_topk_groups ({self.moe_topk_groups}) must lie between 1 and moe_groups "
                  f"({self.moe_groups}).")
+            need(self.moe_groups == 1 or self.moe_topk == 2 * self.moe_topk_groups,
+                 f"group-limited routing with moe_topk={self.moe_topk} and moe_topk_groups="
+                 f"{self.moe_topk_groups} is ambiguous: the HF reference ranks groups by their top-2 "
+                 "experts, Megatron-Core by their top moe_topk/moe_topk_groups; use moe_topk = 2 x "
+                 "moe_topk_groups (as DeepSeek-V3 does) or a single group (as GLM-5.2 does).")
         need(self.mtp_layers >= 0 and self.mtp_steps >= self.mtp_layers,
              f"mtp_steps ({self.mtp_steps}) must be at least mtp_layers ({self.mtp_layers}).")
         need(self.mtp_layers > 0 or self.mtp_steps == 0,

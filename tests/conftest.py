@@ -1,0 +1,38 @@
+import os
+import sys
+import warnings
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+@pytest.fixture
+def single_process():
+    """Megatron-Core parallel state for one process (TP=PP=EP=CP=1), seed 1234."""
+    from glm52_train import parallel
+
+    parallel.initialize(seed=1234)
+    yield
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; results are recorded in docs/benchmarks.md")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
