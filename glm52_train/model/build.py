@@ -174,8 +174,10 @@ def transformer_config(model: ModelConfig, run: RuntimeOptions | None = None) ->
 
 
 class GLM52Model(GPTModel):
-    """Megatron-Core's GPTModel built from GLM-5.2 specs. The only change: the MTP block applies
-    its layers cyclically over `mtp_num_layers` prediction steps (`SharedMTPBlock`)."""
+    """Megatron-Core's GPTModel built from GLM-5.2 specs. Two changes: the MTP block applies its
+    layers cyclically over `mtp_num_layers` prediction steps (`SharedMTPBlock`), and a forward
+    without labels (inference, evaluation of logits) skips the MTP heads, which Megatron-Core
+    0.16.1 would otherwise run and then fail on for lack of labels."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -183,6 +185,16 @@ class GLM52Model(GPTModel):
             # GPTModel constructs MultiTokenPredictionBlock by name; SharedMTPBlock adds no state,
             # only a forward that reuses layers across steps.
             self.mtp.__class__ = SharedMTPBlock
+
+    def _postprocess(self, hidden_states, *args, labels=None, **kwargs):
+        if labels is not None or not self.config.mtp_num_layers:
+            return super()._postprocess(hidden_states, *args, labels=labels, **kwargs)
+        steps, self.config.mtp_num_layers = self.config.mtp_num_layers, None
+        try:
+            kwargs["mtp_in_postprocess"] = False
+            return super()._postprocess(hidden_states, *args, labels=None, **kwargs)
+        finally:
+            self.config.mtp_num_layers = steps
 
 
 def build_model(

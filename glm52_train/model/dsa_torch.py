@@ -14,6 +14,11 @@ from __future__ import annotations
 import torch
 
 
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: fp32, or fp64 for fp64 inputs (the tests' references)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def allowed_keys(
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,
@@ -33,8 +38,9 @@ def lightning_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) ->
 
     q: [sq, b, H, D]; k: [sk, b, D]; w: [sq, b, H] (already scaled). Returns fp32 [b, sq, sk].
     """
-    logits = torch.einsum("sbhd,tbd->bsht", q.float(), k.float()).relu_()
-    return torch.einsum("bsht,sbh->bst", logits, w.float())
+    acc = _acc(q)
+    logits = torch.einsum("sbhd,tbd->bsht", q.to(acc), k.to(acc)).relu_()
+    return torch.einsum("bsht,sbh->bst", logits, w.to(acc))
 
 
 def select_topk(scores: torch.Tensor, allowed: torch.Tensor, topk: int) -> torch.Tensor:
@@ -66,12 +72,13 @@ def masked_attention(
     q: [sq, b, n, dk]; k: [sk, b, n, dk]; v: [sk, b, n, dv]. Returns [sq, b, n * dv] in q's
     dtype; the arithmetic is fp32."""
     sq, b, n, _ = q.shape
-    scores = torch.einsum("sbnd,tbnd->bnst", q.float(), k.float()) * scale
+    acc = _acc(q)
+    scores = torch.einsum("sbnd,tbnd->bnst", q.to(acc), k.to(acc)) * scale
     if allowed.dim() == 2:
         allowed = allowed.unsqueeze(0)
     scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bnst,tbnd->sbnd", probs, v.float())
+    out = torch.einsum("bnst,tbnd->sbnd", probs, v.to(acc))
     return out.reshape(sq, b, -1).to(q.dtype)
 
 
@@ -86,7 +93,8 @@ def head_summed_attention(
     per query, [b, sq, sk] fp32 (no gradient). Heads split over tensor-parallel ranks are summed
     across `tp_group`."""
     with torch.no_grad():
-        scores = torch.einsum("sbnd,tbnd->bnst", q.float(), k.float()) * scale
+        acc = _acc(q)
+        scores = torch.einsum("sbnd,tbnd->bnst", q.to(acc), k.to(acc)) * scale
         if allowed.dim() == 2:
             allowed = allowed.unsqueeze(0)
         scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))

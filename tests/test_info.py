@@ -1,0 +1,69 @@
+"""Parameter counts: the analytic formulas against a meta-device build of our model and against
+transformers' own GLM-5.2 config."""
+
+import json
+
+import pytest
+import torch
+
+from glm52_train.cli import main as glm52
+from glm52_train.config import MODELS, get_model_config
+from glm52_train.model.build import RuntimeOptions, build_model
+from glm52_train.model.info import model_info
+
+GLM52_TOTAL = 743_377_000_704
+
+
+def _meta_counts(model_cfg):
+    with torch.device("meta"):
+        model = build_model(model_cfg, RuntimeOptions(init=False, bf16=True))
+    total = sum(p.numel() for p in model.parameters())
+    mtp = sum(p.numel() for n, p in model.named_parameters() if n.startswith("mtp."))
+    assert next(model.parameters()).device.type == "meta"
+    return total - mtp, mtp
+
+
+def test_glm52_744b_count_is_the_published_one(capsys):
+    assert glm52(["info", "--model", "glm52-744b", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["total_params"] == GLM52_TOTAL
+    assert info["indexer_layers"] == 21 and info["shared_index_layers"] == 57
+    assert info["dense_layers"] == 3 and info["moe_layers"] == 75
+    assert round(info["active_params"] / 1e9, 1) == 40.3
+    assert info["mtp_params"] > 0
+
+
+def test_transformers_counts_the_same_total():
+    from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
+
+    with torch.device("meta"):
+        ref = GlmMoeDsaForCausalLM(GlmMoeDsaConfig(index_topk_freq=4, index_skip_topk_offset=3))
+    assert sum(p.numel() for p in ref.parameters()) == GLM52_TOTAL
+    pattern = "".join("F" if t == "full" else "S" for t in ref.config.indexer_types)
+    assert pattern == get_model_config("glm52-744b").layer_index_pattern
+
+
+@pytest.mark.parametrize("name", ["tiny", "proxy-h100", "glm52-744b"])
+def test_meta_build_matches_formula(name, single_process):
+    cfg = MODELS[name]
+    total, mtp = _meta_counts(cfg)
+    info = model_info(cfg)
+    assert total == info.total_params
+    assert mtp == info.mtp_params
+
+
+def test_flops_count_sparse_attention_honestly():
+    cfg = get_model_config("glm52-744b")
+    short, long = model_info(cfg, seq_len=2048), model_info(cfg, seq_len=131072)
+    # under top-k every query attends to all keys; beyond it, attention per token is flat
+    # while the indexer's dense scoring keeps growing with the context
+    assert short.flops_breakdown["sparse_attention_fwd"] < long.flops_breakdown["sparse_attention_fwd"]
+    assert long.flops_breakdown["sparse_attention_fwd"] < 2 * model_info(cfg, 8192).flops_breakdown["sparse_attention_fwd"]
+    assert long.flops_breakdown["indexer_fwd"] > 30 * short.flops_breakdown["indexer_fwd"]
+    assert long.flops_breakdown["dense_attention_fwd_equivalent"] > 10 * long.flops_breakdown["sparse_attention_fwd"]
+
+
+def test_unknown_model_is_one_sentence(capsys):
+    assert glm52(["info", "--model", "glm99"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'glm99'" in err and err.count("\n") == 1

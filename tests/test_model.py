@@ -1,0 +1,139 @@
+"""The tiny GLM-5.2 on CPU: forward/backward, DSA training modes, IndexShare, MTP, recompute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glm52_train.config import get_model_config
+from glm52_train.model.build import RuntimeOptions, build_model
+from glm52_train.model.dsa import DSALossTracker
+from glm52_train.model.layer import GLMTransformerLayer
+
+SEQ = 64
+
+
+def _batch(vocab, b=2, s=SEQ, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, s), generator=g)
+    pos = torch.arange(s).unsqueeze(0).expand(b, -1)
+    return ids, pos
+
+
+def _build(model_cfg, reference=None, **run):
+    model = build_model(model_cfg, RuntimeOptions(**run))
+    if reference is not None:
+        model.load_state_dict(reference.state_dict())
+    return model
+
+
+def _loss_and_grads(model, ids, pos):
+    model.zero_grad()
+    loss = model(ids, pos, None, labels=ids).float().mean()
+    loss.backward()
+    grads = {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+    return loss.detach(), grads
+
+
+def test_tiny_has_every_feature():
+    m = get_model_config("tiny").validate()
+    assert m.num_dense_layers >= 1 and m.num_moe_layers >= 1 and m.num_shared_experts == 1
+    assert m.mtp_layers >= 1 and "S" in m.layer_index_pattern
+    assert m.index_topk < SEQ
+
+
+def test_forward_backward_reaches_every_parameter(single_process):
+    cfg = get_model_config("tiny")
+    model = _build(cfg).train()
+    ids, pos = _batch(cfg.vocab_size)
+    loss, grads = _loss_and_grads(model, ids, pos)
+    assert torch.isfinite(loss) and 8.0 < loss.item() < 10.0  # ~ln(8192) at init
+    missing = [n for n, g in grads.items() if g is None]
+    assert not missing, missing
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    indexer = [n for n in grads if ".indexer." in n]
+    assert indexer and all(grads[n].abs().sum() > 0 for n in indexer)
+    assert any(n.startswith("mtp.") for n in grads)
+    assert set(DSALossTracker.pop()) == {1, 3, 5}  # the two full layers and the MTP layer
+
+
+def test_indexer_loss_trains_the_indexer_only(single_process):
+    cfg = get_model_config("tiny")
+    ids, pos = _batch(cfg.vocab_size)
+    with_kl = _build(cfg).train()
+    without_kl = _build(cfg, reference=with_kl, dsa_loss_coeff=0.0).train()
+    loss_a, grads_a = _loss_and_grads(with_kl, ids, pos)
+    loss_b, grads_b = _loss_and_grads(without_kl, ids, pos)
+    assert torch.equal(loss_a, loss_b)  # the KL is not part of the reported loss
+    for name in grads_a:
+        if ".indexer." in name:
+            assert grads_a[name].abs().sum() > 0 and grads_b[name] is None, name
+        else:
+            assert torch.equal(grads_a[name], grads_b[name]), name
+
+
+def test_warmup_mode_attends_densely(single_process):
+    cfg = get_model_config("tiny")
+    ids, pos = _batch(cfg.vocab_size)
+    sparse = _build(cfg).eval()
+    warmup = _build(cfg, reference=sparse, dsa_mode="warmup").eval()
+    all_keys = _build(cfg.replace(index_topk=SEQ), reference=sparse).eval()
+    with torch.no_grad():
+        out_sparse, out_warmup, out_all = (m(ids, pos, None) for m in (sparse, warmup, all_keys))
+    assert torch.allclose(out_warmup, out_all, atol=1e-5)
+    assert not torch.allclose(out_sparse, out_all, atol=1e-3)
+
+
+def test_index_share_reuses_the_previous_full_layer(single_process):
+    cfg = get_model_config("tiny")
+    assert cfg.layer_index_pattern == "FSFS"
+    model = _build(cfg).eval()
+    returned = []
+    for layer in model.decoder.layers:
+        assert isinstance(layer, GLMTransformerLayer)
+        layer.register_forward_hook(lambda mod, args, out: returned.append(out[1]))
+    ids, pos = _batch(cfg.vocab_size)
+    with torch.no_grad():
+        model(ids, pos, None)
+    assert len(returned) == 4
+    assert returned[1] is returned[0] and returned[3] is returned[2]
+    assert not torch.equal(returned[0], returned[2])
+    assert returned[0].shape == (2, SEQ, cfg.index_topk)
+    shared_attn = model.decoder.layers[1].self_attention.core_attention
+    assert shared_attn.indexer is None and not shared_attn.is_full
+
+
+def test_full_recompute_matches(single_process):
+    cfg = get_model_config("tiny")
+    ids, pos = _batch(cfg.vocab_size)
+    plain = _build(cfg).train()
+    recomputed = _build(cfg, reference=plain, recompute="full").train()
+    loss_a, grads_a = _loss_and_grads(plain, ids, pos)
+    loss_b, grads_b = _loss_and_grads(recomputed, ids, pos)
+    assert torch.equal(loss_a, loss_b)
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_mtp_shares_one_layer_over_three_steps(single_process):
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    cfg = get_model_config("tiny").replace(mtp_steps=3)
+    one_step = _build(get_model_config("tiny"))
+    model = _build(cfg, reference=one_step).train()
+    assert len(model.mtp.layers) == 1
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in one_step.parameters())
+    MTPLossLoggingHelper.tracker.clear()
+    ids, pos = _batch(cfg.vocab_size)
+    loss, grads = _loss_and_grads(model, ids, pos)
+    values = MTPLossLoggingHelper.tracker["values"]
+    assert values.shape == (3,) and bool((values > 0).all())
+    assert grads["mtp.layers.0.eh_proj.weight"].abs().sum() > 0
+
+
+def test_bad_dsa_mode_is_one_sentence():
+    from glm52_train.config import ConfigError
+    from glm52_train.model.build import transformer_config
+
+    with pytest.raises(ConfigError, match="dsa mode 'dense'"):
+        transformer_config(get_model_config("tiny"), RuntimeOptions(dsa_mode="dense"))
