@@ -79,10 +79,18 @@ def _manifest(folder: Path) -> dict[str, int]:
     }
 
 
+def unwrap(module):
+    """The GPTModel inside DDP / Float16Module wrappers (checkpoints hold its names)."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
 def model_sharded_state(model_chunks: list) -> dict:
-    if len(model_chunks) == 1:
-        return {"model": model_chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+    chunks = [unwrap(c) for c in model_chunks]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
 def save_checkpoint(
@@ -220,14 +228,17 @@ def load_checkpoint(
     try:
         loaded = dist_checkpointing.load(state, str(path))
     except Exception as e:  # noqa: BLE001 - the dist-ckpt backends raise many types
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}") from e
+        detail = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {detail}") from e
     keys = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
-    for key, chunk in zip(keys, model_chunks):
-        result = chunk.load_state_dict(loaded.pop(key), strict=False)
-        bad = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-        if strict and (bad or result.unexpected_keys):
+    for key, chunk in zip(keys, (unwrap(c) for c in model_chunks)):
+        tensors = loaded.pop(key)
+        own = {k for k in chunk.state_dict() if not k.endswith("_extra_state")}
+        got = {k for k in tensors if not k.endswith("_extra_state")}
+        if strict and own != got:
             raise CheckpointError(
-                f"checkpoint {path} does not match the model: missing {bad[:3]}, "
-                f"unexpected {result.unexpected_keys[:3]}."
+                f"checkpoint {path} does not match the model: missing {sorted(own - got)[:3]}, "
+                f"unexpected {sorted(got - own)[:3]}."
             )
+        chunk.load_state_dict(tensors, strict=False)
     return meta, loaded

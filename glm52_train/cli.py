@@ -8,6 +8,9 @@ import os
 import sys
 import warnings
 
+from glm52_train.checkpoint import CheckpointError
+from glm52_train.config import ConfigError
+
 
 def _quiet() -> None:
     # Megatron-Core warns at import about missing Apex/TE on every CPU run; say it once in the
@@ -50,6 +53,37 @@ def cmd_verify_hf(args) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_prepare_data(args) -> int:
+    from glm52_train.data.prepare import prepare_data
+
+    inputs = list(args.input or [])
+    if args.embedded:
+        from glm52_train.data.embedded import write_corpus
+
+        inputs.append(str(write_corpus()))
+    if not inputs:
+        raise ConfigError("give --input files or --embedded.")
+    meta = prepare_data(
+        inputs, args.output_prefix, args.tokenizer, text_key=args.text_key, workers=args.workers,
+        eod_token=args.eod_token,
+    )
+    print(f"wrote {args.output_prefix}.bin/.idx: {meta['documents']:,} documents, "
+          f"{meta['tokens']:,} tokens ({meta['seconds']} s)")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from glm52_train.run_config import load_run_config
+    from glm52_train.training.loop import pretrain
+
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    if args.init_from is not None:
+        overrides.append(f"checkpoint.init_from={args.init_from}")
+    return pretrain(load_run_config(args.config, overrides))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm52", description="GLM-5.2 pretraining on Megatron-Core")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=4096, help="sequence length for FLOPs (default 4096)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("prepare-data", help="raw text -> Megatron-Core indexed dataset (.bin/.idx)")
+    p.add_argument("--input", nargs="+", help="json/jsonl/parquet/txt files, folders or globs")
+    p.add_argument("--embedded", action="store_true",
+                   help="add the embedded corpus (the Python standard library's sources)")
+    p.add_argument("--output-prefix", default="data/cache/stdlib")
+    p.add_argument("--tokenizer", default="data/tokenizer/tokenizer.json")
+    p.add_argument("--text-key", default="text")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--eod-token", default=None)
+    p.set_defaults(func=cmd_prepare_data)
+
+    p = sub.add_parser("pretrain", help="train from a YAML run config with key=value overrides")
+    p.add_argument("--config", required=True)
+    p.add_argument("--resume", default=None, help="auto (default in configs), none, or a checkpoint path")
+    p.add_argument("--init-from", default=None, help="weights-only start (fresh optimizer and schedule)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.iters=50")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("import-hf", help="HF glm_moe_dsa folder -> checkpoint")
     p.add_argument("--hf", required=True)
@@ -86,8 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _quiet()
     args = build_parser().parse_args(argv)
-    from glm52_train.checkpoint import CheckpointError
-    from glm52_train.config import ConfigError
 
     try:
         return args.func(args)

@@ -21,9 +21,24 @@ Items (each covered by `tests/test_compat.py`):
 5. ``multi_latent_attention.HAVE_TE`` is True even without TE, because
    ``extensions.transformer_engine`` imports with a MagicMock ``te``; ``TELinear`` is then a mock
    subclass. We set ``HAVE_TE`` to the truth so MLA never takes a TE-only branch.
-6. The distributed optimizer and gradient buffers build a few tensors with ``device='cuda'`` or
-   call ``.cuda()``. Handled by item 1 for ``current_device``; ``torch.Tensor.cuda`` is made the
-   identity on CPU-only builds.
+6. The optimizers, gradient clipping, grad buffers and schedules build tensors with a literal
+   ``device='cuda'`` (``torch.tensor``/``zeros``/``empty``/``ones``/``full``) and call
+   ``.cuda()``. On a machine without CUDA these factories place such tensors on the CPU, and
+   ``Tensor.cuda`` is the identity.
+9. Without TE or Apex, Megatron-Core's optimizer is ``torch.optim.AdamW``, whose per-parameter
+   state (including ``step``) appears only after the first update; the distributed optimizer's
+   ``state_dict()`` asserts one common ``step`` across parameters, so a freshly built optimizer
+   cannot describe the state it is about to load. `init_adam_state()` creates that state the
+   way AdamW would (zero moments, step 0) before a checkpoint is loaded into it.
+10. Same cause, loading side: `DistributedOptimizer._set_main_param_and_optimizer_states` copies
+   every key of the live per-parameter state, which for torch AdamW includes the scalar
+   ``step``; the reshardable checkpoint formats store ``step`` once in the param groups (it is
+   restored from there just before) and not per parameter, so the copy raised KeyError. Keys
+   the checkpoint does not hold per parameter are left as restored.
+8. The optimizers classify parameters by ``param.type() == 'torch.cuda.FloatTensor'`` (and the
+   Half/BFloat16 names) and raise TypeError for anything else. On a machine without CUDA, where
+   no tensor can be a CUDA tensor, ``Tensor.type()`` (called with no argument) reports floating
+   CPU tensors under the CUDA type names.
 7. The ``torch_dist`` checkpoint writer (``FileSystemWriterAsync``) starts a spawn-context
    ``Manager`` process and forks one writer process per file at every save. Forking a process
    that runs gloo, tqdm or pytest threads deadlocked here (the forked writer never reported
@@ -106,6 +121,40 @@ def _patch_cuda_device_and_streams() -> None:
     torch.cuda.synchronize = lambda device=None: None
     torch.Tensor.cuda = lambda self, *a, **k: self
     torch.Tensor.record_stream = lambda self, stream: None
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, str) and device.split(":")[0] == "cuda"
+
+
+def _patch_cuda_tensor_factories() -> None:
+    def redirect(factory):
+        @functools.wraps(factory)
+        def wrapped(*args, **kwargs):
+            if _is_cuda_device(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+                kwargs.pop("pin_memory", None)
+            return factory(*args, **kwargs)
+
+        return wrapped
+
+    for name in ("tensor", "zeros", "empty", "ones", "full", "arange"):
+        setattr(torch, name, redirect(getattr(torch, name)))
+
+    cpu_type = torch.Tensor.type
+    cuda_names = {"torch.FloatTensor": "torch.cuda.FloatTensor",
+                  "torch.HalfTensor": "torch.cuda.HalfTensor",
+                  "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
+
+    def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = cpu_type(self)
+            return cuda_names.get(name, name)
+        return cpu_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = tensor_type
 
 
 def _patch_rng_tracker() -> None:
@@ -192,6 +241,41 @@ def _patch_checkpoint_writer() -> None:
     filesystem_async.FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(write_in_process)
 
 
+def init_adam_state(optimizer) -> None:
+    """Item 9: give every parameter of a fresh torch AdamW its state (no-op once it has one)."""
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    for opt in inner:
+        torch_opt = getattr(opt, "optimizer", None)
+        if not isinstance(torch_opt, torch.optim.AdamW):
+            continue
+        for group in torch_opt.param_groups:
+            for p in group["params"]:
+                state = torch_opt.state[p]
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0)
+                    state.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
+                    state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+
+
+def _patch_optimizer_state_loading() -> None:
+    from megatron.core.optimizer import distrib_optimizer
+
+    cls = distrib_optimizer.DistributedOptimizer
+    original = cls._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        live = {"param": main_param, **self.optimizer.state[main_param]}
+        for key, dst in live.items():
+            if key in tensors:
+                dst.copy_(tensors[key])
+
+    cls._set_main_param_and_optimizer_states = set_states
+
+
 def apply() -> None:
     """Install every workaround needed on this machine; idempotent."""
     global _APPLIED
@@ -199,9 +283,11 @@ def apply() -> None:
         return
     if not cuda_available():
         _patch_cuda_device_and_streams()
+        _patch_cuda_tensor_factories()
         _patch_rng_tracker()
     if not transformer_engine_available():
         _patch_te_symbols()
+        _patch_optimizer_state_loading()
     _patch_checkpoint_writer()
     _APPLIED = True
 

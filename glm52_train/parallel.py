@@ -12,6 +12,10 @@ import torch
 from glm52_train import compat
 
 
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(timeout_minutes: float = 30.0) -> None:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT), or make a
     one-process group when run directly. NCCL on GPUs, gloo on CPUs."""

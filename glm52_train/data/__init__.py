@@ -1,0 +1,1 @@
+"""Data: tokenizers, preparation of Megatron-Core indexed datasets, and training data loaders."""

@@ -1,0 +1,116 @@
+"""Training and validation data: Megatron-Core GPTDatasets blended by weight, read in a
+deterministic order from a sample offset (the data position saved in every checkpoint)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+
+from glm52_train.config import ConfigError, ModelConfig
+from glm52_train.data.prepare import read_dataset_meta
+from glm52_train.data.tokenizer import Tokenizer
+from glm52_train.run_config import RunConfig
+
+
+def check_data(cfg: RunConfig, model: ModelConfig, tokenizer: Tokenizer) -> list[dict]:
+    """Every dataset of the blend exists, is intact and was tokenized by this tokenizer, whose
+    vocabulary fits the model's."""
+    if tokenizer.vocab_size > model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but model {model.name!r} only "
+            f"{model.vocab_size} embeddings."
+        )
+    metas = []
+    for source in cfg.data.blend:
+        meta = read_dataset_meta(source.path)
+        if meta["tokenizer_sha256"] != tokenizer.sha256:
+            raise ConfigError(
+                f"dataset {source.path} was tokenized with {meta['tokenizer']} "
+                f"(sha256 {meta['tokenizer_sha256'][:12]}), not with {tokenizer.path} "
+                f"(sha256 {tokenizer.sha256[:12]}); re-run glm52 prepare-data."
+            )
+        if meta["max_token_id"] >= model.vocab_size:
+            raise ConfigError(
+                f"dataset {source.path} holds token id {meta['max_token_id']}, beyond model "
+                f"{model.name!r}'s {model.vocab_size} embeddings."
+            )
+        metas.append(meta)
+    return metas
+
+
+def build_datasets(cfg: RunConfig, tokenizer: Tokenizer, train_samples: int, valid_samples: int):
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    paths = [s.path for s in cfg.data.blend]
+    weights = [s.weight for s in cfg.data.blend] if len(paths) > 1 else None
+    cache = cfg.data.cache_dir or str(Path(paths[0]).parent / "megatron-index-cache")
+    config = GPTDatasetConfig(
+        random_seed=cfg.train.seed,
+        sequence_length=cfg.data.seq_length,
+        blend=(paths, weights),
+        split=cfg.data.split,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        path_to_cache=cache,
+        mmap_bin_files=True,
+    )
+    sizes = [train_samples, valid_samples, 0]
+    train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    if train is None:
+        raise ConfigError(f"data.split {cfg.data.split!r} leaves no training documents.")
+    return train, valid
+
+
+class PretrainingSampler:
+    """Global batches of consecutive sample indices from `consumed`, this data-parallel rank's
+    micro-batch slice of each (Megatron's order, so a layout change keeps the global order)."""
+
+    def __init__(self, total: int, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        self.total, self.consumed = total, consumed
+        self.mbs, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+
+    def __len__(self) -> int:
+        return (self.total - self.consumed) // (self.mbs * self.dp_size)
+
+    def __iter__(self):
+        step = self.mbs * self.dp_size
+        start = self.dp_rank * self.mbs
+        for base in range(self.consumed, self.total - step + 1, step):
+            yield list(range(base + start, base + start + self.mbs))
+
+
+def dataloader(dataset, consumed: int, micro_batch_size: int, num_workers: int = 0):
+    sampler = PretrainingSampler(
+        len(dataset),
+        consumed,
+        micro_batch_size,
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
+    )
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available()
+    )
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+
+
+def to_batch(sample: dict, device) -> Batch:
+    return Batch(
+        tokens=sample["tokens"].to(device, non_blocking=True),
+        labels=sample["labels"].to(device, non_blocking=True),
+        loss_mask=sample["loss_mask"].to(device, non_blocking=True).float(),
+        position_ids=sample["position_ids"].to(device, non_blocking=True),
+    )

@@ -1,0 +1,320 @@
+"""The run config: typed sections loaded from YAML, dotted `key=value` overrides, one validate().
+
+    glm52 pretrain --config configs/tiny.yaml train.iters=50 optimizer.lr=1e-3
+
+`model` is a flavor name from `glm52_train.config.MODELS` or a mapping of ModelConfig fields
+(with an optional `base:` flavor to start from). Every other section is a dataclass below;
+unknown keys are errors, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from glm52_train.config import ConfigError, ModelConfig, get_model_config
+
+
+@dataclass
+class DataSource:
+    path: str  # prefix of PREFIX.bin / PREFIX.idx / PREFIX.json
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    tokenizer: str = "data/tokenizer/tokenizer.json"
+    blend: list[DataSource] = field(default_factory=list)
+    split: str = "98,2,0"
+    seq_length: int = 4096
+    num_workers: int = 0
+    cache_dir: str | None = None  # where Megatron-Core caches its sample indices
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None
+    ep: int = 1
+    etp: int | None = None
+    cp: int = 1
+    sp: bool = False
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    iters: int = 1000
+    eval_interval: int = 100
+    eval_iters: int = 8
+    log_interval: int = 10
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    fp8: str | None = None  # with Transformer Engine: e4m3 | hybrid
+    transformer_engine: str = "auto"  # auto | on | off
+    clip_grad: float = 1.0
+    recompute: str | None = None  # None | full
+    freeze: str | None = None  # None | all_but_indexer (DSA dense warm-up)
+    max_skipped_steps: int = 10  # consecutive non-finite steps before the run stops
+    exit_after_iters: int | None = None  # stop (with a checkpoint) after this many steps of this run
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | wsd | linear | constant
+    warmup_iters: int = 100
+    decay_iters: int | None = None  # default: train.iters
+    wsd_decay_iters: int | None = None  # the final decay of WSD (default 10% of decay_iters)
+
+
+@dataclass
+class DSAConfig:
+    mode: str = "sparse"  # sparse | warmup
+    loss_coeff: float = 1.0
+    backend: str = "auto"  # auto | torch | triton
+
+
+@dataclass
+class MoEConfig:
+    aux_loss_coeff: float = 1e-4  # sequence-wise balance loss
+    bias_update_rate: float = 1e-3  # aux-loss-free balancing
+
+
+@dataclass
+class MTPConfig:
+    loss_scale: float = 0.3
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None
+    interval: int = 1000
+    keep_last: int | None = 3
+    resume: str | None = "auto"  # auto | none | PATH
+    init_from: str | None = None  # weights only: fresh optimizer, schedule and data position
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str | None = None  # default runs/<run name>
+    name: str | None = None
+    wandb: str = "offline"  # offline | online | disabled
+    wandb_project: str = "glm52"
+    wandb_entity: str | None = None
+    tensorboard: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: Any = "tiny"
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    dsa: DSAConfig = field(default_factory=DSAConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    # ---- derived ---------------------------------------------------------------------------
+    def model_config(self) -> ModelConfig:
+        if isinstance(self.model, ModelConfig):
+            return self.model
+        if isinstance(self.model, str):
+            return get_model_config(self.model)
+        if isinstance(self.model, dict):
+            fields = dict(self.model)
+            base = get_model_config(fields.pop("base")) if "base" in fields else ModelConfig()
+            known = set(base.to_dict())
+            unknown = sorted(set(fields) - known)
+            if unknown:
+                raise ConfigError(f"model: unknown field(s) {', '.join(unknown)}.")
+            return base.replace(**fields)
+        raise ConfigError(f"model must be a flavor name or a mapping, got {type(self.model).__name__}.")
+
+    @property
+    def name(self) -> str:
+        return self.logging.name or self.model_config().name
+
+    def world_size(self) -> int:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    def data_parallel_size(self, world_size: int | None = None) -> int:
+        world = world_size or self.world_size()
+        p = self.parallel
+        return world // (p.tp * p.pp * p.cp)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["model"] = self.model_config().to_dict()
+        return out
+
+    # ---- validation ------------------------------------------------------------------------
+    def validate(self, world_size: int | None = None) -> "RunConfig":
+        model = self.model_config().validate()
+        world = world_size or self.world_size()
+        p, t, d = self.parallel, self.train, self.data
+
+        def need(ok: bool, sentence: str) -> None:
+            if not ok:
+                raise ConfigError(sentence)
+
+        for name in ("tp", "pp", "ep", "cp"):
+            need(getattr(p, name) >= 1, f"parallel.{name} must be at least 1.")
+        model_parallel = p.tp * p.pp * p.cp
+        need(world % model_parallel == 0,
+             f"the world size {world} is not divisible by tp x pp x cp = {p.tp} x {p.pp} x {p.cp}.")
+        dp = world // model_parallel
+        need(model.num_heads % p.tp == 0,
+             f"parallel.tp={p.tp} does not divide the {model.num_heads} attention heads.")
+        if model.num_moe_layers:
+            need(model.num_experts % p.ep == 0,
+                 f"parallel.ep={p.ep} does not divide the {model.num_experts} experts.")
+            etp = p.etp or p.tp
+            need((world // p.pp) % (p.ep * etp) == 0,
+                 f"expert parallelism ep x etp = {p.ep} x {etp} does not divide the "
+                 f"{world // p.pp} ranks of a pipeline stage.")
+        need(not p.sp or p.tp > 1, "parallel.sp (sequence parallel) needs parallel.tp > 1.")
+        need(p.vpp is None or p.pp > 1, "parallel.vpp (virtual pipeline stages) needs parallel.pp > 1.")
+        need(model.num_layers >= p.pp, f"{model.num_layers} layers cannot fill {p.pp} pipeline stages.")
+        need(t.micro_batch_size >= 1 and t.global_batch_size >= 1, "batch sizes must be positive.")
+        need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+             f"micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp}).")
+        need(d.seq_length >= 2, "data.seq_length must be at least 2.")
+        need(d.seq_length % (p.tp if p.sp else 1) == 0,
+             f"data.seq_length ({d.seq_length}) must be divisible by tp ({p.tp}) under sequence parallelism.")
+        need(d.seq_length % (2 * p.cp) == 0 or p.cp == 1,
+             f"data.seq_length ({d.seq_length}) must be divisible by 2 x cp ({2 * p.cp}).")
+        need(d.seq_length <= model.max_position_embeddings,
+             f"data.seq_length ({d.seq_length}) exceeds the model's {model.max_position_embeddings} positions.")
+        need(bool(d.blend), "data.blend lists no datasets.")
+        need(all(s.weight > 0 for s in d.blend), "data.blend weights must be positive.")
+        need(t.precision in ("auto", "bf16", "fp32"), f"train.precision {t.precision!r} is not auto, bf16 or fp32.")
+        need(t.transformer_engine in ("auto", "on", "off"),
+             f"train.transformer_engine {t.transformer_engine!r} is not auto, on or off.")
+        need(t.recompute in (None, "full"), f"train.recompute {t.recompute!r} is not null or full.")
+        need(t.freeze in (None, "all_but_indexer"), f"train.freeze {t.freeze!r} is not null or all_but_indexer.")
+        need(self.dsa.mode in ("sparse", "warmup"), f"dsa.mode {self.dsa.mode!r} is not sparse or warmup.")
+        need(self.dsa.backend in ("auto", "torch", "triton"), f"dsa.backend {self.dsa.backend!r} is not auto, torch or triton.")
+        need(self.optimizer.name == "adamw",
+             f"optimizer.name {self.optimizer.name!r} is not available: Megatron-Core 0.16.1's Muon needs "
+             "the emerging_optimizers package, which is not installable here; use adamw.")
+        need(self.optimizer.schedule in ("cosine", "wsd", "linear", "constant"),
+             f"optimizer.schedule {self.optimizer.schedule!r} is not cosine, wsd, linear or constant.")
+        decay = self.optimizer.decay_iters or t.iters
+        need(0 <= self.optimizer.warmup_iters < decay,
+             f"optimizer.warmup_iters ({self.optimizer.warmup_iters}) must be below the decay length "
+             f"({decay}, optimizer.decay_iters or train.iters).")
+        need(self.logging.wandb in ("offline", "online", "disabled"),
+             f"logging.wandb {self.logging.wandb!r} is not offline, online or disabled.")
+        need(self.checkpoint.resume in (None, "auto", "none") or Path(self.checkpoint.resume).exists(),
+             f"checkpoint.resume {self.checkpoint.resume!r} is neither auto, none, nor an existing path.")
+        need(t.log_interval >= 1 and t.eval_interval >= 1, "log and eval intervals must be at least 1.")
+        return self
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if hint is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list.")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is not None and type(None) in args:  # Optional[X] / X | None
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if hint is bool:
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if value.lower() in ("false", "0", "no", "off"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}.")
+    if hint in (int, float):
+        try:
+            return hint(float(value)) if hint is int and isinstance(value, str) and "e" in value.lower() else hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, got {value!r}.") from None
+    if hint is str:
+        return str(value)
+    return value
+
+
+def _build(cls, data: Any, where: str):
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping.")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}.")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value.")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise ConfigError(f"override {key}: {part} is not a section.")
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _parse_scalar(value)
+    return data
+
+
+def load_run_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
+    data: dict = {}
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {path} does not exist.")
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML ({e}).".replace("\n", " ")) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections.")
+    data = apply_overrides(data, overrides or [])
+    return _build(RunConfig, data, "")

@@ -1,0 +1,1 @@
+"""The pretraining driver: setup, step, logging, checkpoint state, the loop."""

@@ -1,0 +1,153 @@
+"""Run logging: a console progress line, `metrics.jsonl`, Weights & Biases and TensorBoard.
+
+Only the last rank of the pipeline's first data-parallel replica (global rank world-1 when
+the last stage holds it) writes; `RunLogger.log` is a no-op elsewhere. `metrics.jsonl` holds one
+JSON object per logged step (`step`, `loss`, `lr`, `grad_norm`, ...) for tools and tests that do
+not read W&B; on resume, records past the resumed step are dropped so the file stays one run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunLogger:
+    def __init__(self, cfg, run_dir: Path, active: bool, start_step: int, config_dict: dict) -> None:
+        self.active = active
+        self.run_dir = run_dir
+        self.wandb = None
+        self.tb = None
+        self.start_time = time.time()
+        self.start_step = start_step
+        if not active:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self._truncate_after(start_step)
+        (run_dir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str) + "\n")
+        if cfg.logging.wandb != "disabled":
+            self.wandb = self._init_wandb(cfg, run_dir, config_dict)
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+        self.metrics_path.write_text("".join(k + "\n" for k in kept))
+
+    def _init_wandb(self, cfg, run_dir: Path, config_dict: dict):
+        wandb_dir = run_dir / "wandb-files"
+        wandb_dir.mkdir(parents=True, exist_ok=True)
+        for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+            os.environ.setdefault(var, str(wandb_dir))
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        id_file = run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+        id_file.write_text(run_id + "\n")
+        return wandb.init(
+            project=cfg.logging.wandb_project,
+            entity=cfg.logging.wandb_entity,
+            name=cfg.name,
+            id=run_id,
+            resume="allow",
+            mode=cfg.logging.wandb,
+            dir=str(wandb_dir),
+            config=config_dict,
+            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
+        )
+
+    def log(self, step: int, total_steps: int, metrics: dict, wandb_extra: dict | None = None) -> None:
+        if not self.active:
+            return
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({**metrics, **(wandb_extra or {})}, step=step)
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and v is not None:
+                    self.tb.add_scalar(k, v, step)
+        print(self._progress_line(step, total_steps, metrics), flush=True)
+
+    def _progress_line(self, step: int, total: int, m: dict) -> str:
+        elapsed = time.time() - self.start_time
+        done = max(step - self.start_step, 1)
+        eta = elapsed / done * max(total - step, 0)
+        parts = [f"step {step:>6}/{total}"]
+        if m.get("loss") is not None:
+            parts.append(f"loss {m['loss']:.4f}")
+        if m.get("val_loss") is not None:
+            parts.append(f"val {m['val_loss']:.4f}")
+        if m.get("lr") is not None:
+            parts.append(f"lr {m['lr']:.2e}")
+        if m.get("grad_norm") is not None:
+            parts.append(f"gnorm {m['grad_norm']:.3f}")
+        if m.get("tokens_per_s") is not None:
+            parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
+        if m.get("tflops_per_gpu"):
+            parts.append(f"{m['tflops_per_gpu']:.1f} TFLOP/s")
+        if m.get("mfu") is not None:
+            parts.append(f"MFU {100 * m['mfu']:.1f}%")
+        if m.get("skipped_steps"):
+            parts.append(f"skipped {m['skipped_steps']}")
+        parts.append(f"ETA {_duration(eta)}")
+        return " | ".join(parts)
+
+    def message(self, text: str) -> None:
+        if self.active:
+            print(text, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# Dense BF16 peak per GPU (TFLOP/s), for MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "B200": 2250.0, "GB200": 2500.0}
+
+
+def peak_tflops() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None

@@ -1,0 +1,152 @@
+"""Build what a run trains: model chunks wrapped in Megatron-Core DDP, the distributed
+optimizer, and the learning-rate schedule, from a validated RunConfig."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
+
+from glm52_train import compat
+from glm52_train.config import ConfigError, ModelConfig
+from glm52_train.model.build import RuntimeOptions, build_model, transformer_config
+from glm52_train.run_config import RunConfig
+
+
+def use_bf16(cfg: RunConfig) -> bool:
+    if cfg.train.precision == "auto":
+        return torch.cuda.is_available()
+    return cfg.train.precision == "bf16"
+
+
+def use_transformer_engine(cfg: RunConfig) -> bool:
+    choice = cfg.train.transformer_engine
+    available = torch.cuda.is_available() and compat.transformer_engine_available()
+    if choice == "on" and not available:
+        raise ConfigError("train.transformer_engine=on but Transformer Engine is not importable on a GPU here.")
+    return available if choice == "auto" else choice == "on"
+
+
+def runtime_options(cfg: RunConfig) -> RuntimeOptions:
+    p = cfg.parallel
+    te = use_transformer_engine(cfg)
+    if cfg.train.fp8 and not te:
+        raise ConfigError("train.fp8 needs Transformer Engine, which is not available here.")
+    return RuntimeOptions(
+        tensor_parallel=p.tp,
+        pipeline_parallel=p.pp,
+        virtual_pipeline_parallel=p.vpp,
+        expert_parallel=p.ep,
+        expert_tensor_parallel=p.etp,
+        context_parallel=p.cp,
+        sequence_parallel=p.sp,
+        pipeline_first_stage_layers=p.first_stage_layers,
+        pipeline_last_stage_layers=p.last_stage_layers,
+        bf16=use_bf16(cfg),
+        fp8=cfg.train.fp8,
+        use_te=te,
+        dsa_mode=cfg.dsa.mode,
+        dsa_loss_coeff=cfg.dsa.loss_coeff,
+        dsa_backend=cfg.dsa.backend,
+        moe_aux_loss_coeff=cfg.moe.aux_loss_coeff,
+        moe_bias_update_rate=cfg.moe.bias_update_rate,
+        mtp_loss_scale=cfg.mtp.loss_scale,
+        recompute=cfg.train.recompute,
+        cpu_init=True,
+        init=True,
+    )
+
+
+def build_model_chunks(model_cfg: ModelConfig, run: RuntimeOptions):
+    """The model chunks of this rank (one per virtual pipeline stage), on its device, unwrapped."""
+    config = transformer_config(model_cfg, run)
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
+    chunks = []
+    for stage in range(vpp):
+        vp_stage = stage if vpp > 1 else None
+        chunk = build_model(
+            model_cfg,
+            run,
+            config=config,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage,
+        )
+        chunks.append(chunk.to(compat.default_device()))
+    return chunks, config
+
+
+def freeze_all_but_indexer(chunks) -> int:
+    """DSA dense warm-up: only the lightning indexers learn. Returns the trainable count."""
+    trainable = 0
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            param.requires_grad_(".indexer." in name)
+            trainable += param.numel() if param.requires_grad else 0
+    if trainable == 0:
+        raise ConfigError("train.freeze=all_but_indexer leaves nothing to train: the model has no indexer.")
+    return trainable
+
+
+def wrap_ddp(chunks, config, bf16: bool):
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=True,
+        check_for_nan_in_grad=False,
+        bucket_size=None,
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        module = Float16Module(config, chunk) if bf16 else chunk
+        wrapped.append(DistributedDataParallel(config, ddp_config, module, disable_bucketing=i > 0))
+    for w in wrapped:
+        w.broadcast_params()
+    return wrapped
+
+
+def build_optimizer(cfg: RunConfig, chunks, config, bf16: bool):
+    o = cfg.optimizer
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.beta1,
+        adam_beta2=o.beta2,
+        adam_eps=o.eps,
+        clip_grad=cfg.train.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=True,
+    )
+    optimizer = get_megatron_optimizer(opt_config, chunks)
+    decay_iters = o.decay_iters or cfg.train.iters
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_iters,
+        lr_decay_steps=decay_iters,
+        lr_decay_style={"wsd": "WSD"}.get(o.schedule, o.schedule),
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=decay_iters,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
+        wsd_decay_steps=(o.wsd_decay_iters or max(1, decay_iters // 10)) if o.schedule == "wsd" else None,
+        lr_wsd_decay_style="linear" if o.schedule == "wsd" else None,
+    )
+    # Megatron-Core's schedules call these through the model config.
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+    if len(chunks) == 1:
+        config.no_sync_func = chunks[0].no_sync
+    return optimizer, scheduler, opt_config

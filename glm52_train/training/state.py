@@ -1,0 +1,125 @@
+"""What a training checkpoint holds beyond the model, and how a run finds where to start.
+
+A training checkpoint = model + distributed-optimizer state (Megatron-Core's
+`fully_reshardable` format: gathered per parameter on data-parallel rank 0 when saving, so any
+other parallel layout can load it) + LR schedule + per-rank RNG states + iteration and consumed
+samples (the data position) + the resolved run config.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from glm52_train import checkpoint, compat
+from glm52_train.checkpoint import CheckpointError
+
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+
+
+def _rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded(state: dict | None) -> ShardedObject:
+    pp, tp = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()
+    return ShardedObject(
+        "rng_state",
+        state,
+        (pp, tp),
+        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def _layout() -> dict:
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "ep": parallel_state.get_expert_model_parallel_world_size(),
+        "cp": parallel_state.get_context_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def save_training_checkpoint(ckpt_dir, state: TrainState, chunks, optimizer, scheduler, run_config: dict, keep_last=None):
+    model_sd = checkpoint.model_sharded_state(chunks)
+    extra = {
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=OPTIMIZER_SHARDING),
+        "opt_param_scheduler": scheduler.state_dict(),
+        "rng_state": _rng_sharded(_rng_state()),
+    }
+    meta = {
+        "kind": "training",
+        "model": run_config["model"],
+        "run": run_config,
+        "consumed_samples": state.consumed_samples,
+        "skipped_steps": state.skipped_steps,
+        "layout": _layout(),
+    }
+    return checkpoint.save_checkpoint(ckpt_dir, state.iteration, chunks, meta=meta, extra_sharded_state=extra, keep_last=keep_last)
+
+
+def load_training_checkpoint(path: Path, chunks, optimizer, scheduler) -> TrainState:
+    meta = checkpoint.read_meta(path)
+    if meta.get("kind") != "training":
+        raise CheckpointError(
+            f"{path} holds weights only ({meta.get('kind')}); start from it with checkpoint.init_from."
+        )
+    compat.init_adam_state(optimizer)
+    model_sd = checkpoint.model_sharded_state(chunks)
+    same_layout = meta.get("layout") == _layout()
+    extra = {"optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_SHARDING)}
+    if same_layout:
+        extra["rng_state"] = _rng_sharded(None)
+    meta, loaded = checkpoint.load_checkpoint(path, chunks, extra_sharded_state=extra)
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if same_layout and loaded.get("rng_state") is not None:
+        _set_rng_state(loaded["rng_state"])
+    return TrainState(meta["iteration"], meta["consumed_samples"], meta.get("skipped_steps", 0))
+
+
+def load_weights(path: Path, chunks, optimizer) -> None:
+    """Weights only (checkpoint.init_from): the optimizer starts fresh from them."""
+    checkpoint.load_checkpoint(path, chunks)
+    optimizer.reload_model_params()
+
+
+def resume_path(cfg, ckpt_dir: Path) -> Path | None:
+    choice = cfg.checkpoint.resume
+    if choice in (None, "none"):
+        return None
+    if choice == "auto":
+        return checkpoint.find_latest_good(ckpt_dir)
+    return checkpoint.resolve(choice)

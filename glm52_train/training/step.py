@@ -1,0 +1,118 @@
+"""One training step and one evaluation, delegated to Megatron-Core's forward-backward schedule.
+
+The loss is the LM cross-entropy (mean over unmasked tokens) as reported; the MTP losses
+(Megatron-Core's MTPLossAutoScaler), the DSA indexer KL (`DSALossScaler`) and the MoE
+sequence-wise balance loss (`MoEAuxLossAutoScaler`) are attached to activations and receive
+their gradient in the same backward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from glm52_train import compat
+from glm52_train.data.loader import to_batch
+from glm52_train.model.dsa import DSALossScaler
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.reshape(-1)
+    loss_sum = (losses * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    batch = to_batch(next(data_iterator), compat.default_device())
+    output = model(
+        batch.tokens, batch.position_ids, None, labels=batch.labels, loss_mask=batch.loss_mask
+    )
+    return output, partial(loss_func, batch.loss_mask)
+
+
+def _reduce_lm_loss(reports: list[dict]) -> float:
+    """Token-weighted mean LM loss over microbatches and data-parallel ranks (NaN if none here)."""
+    device = compat.default_device()
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    for r in reports:
+        total += r["lm loss"].to(device=device, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    # every rank learns the value from the last pipeline stage
+    src = parallel_state.get_pipeline_model_parallel_last_rank()
+    torch.distributed.broadcast(total, src=src, group=parallel_state.get_pipeline_model_parallel_group())
+    return (total[0] / total[1].clamp_min(1)).item()
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float | None
+    skipped: bool
+
+
+def _grads_finite(chunks) -> torch.Tensor:
+    flag = torch.zeros(1, device=compat.default_device())
+    for chunk in chunks:
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+            if not torch.isfinite(buffer.grad_data).all():
+                flag += 1
+    return flag
+
+
+def train_step(cfg, iterator, chunks, optimizer, scheduler, num_microbatches: int) -> StepResult:
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    DSALossScaler.set_loss_scale(1.0 / num_microbatches)
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterator if len(chunks) == 1 else [iterator] * len(chunks),
+        model=chunks,
+        num_microbatches=num_microbatches,
+        seq_length=cfg.data.seq_length,
+        micro_batch_size=cfg.train.micro_batch_size,
+        decoder_seq_length=cfg.data.seq_length,
+        forward_only=False,
+    )
+    loss = _reduce_lm_loss(reports)
+    # A non-finite loss or gradient anywhere skips the update everywhere.
+    bad = _grads_finite(chunks)
+    if not torch.isfinite(torch.tensor(loss)):
+        bad += 1
+    torch.distributed.all_reduce(bad)
+    if bad.item() > 0:
+        optimizer.zero_grad()
+        return StepResult(loss, None, True)
+    updated, grad_norm, _ = optimizer.step()
+    if updated:
+        scheduler.step(increment=1)
+    return StepResult(loss, grad_norm, not updated)
+
+
+def evaluate(cfg, iterator, chunks, num_microbatches: int, iters: int) -> float:
+    for chunk in chunks:
+        chunk.eval()
+    reports = []
+    with torch.no_grad():
+        for _ in range(iters):
+            reports += get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iterator if len(chunks) == 1 else [iterator] * len(chunks),
+                model=chunks,
+                num_microbatches=num_microbatches,
+                seq_length=cfg.data.seq_length,
+                micro_batch_size=cfg.train.micro_batch_size,
+                decoder_seq_length=cfg.data.seq_length,
+                forward_only=True,
+            )
+    for chunk in chunks:
+        chunk.train()
+    return _reduce_lm_loss(reports)
