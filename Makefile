@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test train clean
+.PHONY: setup test train data clean
 
 setup: $(STAMP)
 
@@ -15,8 +15,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The embedded corpus (the Python standard library's sources), tokenized with data/tokenizer.
+data: setup data/cache/stdlib.bin
+
+data/cache/stdlib.bin: $(STAMP) data/tokenizer/tokenizer.json
+	$(VENV)/bin/glm52 prepare-data --embedded --output-prefix data/cache/stdlib
+
+# Train the tiny model on CPU (checkpoint in checkpoints/tiny, run in runs/tiny, offline W&B).
+train: data
+	$(VENV)/bin/glm52 pretrain --config configs/tiny.yaml $(ARGS)
+
 test: setup
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs checkpoints/tiny data/cache

@@ -71,6 +71,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fault_pause() -> None:
+    """Fault injection for tests: GLM52_FAULT_PAUSE_IN_SAVE=SECONDS holds a save after the shards
+    are written and before it is committed, so a test can kill the process mid-save."""
+    pause = os.environ.get("GLM52_FAULT_PAUSE_IN_SAVE")
+    if pause:
+        Path(os.environ.get("GLM52_FAULT_MARK", "/dev/null")).write_text("in save\n")
+        time.sleep(float(pause))
+
+
 def _manifest(folder: Path) -> dict[str, int]:
     return {
         str(p.relative_to(folder)): p.stat().st_size
@@ -118,6 +127,7 @@ def save_checkpoint(
     state = model_sharded_state(model_chunks)
     state.update(extra_sharded_state or {})
     dist_checkpointing.save(state, str(staging))
+    _fault_pause()
     _barrier()
     if _rank() == 0:
         record = dict(meta, iteration=iteration, saved_at=time.time(), files=_manifest(staging))

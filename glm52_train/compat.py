@@ -34,7 +34,10 @@ Items (each covered by `tests/test_compat.py`):
    every key of the live per-parameter state, which for torch AdamW includes the scalar
    ``step``; the reshardable checkpoint formats store ``step`` once in the param groups (it is
    restored from there just before) and not per parameter, so the copy raised KeyError. Keys
-   the checkpoint does not hold per parameter are left as restored.
+   the checkpoint does not hold per parameter are left as restored. That restore also gives
+   every parameter the *same* ``step`` tensor, which AdamW then increments once per parameter
+   per update (a resumed run drifts from one that never stopped); `untie_adam_steps()` gives
+   each parameter its own copy after a load.
 8. The optimizers classify parameters by ``param.type() == 'torch.cuda.FloatTensor'`` (and the
    Half/BFloat16 names) and raise TypeError for anything else. On a machine without CUDA, where
    no tensor can be a CUDA tensor, ``Tensor.type()`` (called with no argument) reports floating
@@ -274,6 +277,17 @@ def _patch_optimizer_state_loading() -> None:
                 dst.copy_(tensors[key])
 
     cls._set_main_param_and_optimizer_states = set_states
+
+
+def untie_adam_steps(optimizer) -> None:
+    """Item 10: one `step` tensor per parameter after DistributedOptimizer.load_state_dict."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = getattr(opt, "optimizer", None)
+        if not isinstance(torch_opt, torch.optim.AdamW):
+            continue
+        for state in torch_opt.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
 
 def apply() -> None:

@@ -36,3 +36,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+GOLDEN_CORPUS = os.path.join(ROOT, "tests", "data", "golden_corpus.jsonl")
+TOKENIZER = os.path.join(ROOT, "data", "tokenizer", "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def golden_data(tmp_path_factory):
+    """The committed golden corpus tokenized once per session: returns the dataset prefix."""
+    from glm52_train.data.prepare import prepare_data
+
+    prefix = str(tmp_path_factory.mktemp("golden-data") / "golden")
+    prepare_data([GOLDEN_CORPUS], prefix, TOKENIZER, workers=1)
+    return prefix

@@ -135,6 +135,9 @@ def pretrain(cfg: RunConfig) -> int:
                        start_step=state.iteration, config_dict=config_dict)
     if start is not None:
         logger.message(f"resumed from {start} at step {state.iteration}")
+    if state.iteration >= cfg.train.iters:
+        logger.message(f"nothing to do: the checkpoint is at step {state.iteration} and "
+                       f"train.iters is {cfg.train.iters} (raise train.iters to continue).")
     info = model_info(model_cfg, cfg.data.seq_length)
     peak = peak_tflops()
     signals = StopSignals()

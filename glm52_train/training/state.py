@@ -104,6 +104,7 @@ def load_training_checkpoint(path: Path, chunks, optimizer, scheduler) -> TrainS
         extra["rng_state"] = _rng_sharded(None)
     meta, loaded = checkpoint.load_checkpoint(path, chunks, extra_sharded_state=extra)
     optimizer.load_state_dict(loaded["optimizer"])
+    compat.untie_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if same_layout and loaded.get("rng_state") is not None:
         _set_rng_state(loaded["rng_state"])

@@ -1,0 +1,154 @@
+"""Public DSA kernel API: Triton on CUDA tensors, the PyTorch reference elsewhere.
+
+Every function takes `impl`: "auto" (Triton on CUDA, reference otherwise), "triton" (on CPU
+tensors this runs Triton's interpreter: slow, for tests at tiny sizes) or "reference".
+
+Layouts are Megatron's (sequence first) and are documented in `reference.py`. Positions:
+`q_pos` defaults to arange(sq) + (sk - sq) and `k_pos` to arange(sk); key j is visible to
+query i iff k_pos[j] <= q_pos[i] and, when given, k_doc[j] == q_doc[i]. The Triton path needs
+the keys ordered by (document, position) (packed sequences and context-parallel all-gathered
+keys are) and checks it unless `validate=False`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import torch
+
+from glm52_train.kernels import reference
+
+_TRITON_MODULES = ("indexer", "sparse_mla", "indexer_loss")
+
+
+def _patch_interpreter() -> None:
+    """Two fixes to Triton 3.6's CPU interpreter (used by the CPU tests only):
+    - it converts scalars to Python ints with int(ndarray of shape (1,)), which NumPy >= 2.3
+      rejects ("only 0-dimensional arrays can be converted"), so loops with run-time bounds
+      fail: convert through the single element instead;
+    - its tl.dot multiplies the raw uint16 storage of bf16 operands: widen them to fp32 first."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_glm52_patched", False):
+        return
+    original_patch = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original_patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    def widen(h):
+        if h.dtype == tl.bfloat16:
+            return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return h
+
+    original_dot = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, *args, **kwargs):
+        return original_dot(self, widen(a), widen(b), d, *args, **kwargs)
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    interpreter.InterpreterBuilder.create_dot = create_dot
+    interpreter._glm52_patched = True
+
+
+def enable_interpreter() -> None:
+    """Run the Triton kernels in Triton's CPU interpreter from now on (tests). Kernel modules
+    imported before in compiled mode are reloaded."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    _patch_interpreter()
+    from triton.runtime.interpreter import InterpretedFunction
+
+    for name in _TRITON_MODULES:
+        mod = sys.modules.get(f"glm52_train.kernels.{name}")
+        if mod is not None and not isinstance(_first_kernel(mod), InterpretedFunction):
+            importlib.reload(mod)
+
+
+def _first_kernel(mod):
+    for value in vars(mod).values():
+        if type(value).__name__ in ("JITFunction", "InterpretedFunction"):
+            return value
+    return None
+
+
+def _triton(name: str, t: torch.Tensor, impl: str):
+    """The Triton module `name` if this call should use Triton, else None."""
+    if impl not in ("auto", "triton", "reference"):
+        raise ValueError(f"impl must be auto, triton or reference, not {impl!r}")
+    if impl == "reference" or (impl == "auto" and not t.is_cuda):
+        return None
+    if not t.is_cuda:
+        enable_interpreter()
+    return importlib.import_module(f"glm52_train.kernels.{name}")
+
+
+def _ranges(mod_indexer, sq, sk, device, q_pos, k_pos, q_doc, k_doc, validate):
+    return mod_indexer.visible_ranges(sq, sk, device, q_pos, k_pos, q_doc, k_doc, validate=validate)
+
+
+def indexer_topk(q, k, w, topk: int, q_pos=None, k_pos=None, q_doc=None, k_doc=None, *,
+                 impl: str = "auto", validate: bool = True, budget_bytes: int = 1 << 30) -> torch.Tensor:
+    """Top-`topk` visible keys per query by lightning-indexer score.
+
+    q [sq, b, H, D], k [sk, b, D], w [sq, b, H] -> [b, sq, topk] int32, -1 where a query has
+    fewer than `topk` visible keys; the order within a row is unspecified. `budget_bytes`
+    bounds the Triton path's score buffer."""
+    mod = _triton("indexer", q, impl)
+    if mod is None:
+        return reference.indexer_topk(q, k, w, topk, q_pos, k_pos, q_doc, k_doc).to(torch.int32)
+    lo, hi = _ranges(mod, q.shape[0], k.shape[0], q.device, q_pos, k_pos, q_doc, k_doc, validate)
+    return mod.indexer_topk_triton(q, k, w, topk, lo, hi, budget_bytes=budget_bytes)
+
+
+def sparse_mla(q, kv, idx, scale: float, v_dim: int = 512, *, impl: str = "auto",
+               return_lse: bool = False, fwd_cfg: dict | None = None, bwd_cfg: dict | None = None):
+    """Sparse MQA attention on the latent (autograd). q [sq, b, n, d], kv [sk, b, d], idx
+    [b, sq, topk] (-1 = none) -> out [sq, b, n, v_dim]; with `return_lse`, also the
+    log-sum-exp [b, n, sq] (fp32, no gradient) that `indexer_kl_loss(lse=...)` can reuse."""
+    mod = _triton("sparse_mla", q, impl)
+    if mod is None:
+        out, lse = reference.sparse_mla(q, kv, idx, scale, v_dim)
+        lse = lse.detach().float() if q.dtype != torch.float64 else lse.detach()
+    else:
+        out, lse = mod.SparseMLAFunction.apply(q, kv, idx, scale, v_dim, fwd_cfg, bwd_cfg)
+    return (out, lse) if return_lse else out
+
+
+def mla_lse(q, kv, idx, scale: float, q_pos=None, k_pos=None, q_doc=None, k_doc=None, *,
+            impl: str = "auto", validate: bool = True) -> torch.Tensor:
+    """Log-sum-exp of the main attention's scores per head, [b, n, sq] fp32: over idx[i]
+    (sparse) or over every visible key (idx None: dense warm-up), blockwise on the Triton path."""
+    mod = _triton("indexer_loss", q, impl)
+    if mod is None:
+        return reference.mla_lse(q, kv, idx, scale, q_pos, k_pos, q_doc, k_doc)
+    ranges = None
+    if idx is None:
+        ranges = _ranges(importlib.import_module("glm52_train.kernels.indexer"), q.shape[0],
+                         kv.shape[0], q.device, q_pos, k_pos, q_doc, k_doc, validate)
+    return mod.mla_lse_triton(q, kv, idx, scale, ranges)
+
+
+def indexer_kl_loss(iq, ik, iw, q, kv, idx, scale: float, v_dim: int = 512, q_pos=None, k_pos=None,
+                    q_doc=None, k_doc=None, *, lse: torch.Tensor | None = None, impl: str = "auto",
+                    validate: bool = True) -> torch.Tensor:
+    """Scalar mean over queries of KL(p || softmax(I)) on each query's key set.
+
+    p: the main attention's probabilities averaged over heads (recomputed from q, kv and the
+    log-sum-exp, no gradient); I: the indexer scores from iq [sq, b, H, D], ik [sk, b, D],
+    iw [sq, b, H]. Key set: idx[i] (sparse training) or all visible keys (idx None: dense
+    warm-up). `lse` ([b, n, sq], over the same key set, e.g. from `sparse_mla(...,
+    return_lse=True)`) skips its recomputation. Gradients reach iq, ik and iw only. `v_dim`
+    is accepted for symmetry with `sparse_mla`; scores use all channels of q and kv."""
+    mod = _triton("indexer_loss", iq, impl)
+    if mod is None:
+        return reference.indexer_kl_loss(iq, ik, iw, q, kv, idx, scale, v_dim, q_pos, k_pos, q_doc, k_doc)
+    ranges = None
+    if idx is None:
+        ranges = _ranges(importlib.import_module("glm52_train.kernels.indexer"), iq.shape[0],
+                         ik.shape[0], iq.device, q_pos, k_pos, q_doc, k_doc, validate)
+    return mod.IndexerKLLoss.apply(iq, ik, iw, q.detach(), kv.detach(), idx, scale, ranges, lse)

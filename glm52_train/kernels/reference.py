@@ -1,0 +1,113 @@
+"""Plain-PyTorch references for the DSA kernels, written for clarity and float64-capable.
+
+These are the functions the Triton kernels in this package compute, and the CPU path of
+`glm52_train.kernels.api`. They materialise [b, sq, sk] (dense) or [b, sq, topk, dim]
+(gathered) tensors, so they are for tests and small problems only. Every function computes in
+float64 when given float64 inputs and in float32 otherwise.
+
+Layout (Megatron, sequence first):
+- indexer: q [sq, b, H, D], k [sk, b, D], w [sq, b, H] (already scaled);
+- sparse MLA (MQA on the latent): q [sq, b, n, 576], kv [sk, b, 576], the first `v_dim`
+  channels of kv are also the value; idx [b, sq, topk] with -1 for "no key";
+- positions: key j is visible to query i iff k_pos[j] <= q_pos[i] (and k_doc[j] == q_doc[i]).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glm52_train.model import dsa_torch
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def default_positions(sq: int, sk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries are the last `sq` of `sk` positions: q_pos = arange(sq) + sk - sq."""
+    return torch.arange(sq, device=device) + (sk - sq), torch.arange(sk, device=device)
+
+
+def visible(sq: int, sk: int, device, q_pos=None, k_pos=None, q_doc=None, k_doc=None) -> torch.Tensor:
+    """[sq, sk] bool: key j visible to query i."""
+    dq, dk = default_positions(sq, sk, device)
+    q_pos = dq if q_pos is None else q_pos.to(device)
+    k_pos = dk if k_pos is None else k_pos.to(device)
+    if (q_doc is None) != (k_doc is None):
+        raise ValueError("q_doc and k_doc go together")
+    return dsa_torch.allowed_keys(q_pos, k_pos, q_doc, k_doc)
+
+
+def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """I[b, i, j] = sum_h w[i, b, h] * relu(q[i, b, h] . k[j, b]), [b, sq, sk] (differentiable)."""
+    acc = _acc(q)
+    logits = torch.einsum("sbhd,tbd->bsht", q.to(acc), k.to(acc)).relu()
+    return torch.einsum("bsht,sbh->bst", logits, w.to(acc))
+
+
+def indexer_topk(q, k, w, topk: int, q_pos=None, k_pos=None, q_doc=None, k_doc=None) -> torch.Tensor:
+    """Top-`topk` visible keys per query by index score, [b, sq, topk] int64, -1 padded."""
+    sq, sk = q.shape[0], k.shape[0]
+    allowed = visible(sq, sk, q.device, q_pos, k_pos, q_doc, k_doc)
+    with torch.no_grad():
+        return dsa_torch.select_topk(index_scores(q, k, w), allowed.unsqueeze(0), topk)
+
+
+def _gather_kv(kv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """kv [sk, b, d], idx [b, sq, topk] -> [b, sq, topk, d] (rows of -1 entries are row 0)."""
+    b = kv.shape[1]
+    safe = idx.clamp_min(0).long()
+    kv_b = kv.permute(1, 0, 2)  # [b, sk, d]
+    return torch.stack([kv_b[bi][safe[bi]] for bi in range(b)])
+
+
+def sparse_mla(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: float, v_dim: int = 512):
+    """Sparse MQA attention on the latent. Returns (out [sq, b, n, v_dim], lse [b, n, sq]).
+
+    out[i, h] = sum_{j in idx[i]} softmax_j(scale * q[i, h] . kv[j]) * kv[j, :v_dim]; a query with
+    no valid index gets out = 0 and lse = -inf. Differentiable w.r.t. q and kv."""
+    acc = _acc(q)
+    keys = _gather_kv(kv.to(acc), idx)  # [b, sq, k, d]
+    valid = (idx >= 0).unsqueeze(2)  # [b, sq, 1, k]
+    s = torch.einsum("sbnd,bskd->bsnk", q.to(acc), keys) * scale
+    s = s.masked_fill(~valid, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [b, sq, n]
+    p = torch.exp(s - lse.unsqueeze(-1).masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0))
+    p = p.masked_fill(~valid, 0.0)
+    out = torch.einsum("bsnk,bskd->sbnd", p, keys[..., :v_dim])
+    return out.to(q.dtype), lse.permute(0, 2, 1)
+
+
+def mla_lse(q, kv, idx, scale: float, q_pos=None, k_pos=None, q_doc=None, k_doc=None) -> torch.Tensor:
+    """Log-sum-exp of the main attention scores, [b, n, sq]: over idx[i] (sparse) or over all
+    visible keys (idx None, dense warm-up)."""
+    with torch.no_grad():
+        if idx is not None:
+            return sparse_mla(q, kv, idx, scale)[1]
+        acc = _acc(q)
+        allowed = visible(q.shape[0], kv.shape[0], q.device, q_pos, k_pos, q_doc, k_doc)
+        s = torch.einsum("sbnd,tbd->bnst", q.to(acc), kv.to(acc)) * scale
+        return torch.logsumexp(s.masked_fill(~allowed, float("-inf")), dim=-1)
+
+
+def indexer_kl_loss(iq, ik, iw, q, kv, idx, scale: float, v_dim: int = 512,
+                    q_pos=None, k_pos=None, q_doc=None, k_doc=None) -> torch.Tensor:
+    """mean_i KL(p_i || softmax(I_i)) on the key set of query i.
+
+    p_i: the main attention's probabilities averaged over heads (no gradient); the key set is
+    idx[i] (sparse) or all visible keys (idx None). Gradients reach iq, ik, iw only.
+    Queries with an empty key set contribute 0 (they still count in the mean)."""
+    sq, b = iq.shape[:2]
+    sk = ik.shape[0]
+    acc = _acc(iq)
+    allowed = visible(sq, sk, iq.device, q_pos, k_pos, q_doc, k_doc).unsqueeze(0).expand(b, sq, sk)
+    if idx is not None:
+        allowed = allowed & dsa_torch.selection_mask(idx.long(), sk)
+    with torch.no_grad():
+        s = torch.einsum("sbnd,tbd->bnst", q.to(acc), kv.to(acc)) * scale
+        s = s.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0).mean(dim=1)  # [b, sq, sk]
+    scores = index_scores(iq, ik, iw)
+    log_q = torch.log_softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    kl = torch.where(p > 0, p * (torch.log(p.clamp_min(1e-300)) - log_q), torch.zeros_like(p))
+    return kl.sum(dim=-1).mean()

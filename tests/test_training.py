@@ -1,0 +1,148 @@
+"""The pretraining driver end to end on CPU: golden loss curve, exact resume, interrupted saves,
+the offline W&B run and weights-only starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from glm52_train import checkpoint
+from glm52_train.training.wandb_reader import run_config, run_history
+from tests.train_helpers import ROOT, env, losses, metrics, pretrain, tiny_run_config
+
+GOLDEN = Path(__file__).parent / "data" / "golden_tiny_losses.json"
+
+
+def test_golden_loss_curve_and_wandb_run(golden_data, tmp_path):
+    """Tiny on the committed corpus, seed 1234: the losses match the committed curve, fall,
+    and the offline W&B run holds the same metrics as metrics.jsonl."""
+    cfg = tiny_run_config(tmp_path, golden_data, train={"iters": 12, "eval_interval": 6})
+    pretrain(cfg)
+    got = losses(tmp_path / "run")
+    assert sorted(got) == list(range(1, 13))
+    golden = {int(k): v for k, v in json.loads(GOLDEN.read_text()).items()}
+    for step, value in golden.items():
+        assert got[step] == pytest.approx(value, rel=2e-3), f"step {step}"
+    assert got[12] < got[1] - 0.8
+
+    rows = [r for r in run_history(tmp_path / "run") if "loss" in r]
+    assert [r["_step"] for r in rows] == list(range(1, 13))
+    for row, record in zip(rows, [m for m in metrics(tmp_path / "run") if m.get("loss") is not None]):
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "indexer_kl", "expert_load_max_over_mean"):
+            assert row[key] == pytest.approx(record[key]), key
+    assert any(k.startswith("expert_load/decoder.layers.1/") for k in rows[0])
+    assert any(k.startswith("indexer_kl/layer") for k in rows[0])
+    assert run_config(tmp_path / "run")["model"]["name"] == "tiny"
+    assert checkpoint.find_latest_good(tmp_path / "ckpt").name == "iter_0000012"
+
+
+def test_resume_gives_the_same_losses(golden_data, tmp_path):
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    pretrain(tiny_run_config(straight, golden_data))
+
+    halves = tmp_path / "halves"
+    halves.mkdir()
+    cfg = tiny_run_config(halves, golden_data)
+    first = pretrain(cfg, "train.exit_after_iters=4")
+    assert "saved checkpoint" in first.stdout
+    assert sorted(losses(halves / "run")) == [1, 2, 3, 4]
+    second = pretrain(cfg)  # checkpoint.resume: auto
+    assert "resumed from" in second.stdout and "at step 4" in second.stdout
+    assert losses(halves / "run") == losses(straight / "run")
+    val = lambda d: {m["step"]: m["val_loss"] for m in metrics(d / "run") if "val_loss" in m}  # noqa: E731
+    assert val(halves) == val(straight)
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(golden_data, tmp_path):
+    cfg = tiny_run_config(tmp_path, golden_data, train={"iters": 8}, checkpoint={"interval": 4})
+    mark = tmp_path / "in-save"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "glm52_train.cli", "pretrain", "--config", str(cfg)],
+        cwd=ROOT, env=env({"GLM52_FAULT_PAUSE_IN_SAVE": "30", "GLM52_FAULT_MARK": str(mark)}),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while not mark.exists():  # the first save (step 4) pauses before committing
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    ckpt = tmp_path / "ckpt"
+    assert (ckpt / "iter_0000004.incomplete").is_dir()
+    assert checkpoint.find_latest_good(ckpt) is None  # nothing committed yet: no false positive
+
+    # Now a complete checkpoint at 4, then a kill in the middle of the save at 8.
+    mark.unlink()
+    pretrain(cfg, "train.exit_after_iters=4")
+    assert (ckpt / "latest").read_text().strip() == "iter_0000004"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "glm52_train.cli", "pretrain", "--config", str(cfg)],
+        cwd=ROOT, env=env({"GLM52_FAULT_PAUSE_IN_SAVE": "30", "GLM52_FAULT_MARK": str(mark)}),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        while not mark.exists():
+            assert proc.poll() is None
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert (ckpt / "iter_0000008.incomplete").is_dir()
+    assert (ckpt / "latest").read_text().strip() == "iter_0000004"
+    good = checkpoint.find_latest_good(ckpt)
+    assert good.name == "iter_0000004"
+    checkpoint.verify_checkpoint(good)
+    resumed = pretrain(cfg)
+    assert "at step 4" in resumed.stdout
+    assert checkpoint.find_latest_good(ckpt).name == "iter_0000008"
+    assert not (ckpt / "iter_0000008.incomplete").exists()
+
+
+def test_truncated_checkpoint_falls_back_and_is_reported(golden_data, tmp_path):
+    cfg = tiny_run_config(tmp_path, golden_data, train={"iters": 8}, checkpoint={"interval": 4})
+    pretrain(cfg)
+    ckpt = tmp_path / "ckpt"
+    shard = sorted((ckpt / "iter_0000008").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(checkpoint.CheckpointError, match="damaged") as err:
+        checkpoint.verify_checkpoint(ckpt / "iter_0000008")
+    assert "\n" not in str(err.value)
+    assert checkpoint.find_latest_good(ckpt).name == "iter_0000004"
+    proc = pretrain(cfg, "train.iters=10")
+    assert "resumed from" in proc.stdout and "iter_0000004" in proc.stdout
+
+
+def test_bad_run_config_is_one_sentence(golden_data, tmp_path):
+    cfg = tiny_run_config(tmp_path, golden_data)
+    proc = pretrain(cfg, "train.global_batch_size=3", check=False)
+    assert proc.returncode == 2
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("glm52 ")]
+    assert errors == ["glm52 pretrain: error: train.global_batch_size (3) must be a multiple of "
+                      "micro_batch_size x data-parallel size (2 x 1)."]
+    proc = pretrain(cfg, "train.itres=3", check=False)
+    assert proc.returncode == 2 and "unknown key(s) itres" in proc.stderr
+
+
+def test_init_from_imported_weights(golden_data, tmp_path):
+    """Weights-only start (the HF import path): a fresh schedule from step 0 on loaded weights."""
+    first = tmp_path / "first"
+    first.mkdir()
+    pretrain(tiny_run_config(first, golden_data, train={"iters": 4}))
+    second = tmp_path / "second"
+    second.mkdir()
+    proc = pretrain(tiny_run_config(second, golden_data, train={"iters": 4}),
+                    f"--init-from={first / 'ckpt'}")
+    assert "resumed" not in proc.stdout
+    a, b = losses(first / "run"), losses(second / "run")
+    assert sorted(b) == [1, 2, 3, 4]
+    assert b[1] < a[1] - 0.5  # starts from trained weights, not from scratch

@@ -1,0 +1,67 @@
+"""Run `glm52 pretrain` in a subprocess (a fresh process per run, as users run it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_run_config(tmp: Path, data_prefix: str, **sections) -> Path:
+    """A small, fast run of the tiny model: 64-token sequences, every step logged."""
+    cfg = {
+        "model": "tiny",
+        "data": {
+            "tokenizer": str(ROOT / "data" / "tokenizer" / "tokenizer.json"),
+            "blend": [{"path": data_prefix, "weight": 1.0}],
+            "split": "90,10,0",
+            "seq_length": 64,
+            "cache_dir": str(tmp / "index-cache"),
+        },
+        "train": {"seed": 1234, "micro_batch_size": 2, "global_batch_size": 4, "iters": 8,
+                  "eval_interval": 4, "eval_iters": 1, "log_interval": 1},
+        "optimizer": {"lr": 3.0e-3, "min_lr": 3.0e-4, "warmup_iters": 2},
+        "checkpoint": {"dir": str(tmp / "ckpt"), "interval": 4, "keep_last": 5},
+        "logging": {"run_dir": str(tmp / "run"), "wandb": "offline"},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def env(extra: dict | None = None) -> dict:
+    e = dict(os.environ)
+    e.update({"PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
+              "PYTHONUNBUFFERED": "1"})
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    e.update(extra or {})
+    return e
+
+
+def pretrain(config: Path, *overrides: str, extra_env: dict | None = None, timeout: int = 600,
+             check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "glm52_train.cli", "pretrain", "--config", str(config), *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(extra_env), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(run_dir) if m.get("loss") is not None}
