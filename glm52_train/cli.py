@@ -84,6 +84,21 @@ def cmd_pretrain(args) -> int:
     return pretrain(load_run_config(args.config, overrides))
 
 
+def cmd_init_weights(args) -> int:
+    from glm52_train import checkpoint, parallel
+    from glm52_train.config import get_model_config
+    from glm52_train.model.build import RuntimeOptions, build_model
+
+    model_cfg = get_model_config(args.model)
+    parallel.initialize(RuntimeOptions(), seed=args.seed)
+    model = build_model(model_cfg, RuntimeOptions())
+    out = checkpoint.save_checkpoint(
+        args.out, 0, [model], meta={"kind": "weights", "model": model_cfg.to_dict(), "seed": args.seed}
+    )
+    print(f"initialised {args.model} (seed {args.seed}) -> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm52", description="GLM-5.2 pretraining on Megatron-Core")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", default=None, help="weights-only start (fresh optimizer and schedule)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.iters=50")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("init-weights", help="initialise a model once, as a weights checkpoint that "
+                       "runs under any parallel layout can start from (--init-from)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=1234)
+    p.set_defaults(func=cmd_init_weights)
 
     p = sub.add_parser("import-hf", help="HF glm_moe_dsa folder -> checkpoint")
     p.add_argument("--hf", required=True)
