@@ -96,10 +96,13 @@ def unwrap(module):
 
 
 def model_sharded_state(model_chunks: list) -> dict:
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
     chunks = [unwrap(c) for c in model_chunks]
+    metadata = ensure_metadata_has_dp_cp_group(None)
     if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+        return {"model": chunks[0].sharded_state_dict(metadata=metadata)}
+    return {f"model{i}": chunk.sharded_state_dict(metadata=metadata) for i, chunk in enumerate(chunks)}
 
 
 def save_checkpoint(

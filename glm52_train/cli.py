@@ -74,6 +74,7 @@ def cmd_prepare_data(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from glm52_train.run_config import load_run_config
+    from glm52_train.training import faults
     from glm52_train.training.loop import pretrain
 
     overrides = list(args.overrides)
@@ -81,7 +82,9 @@ def cmd_pretrain(args) -> int:
         overrides.append(f"checkpoint.resume={args.resume}")
     if args.init_from is not None:
         overrides.append(f"checkpoint.init_from={args.init_from}")
-    return pretrain(load_run_config(args.config, overrides))
+    cfg = load_run_config(args.config, overrides)
+    with faults.name_hung_ranks(cfg.train.collective_timeout_minutes):
+        return pretrain(cfg)
 
 
 def cmd_init_weights(args) -> int:

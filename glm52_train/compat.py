@@ -38,6 +38,15 @@ Items (each covered by `tests/test_compat.py`):
    every parameter the *same* ``step`` tensor, which AdamW then increments once per parameter
    per update (a resumed run drifts from one that never stopped); `untie_adam_steps()` gives
    each parameter its own copy after a load.
+11. Without TE or Apex the gradient norm (for clipping and reporting) comes from
+   `local_multi_tensor_l2_norm`, which takes each tensor's norm in fp32; on the CPU that lost
+   ~4e-4 relative on a large gradient, and differently for each way the tensor was sharded, so
+   one run reported different norms under different parallel layouts. We accumulate squares in
+   fp64 (the result is the same function, computed exactly enough to compare layouts).
+12. The all-to-all token dispatcher moves its split sizes to the host with
+   `maybe_move_tensor_to_cpu(..., as_numpy=True)`, which converts only CUDA tensors; on the CPU
+   the sizes stayed tensors and `all_to_all_single` rejected them (expert parallelism failed).
+   Host tensors are converted as the function's contract says.
 8. The optimizers classify parameters by ``param.type() == 'torch.cuda.FloatTensor'`` (and the
    Half/BFloat16 names) and raise TypeError for anything else. On a machine without CUDA, where
    no tensor can be a CUDA tensor, ``Tensor.type()`` (called with no argument) reports floating
@@ -160,6 +169,20 @@ def _patch_cuda_tensor_factories() -> None:
     torch.Tensor.type = tensor_type
 
 
+def _patch_host_split_sizes() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def move(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = move
+    token_dispatcher.maybe_move_tensor_to_cpu = move
+
+
 def _patch_rng_tracker() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
@@ -260,6 +283,21 @@ def init_adam_state(optimizer) -> None:
                     state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
 
 
+def _patch_grad_norm() -> None:
+    from megatron.core.optimizer import clip_grads
+
+    def l2_norm_fp64(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+        total = torch.zeros((), dtype=torch.float64)
+        for tensors in tensor_lists:
+            for t in tensors:
+                total = total + t.detach().double().pow(2).sum().cpu()
+        device = tensor_lists[0][0].device if tensor_lists and tensor_lists[0] else "cpu"
+        return total.sqrt().to(device=device, dtype=torch.float32).reshape(1), None
+
+    if getattr(clip_grads, "l2_norm_impl", None) is not None and clip_grads.l2_norm_impl.__name__ == "local_multi_tensor_l2_norm":
+        clip_grads.l2_norm_impl = l2_norm_fp64
+
+
 def _patch_optimizer_state_loading() -> None:
     from megatron.core.optimizer import distrib_optimizer
 
@@ -299,9 +337,11 @@ def apply() -> None:
         _patch_cuda_device_and_streams()
         _patch_cuda_tensor_factories()
         _patch_rng_tracker()
+        _patch_host_split_sizes()
     if not transformer_engine_available():
         _patch_te_symbols()
         _patch_optimizer_state_loading()
+        _patch_grad_norm()
     _patch_checkpoint_writer()
     _APPLIED = True
 

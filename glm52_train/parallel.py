@@ -35,15 +35,16 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
         )
 
 
-def initialize(run=None, seed: int = 1234) -> None:
-    """Process group + Megatron-Core model-parallel groups + the parallel RNG tracker."""
+def initialize(run=None, seed: int = 1234, timeout_minutes: float = 30.0) -> None:
+    """Process group + Megatron-Core model-parallel groups + the parallel RNG tracker. A collective
+    waiting longer than `timeout_minutes` fails (in every group)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from glm52_train.model.build import RuntimeOptions
 
     run = run or RuntimeOptions()
-    init_distributed()
+    init_distributed(timeout_minutes)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -53,6 +54,7 @@ def initialize(run=None, seed: int = 1234) -> None:
         context_parallel_size=run.context_parallel,
         expert_model_parallel_size=run.expert_parallel,
         expert_tensor_parallel_size=run.expert_tensor_parallel,
+        distributed_timeout_minutes=timeout_minutes,
     )
     model_parallel_cuda_manual_seed(seed)
 

@@ -66,6 +66,7 @@ class TrainConfig:
     freeze: str | None = None  # None | all_but_indexer (DSA dense warm-up)
     max_skipped_steps: int = 10  # consecutive non-finite steps before the run stops
     exit_after_iters: int | None = None  # stop (with a checkpoint) after this many steps of this run
+    collective_timeout_minutes: float = 30.0  # a collective waiting longer ends the run, naming the ranks that hung
 
 
 @dataclass
@@ -192,12 +193,19 @@ class RunConfig:
                  f"expert parallelism ep x etp = {p.ep} x {etp} does not divide the "
                  f"{world // p.pp} ranks of a pipeline stage.")
         need(not p.sp or p.tp > 1, "parallel.sp (sequence parallel) needs parallel.tp > 1.")
+        need(p.sp or p.tp == 1 or not model.num_moe_layers,
+             "parallel.tp > 1 with MoE layers needs parallel.sp: true (Megatron-Core requires "
+             "sequence parallelism for MoE under tensor parallelism).")
         need(p.vpp is None or p.pp > 1, "parallel.vpp (virtual pipeline stages) needs parallel.pp > 1.")
         need(model.num_layers >= p.pp, f"{model.num_layers} layers cannot fill {p.pp} pipeline stages.")
         need(t.micro_batch_size >= 1 and t.global_batch_size >= 1, "batch sizes must be positive.")
         need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
              f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
              f"micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp}).")
+        microbatches = t.global_batch_size // max(t.micro_batch_size * dp, 1)
+        need(p.vpp is None or microbatches >= p.pp,
+             f"virtual pipeline stages need at least pp={p.pp} microbatches per step, got "
+             f"{microbatches} (global_batch_size / (micro_batch_size x data-parallel size)).")
         need(d.seq_length >= 2, "data.seq_length must be at least 2.")
         need(d.seq_length % (p.tp if p.sp else 1) == 0,
              f"data.seq_length ({d.seq_length}) must be divisible by tp ({p.tp}) under sequence parallelism.")
@@ -228,6 +236,7 @@ class RunConfig:
         need(self.checkpoint.resume in (None, "auto", "none") or Path(self.checkpoint.resume).exists(),
              f"checkpoint.resume {self.checkpoint.resume!r} is neither auto, none, nor an existing path.")
         need(t.log_interval >= 1 and t.eval_interval >= 1, "log and eval intervals must be at least 1.")
+        need(t.collective_timeout_minutes > 0, "train.collective_timeout_minutes must be positive.")
         return self
 
 

@@ -57,15 +57,24 @@ def _patch_interpreter() -> None:
 
 
 def enable_interpreter() -> None:
-    """Run the Triton kernels in Triton's CPU interpreter from now on (tests). Kernel modules
-    imported before in compiled mode are reloaded."""
-    os.environ["TRITON_INTERPRET"] = "1"
-    _patch_interpreter()
-    from triton.runtime.interpreter import InterpretedFunction
+    """Run the Triton kernels in Triton's CPU interpreter (tests, tiny sizes).
 
+    Triton decides between compiling and interpreting when a function is decorated, and its
+    own library (tl.sum, tl.max, ...) is decorated when triton is first imported: so
+    TRITON_INTERPRET=1 must be set before anything imports triton (the CPU tests run the
+    interpreter in a fresh subprocess for this reason). Our kernel modules imported before
+    are reloaded."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton.language as tl
+
+    if type(tl.standard.max).__name__ != "InterpretedFunction":
+        raise RuntimeError("Triton was imported before TRITON_INTERPRET=1 was set; the interpreter "
+                           "needs it set before the first `import triton` (use a fresh process)")
+    _patch_interpreter()
     for name in _TRITON_MODULES:
         mod = sys.modules.get(f"glm52_train.kernels.{name}")
-        if mod is not None and not isinstance(_first_kernel(mod), InterpretedFunction):
+        kernel = _first_kernel(mod) if mod is not None else None
+        if kernel is not None and type(kernel).__name__ != "InterpretedFunction":
             importlib.reload(mod)
 
 
@@ -120,9 +129,10 @@ def sparse_mla(q, kv, idx, scale: float, v_dim: int = 512, *, impl: str = "auto"
 
 
 def mla_lse(q, kv, idx, scale: float, q_pos=None, k_pos=None, q_doc=None, k_doc=None, *,
-            impl: str = "auto", validate: bool = True) -> torch.Tensor:
+            v_dim: int = 512, impl: str = "auto", validate: bool = True) -> torch.Tensor:
     """Log-sum-exp of the main attention's scores per head, [b, n, sq] fp32: over idx[i]
-    (sparse) or over every visible key (idx None: dense warm-up), blockwise on the Triton path."""
+    (sparse) or over every visible key (idx None: dense warm-up), blockwise on the Triton path.
+    `v_dim` only splits the channels for the kernel (v_dim and d - v_dim powers of two)."""
     mod = _triton("indexer_loss", q, impl)
     if mod is None:
         return reference.mla_lse(q, kv, idx, scale, q_pos, k_pos, q_doc, k_doc)
@@ -130,7 +140,7 @@ def mla_lse(q, kv, idx, scale: float, q_pos=None, k_pos=None, q_doc=None, k_doc=
     if idx is None:
         ranges = _ranges(importlib.import_module("glm52_train.kernels.indexer"), q.shape[0],
                          kv.shape[0], q.device, q_pos, k_pos, q_doc, k_doc, validate)
-    return mod.mla_lse_triton(q, kv, idx, scale, ranges)
+    return mod.mla_lse_triton(q, kv, idx, scale, ranges, v_dim)
 
 
 def indexer_kl_loss(iq, ik, iw, q, kv, idx, scale: float, v_dim: int = 512, q_pos=None, k_pos=None,
@@ -151,4 +161,4 @@ def indexer_kl_loss(iq, ik, iw, q, kv, idx, scale: float, v_dim: int = 512, q_po
     if idx is None:
         ranges = _ranges(importlib.import_module("glm52_train.kernels.indexer"), iq.shape[0],
                          ik.shape[0], iq.device, q_pos, k_pos, q_doc, k_doc, validate)
-    return mod.IndexerKLLoss.apply(iq, ik, iw, q.detach(), kv.detach(), idx, scale, ranges, lse)
+    return mod.IndexerKLLoss.apply(iq, ik, iw, q.detach(), kv.detach(), idx, scale, ranges, lse, v_dim)

@@ -6,10 +6,12 @@ Two kernels per chunk of queries (see docs/kernels.md for the choice and its cos
 
 1. `_index_score_kernel`: index scores of a block of BQ queries against key blocks of BK keys,
    written to a bounded fp32 buffer [chunk rows, sk]. The matrix-unit product is
-   [BQ*H, D] x [D, BK]; its rows are ordered (head-group, query, head-in-group) so that the 16
-   rows of one MMA warp tile belong to one query and the sum over heads stays inside a warp.
-   Key blocks of one query block are split over several programs (grid axis 1): the scores
-   need no reduction across keys, so this is free parallelism for long rows.
+   K [BK, D] x Q^T [D, BQ*H] (`KEYS_AS_M`, the default): a query's heads are adjacent columns,
+   8 of them in each thread, so the sum over heads is mostly in-thread (2 shuffle rounds).
+   The other orientation, [BQ*H, D] x [D, BK], orders its rows (head group, query, head in
+   group) so that the 16 rows of an MMA warp tile belong to one query and the head sum stays
+   inside a warp (3 shuffle rounds). Key blocks of one query block are split over several
+   programs (grid axis 1): scores need no reduction across keys, so this is free parallelism.
 2. `_topk_select_kernel`: exact radix selection per query row on the order-preserving int32
    key of the fp32 score: two 8-bit histogram passes over the row, then one compaction pass
    that writes every key above the 16-bit threshold prefix straight to the output and the
@@ -26,6 +28,18 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+
+# Tests set this to fill every output with NaN (floats) or -2 (indices) before the kernels run,
+# so that an element a kernel failed to write shows up.
+POISON_OUTPUTS = False
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    if not POISON_OUTPUTS:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else -2
+    return torch.full(shape, fill, dtype=dtype, device=device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,7 +95,7 @@ def _index_score_kernel(
     s_qs, s_qb, s_qh, s_ks, s_kb, s_ws, s_wb, s_wh,
     s_buf_b, s_buf_r,
     H: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-    SPLIT: tl.constexpr, L: tl.constexpr,
+    SPLIT: tl.constexpr, L: tl.constexpr, KEYS_AS_M: tl.constexpr = False,
 ):
     qblk = tl.program_id(0)
     split = tl.program_id(1)
@@ -115,11 +129,19 @@ def _index_score_kernel(
             j_ok = j < sk
             k = tl.load(K + j.to(tl.int64)[:, None] * s_ks + b * s_kb + d[None, :],
                         mask=j_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k))  # [BQ*H, BK] fp32
-            s = tl.maximum(s, 0.0) * w[:, None]
-            s = tl.sum(tl.reshape(s, (H // L, BQ, L, BK)), axis=2)
-            s = tl.sum(s, axis=0)  # [BQ, BK]
-            tl.store(buf_rows[:, None] + j[None, :], s, mask=q_ok[:, None] & j_ok[None, :])
+            if KEYS_AS_M:
+                # [BK, BQ*H]: a query's heads are adjacent columns, mostly held by one thread.
+                st = tl.dot(k, tl.trans(q))
+                st = tl.maximum(st, 0.0) * w[None, :]
+                st = tl.sum(tl.reshape(st, (BK, H // L, BQ, L)), axis=1)
+                st = tl.sum(st, axis=2)  # [BK, BQ]
+                tl.store(buf_rows[None, :] + j[:, None], st, mask=q_ok[None, :] & j_ok[:, None])
+            else:
+                s = tl.dot(q, tl.trans(k))  # [BQ*H, BK] fp32
+                s = tl.maximum(s, 0.0) * w[:, None]
+                s = tl.sum(tl.reshape(s, (H // L, BQ, L, BK)), axis=0)
+                s = tl.sum(s, axis=1)  # [BQ, BK]
+                tl.store(buf_rows[:, None] + j[None, :], s, mask=q_ok[:, None] & j_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,10 +273,11 @@ def _topk_select_kernel(
 # Host side
 # --------------------------------------------------------------------------------------------
 
-# Block shapes for the H100 (see docs/kernels.md): BQ * H = 256 rows x BK = 128 keys per MMA,
-# 8 warps (two warpgroups of 128 rows), 3 pipeline stages of K (32 KB each) next to the
-# stationary Q tile (64 KB).
-SCORE_CFG = dict(BQ=8, BK=128, SPLIT=16, num_warps=8, num_stages=3)
+# Block shapes for the H100 (see docs/kernels.md): 128 keys x (8 queries x 32 heads) per
+# product, 8 warps (two warpgroups of 64 keys), 3 pipeline stages of K (32 KB each) next to the
+# stationary Q tile (64 KB): 228 registers, no spill, 164 KB of shared memory. 16 key blocks
+# (2048 keys) per program amortise the Q tile load. Selection: 1024 scores per step, 4 warps.
+SCORE_CFG = dict(BQ=8, BK=128, SPLIT=16, KEYS_AS_M=True, num_warps=8, num_stages=3)
 SELECT_CFG = dict(BLOCK=1024, num_warps=4)
 
 
@@ -275,7 +298,7 @@ def indexer_topk_triton(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk:
     if H & (H - 1) or D & (D - 1):
         raise ValueError("index heads and head dim must be powers of two")
     w = w.float()
-    out = torch.empty(b, sq, topk, dtype=torch.int32, device=q.device)
+    out = _empty((b, sq, topk), torch.int32, q.device)
     if sq == 0:
         return out
     if sk == 0:
@@ -287,8 +310,8 @@ def indexer_topk_triton(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk:
     per_row = b * 4 * (sk_pad + cap)
     chunk = max(BQ, (budget_bytes // per_row) // BQ * BQ)
     chunk = min(chunk, triton.cdiv(sq, BQ) * BQ)
-    buf = torch.empty(b, chunk, sk_pad, dtype=torch.float32, device=q.device)
-    cand = torch.empty(b, chunk, cap, dtype=torch.int32, device=q.device)
+    buf = _empty((b, chunk, sk_pad), torch.float32, q.device)
+    cand = _empty((b, chunk, cap), torch.int32, q.device)
     lo = lo.to(device=q.device, dtype=torch.int32).contiguous()
     hi = hi.to(device=q.device, dtype=torch.int32).contiguous()
     n_kblocks = triton.cdiv(sk, BK)
@@ -299,7 +322,7 @@ def indexer_topk_triton(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk:
             q, k, w, lo, hi, buf, sq, sk, q0, rows,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
             w.stride(0), w.stride(1), w.stride(2), buf.stride(0), buf.stride(1),
-            H=H, D=D, BQ=BQ, BK=BK, SPLIT=sc["SPLIT"], L=L,
+            H=H, D=D, BQ=BQ, BK=BK, SPLIT=sc["SPLIT"], L=L, KEYS_AS_M=sc["KEYS_AS_M"],
             num_warps=sc["num_warps"], num_stages=sc["num_stages"],
         )
         _topk_select_kernel[(rows, b)](

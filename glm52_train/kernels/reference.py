@@ -95,14 +95,16 @@ def indexer_kl_loss(iq, ik, iw, q, kv, idx, scale: float, v_dim: int = 512,
     """mean_i KL(p_i || softmax(I_i)) on the key set of query i.
 
     p_i: the main attention's probabilities averaged over heads (no gradient); the key set is
-    idx[i] (sparse) or all visible keys (idx None). Gradients reach iq, ik, iw only.
+    idx[i] (sparse: -1 entries ignored, the rest taken as visible) or all visible keys (idx
+    None). Gradients reach iq, ik, iw only.
     Queries with an empty key set contribute 0 (they still count in the mean)."""
     sq, b = iq.shape[:2]
     sk = ik.shape[0]
     acc = _acc(iq)
-    allowed = visible(sq, sk, iq.device, q_pos, k_pos, q_doc, k_doc).unsqueeze(0).expand(b, sq, sk)
-    if idx is not None:
-        allowed = allowed & dsa_torch.selection_mask(idx.long(), sk)
+    if idx is not None:  # like sparse_mla, the selected set is taken as given
+        allowed = dsa_torch.selection_mask(idx.long(), sk)
+    else:
+        allowed = visible(sq, sk, iq.device, q_pos, k_pos, q_doc, k_doc).unsqueeze(0).expand(b, sq, sk)
     with torch.no_grad():
         s = torch.einsum("sbnd,tbd->bnst", q.to(acc), kv.to(acc)) * scale
         s = s.masked_fill(~allowed.unsqueeze(1), float("-inf"))

@@ -9,10 +9,20 @@ returns those indices alongside the output so the layer can pass them on (IndexS
 
 from __future__ import annotations
 
+from megatron.core.post_training.modelopt.layers import Linear as ReplicatedLinear
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
 
 class GLMSelfAttention(MLASelfAttention):
+    def __init__(self, config, submodules, *args, **kwargs):
+        super().__init__(config, submodules, *args, **kwargs)
+        # The local replicated Linear (see spec.py) keeps torch's default init; give it the
+        # model's, from the generator every tensor-parallel rank shares, so replicas agree.
+        if config.perform_initialization:
+            for linear in (getattr(self, "linear_q_down_proj", None), self.linear_kv_down_proj):
+                if isinstance(linear, ReplicatedLinear):
+                    config.init_method(linear.weight.data)
+
     def rope_frequencies(self, hidden_states, packed_seq_params=None):
         """The frequencies MLA applies to its rope channels, for the indexer to apply to its own."""
         seq_len = self.rotary_pos_emb.get_rotary_seq_len(

@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from glm52_train import compat
 from glm52_train.config import ConfigError, ModelConfig
+from glm52_train.model import topk_relay
 from glm52_train.model.mtp import SharedMTPBlock
 from glm52_train.model.spec import glm52_block_spec, glm52_mtp_block_spec
 
@@ -174,10 +175,12 @@ def transformer_config(model: ModelConfig, run: RuntimeOptions | None = None) ->
 
 
 class GLM52Model(GPTModel):
-    """Megatron-Core's GPTModel built from GLM-5.2 specs. Two changes: the MTP block applies its
-    layers cyclically over `mtp_num_layers` prediction steps (`SharedMTPBlock`), and a forward
+    """Megatron-Core's GPTModel built from GLM-5.2 specs. Three changes: the MTP block applies
+    its layers cyclically over `mtp_num_layers` prediction steps (`SharedMTPBlock`); a forward
     without labels (inference, evaluation of logits) skips the MTP heads, which Megatron-Core
-    0.16.1 would otherwise run and then fail on for lack of labels."""
+    0.16.1 would otherwise run and then fail on for lack of labels; and under pipeline
+    parallelism the top-k indices of IndexShare cross stage boundaries with the activations
+    (`topk_relay`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -185,6 +188,50 @@ class GLM52Model(GPTModel):
             # GPTModel constructs MultiTokenPredictionBlock by name; SharedMTPBlock adds no state,
             # only a forward that reuses layers across steps.
             self.mtp.__class__ = SharedMTPBlock
+        self.relay_seq_length: int | None = None  # local queries per sample; set by the trainer
+        self._incoming_topk = None
+
+    # ---- IndexShare across pipeline stages -----------------------------------------------
+    def _relay_rows(self) -> int:
+        if not self.relay_seq_length:
+            return 0
+        return topk_relay.relay_rows(self.config, self.relay_seq_length)
+
+    def _sp_group(self):
+        if self.config.sequence_parallel and self.pg_collection.tp.size() > 1:
+            return self.pg_collection.tp
+        return None
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if not isinstance(input_tensor, list):
+            input_tensor = [input_tensor]
+        tensor = input_tensor[0]
+        self._incoming_topk = None
+        rows = self._relay_rows()
+        if rows and tensor is not None and not self.pre_process:
+            group = self._sp_group()
+            local = rows // (group.size() if group else 1)
+            tensor, bits = tensor[:-local], tensor[-local:]
+            if group is not None:
+                parts = [torch.empty_like(bits) for _ in range(group.size())]
+                torch.distributed.all_gather(parts, bits.detach().contiguous(), group=group)
+                bits = torch.cat(parts, dim=0)
+            self._incoming_topk = topk_relay.decode(bits, self.relay_seq_length, self.config.dsa_index_topk)
+        super().set_input_tensor([tensor])
+
+    def forward(self, *args, extra_block_kwargs=None, **kwargs):
+        if self._incoming_topk is not None:
+            extra_block_kwargs = {**(extra_block_kwargs or {}), "context": self._incoming_topk}
+        output = super().forward(*args, extra_block_kwargs=extra_block_kwargs, **kwargs)
+        rows = self._relay_rows()
+        if rows and not self.post_process:
+            topk = self.decoder.layers[-1].last_topk if len(self.decoder.layers) else self._incoming_topk
+            bits = topk_relay.encode(topk, rows, self.config.hidden_size, output.dtype)
+            group = self._sp_group()
+            if group is not None:
+                bits = bits.chunk(group.size(), dim=0)[group.rank()]
+            output = torch.cat([output, bits], dim=0)
+        return output
 
     def _postprocess(self, hidden_states, *args, labels=None, **kwargs):
         if labels is not None or not self.config.mtp_num_layers:

@@ -35,4 +35,5 @@ class GLMTransformerLayer(TransformerLayer):
                 (attn_out, attn_bias), residual, self.hidden_dropout
             )
         output = self._forward_mlp(hidden_states, inference_context, padding_mask=padding_mask)
+        self.last_topk = topk_indices  # read by the pipeline relay after the stage's last layer
         return output, topk_indices

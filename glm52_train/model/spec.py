@@ -6,7 +6,12 @@ With Transformer Engine (`use_te=True`) linears and norms are TE's (FP8 follows
 project's DSA core attention; which kernel it runs is chosen at run time by `dsa_backend`.
 
 Column/row parallelism is decided here and nowhere else:
-- q/kv down projections: TE duplicated `TELinear`, or local `ColumnParallelLinear` gathered by MLA;
+- q/kv down projections: replicated on every tensor-parallel rank (TE's duplicated `TELinear`,
+  or the local `Linear`). Megatron-Core also accepts a column-parallel down projection, but then
+  the shared RoPE key's gradient keeps only the local heads' part on the rank that owns those
+  columns (its all-gather along the hidden dimension splits the gradient without reducing it):
+  training under TP would silently differ from TP=1. The replicated form gathers that key along
+  the sequence instead, whose backward sums over ranks;
 - q/kv up projections: column-parallel over heads; output projection: row-parallel;
 - dense MLP and experts: column-parallel fc1 (gate|up), row-parallel fc2;
 - the DSA indexer: replicated (see `dsa.LightningIndexer`).
@@ -36,6 +41,8 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
     get_transformer_layer_offset,
 )
+
+from megatron.core.post_training.modelopt.layers import Linear as ReplicatedLinear
 
 from glm52_train.model.attention import GLMSelfAttention
 from glm52_train.model.dsa import DSACoreAttention
@@ -70,7 +77,7 @@ def _backend(use_te: bool) -> dict:
             ),
         )
     return dict(
-        down_proj=ColumnParallelLinear,
+        down_proj=ReplicatedLinear,
         column=ColumnParallelLinear,
         row=RowParallelLinear,
         norm=RMSNorm,

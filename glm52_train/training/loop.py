@@ -25,7 +25,7 @@ from glm52_train.data.tokenizer import Tokenizer
 from glm52_train.model.dsa import DSALossTracker
 from glm52_train.model.info import model_info
 from glm52_train.run_config import RunConfig
-from glm52_train.training import setup
+from glm52_train.training import faults, setup
 from glm52_train.training.logs import RunLogger, peak_tflops
 from glm52_train.training.state import (
     TrainState,
@@ -48,6 +48,13 @@ class StopSignals:
 
     def _handler(self, signum, frame) -> None:
         self.received = signum
+
+    def release(self) -> None:
+        """After the last step: ignore further signals. At exit Python restores SIG_DFL, and a
+        repeated SIGUSR1 (Slurm and the launcher both deliver one) would kill the exiting process,
+        which torchrun counts as a failure and restarts."""
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
 
     def should_stop(self) -> bool:
         flag = torch.tensor([1.0 if self.received else 0.0], device=_device())
@@ -96,13 +103,14 @@ class ExpertLoad:
 def pretrain(cfg: RunConfig) -> int:
     world = parallel.world_size_from_env()
     cfg.validate(world)
+    signals = StopSignals()  # from the start: a signal during setup stops after the first step
     run = setup.runtime_options(cfg)
-    parallel.initialize(run, seed=cfg.train.seed)
+    parallel.initialize(run, seed=cfg.train.seed, timeout_minutes=cfg.train.collective_timeout_minutes)
     model_cfg = cfg.model_config()
     tokenizer = Tokenizer(cfg.data.tokenizer)
     check_data(cfg, model_cfg, tokenizer)
 
-    chunks, config = setup.build_model_chunks(model_cfg, run)
+    chunks, config = setup.build_model_chunks(model_cfg, run, cfg.data.seq_length)
     if cfg.train.freeze == "all_but_indexer":
         setup.freeze_all_but_indexer(chunks)
     bf16 = setup.use_bf16(cfg)
@@ -127,7 +135,12 @@ def pretrain(cfg: RunConfig) -> int:
     num_micro = gbs // (mbs * dp)
     evals = cfg.train.iters // cfg.train.eval_interval + 1
     train_ds, valid_ds = build_datasets(cfg, tokenizer, cfg.train.iters * gbs, evals * cfg.train.eval_iters * gbs)
-    train_iter = iter(dataloader(train_ds, state.consumed_samples, mbs, cfg.data.num_workers))
+    def iterators(dataset, consumed, workers=0):
+        """One iterator per model chunk: each virtual pipeline stage reads every microbatch."""
+        its = [iter(dataloader(dataset, consumed, mbs, workers)) for _ in chunks]
+        return its[0] if len(its) == 1 else its
+
+    train_iter = iterators(train_ds, state.consumed_samples, cfg.data.num_workers)
 
     config_dict = cfg.to_dict()
     rank = torch.distributed.get_rank()
@@ -140,7 +153,6 @@ def pretrain(cfg: RunConfig) -> int:
                        f"train.iters is {cfg.train.iters} (raise train.iters to continue).")
     info = model_info(model_cfg, cfg.data.seq_length)
     peak = peak_tflops()
-    signals = StopSignals()
     stop_after = state.iteration + cfg.train.exit_after_iters if cfg.train.exit_after_iters else None
 
     def save():
@@ -150,6 +162,7 @@ def pretrain(cfg: RunConfig) -> int:
     consecutive_skips = 0
     window_start, window_steps = time.time(), 0
     while state.iteration < cfg.train.iters:
+        faults.at_step(state.iteration + 1)  # for hung-rank reports; GLM52_FAULT_* injection
         result = train_step(cfg, train_iter, chunks, optimizer, scheduler, num_micro)
         state.iteration += 1
         state.consumed_samples += gbs
@@ -169,7 +182,7 @@ def pretrain(cfg: RunConfig) -> int:
         last = state.iteration == cfg.train.iters
         metrics: dict = {}
         if state.iteration % cfg.train.eval_interval == 0 or last:
-            valid_iter = iter(dataloader(valid_ds, 0, mbs)) if valid_ds is not None else None
+            valid_iter = iterators(valid_ds, 0) if valid_ds is not None else None
             if valid_iter is not None:
                 metrics["val_loss"] = evaluate(cfg, valid_iter, chunks, num_micro, cfg.train.eval_iters)
         if state.iteration % cfg.train.log_interval == 0 or last or "val_loss" in metrics:
@@ -204,6 +217,7 @@ def pretrain(cfg: RunConfig) -> int:
             break
         if stop_after and state.iteration >= stop_after:
             break
+    signals.release()
     logger.close()
     return 0
 

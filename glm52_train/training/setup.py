@@ -61,7 +61,7 @@ def runtime_options(cfg: RunConfig) -> RuntimeOptions:
     )
 
 
-def build_model_chunks(model_cfg: ModelConfig, run: RuntimeOptions):
+def build_model_chunks(model_cfg: ModelConfig, run: RuntimeOptions, run_seq_length: int | None = None):
     """The model chunks of this rank (one per virtual pipeline stage), on its device, unwrapped."""
     config = transformer_config(model_cfg, run)
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
@@ -76,6 +76,7 @@ def build_model_chunks(model_cfg: ModelConfig, run: RuntimeOptions):
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             vp_stage=vp_stage,
         )
+        chunk.relay_seq_length = run_seq_length // config.context_parallel_size if run_seq_length else None
         chunks.append(chunk.to(compat.default_device()))
     return chunks, config
 

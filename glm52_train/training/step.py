@@ -18,12 +18,13 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from glm52_train import compat
 from glm52_train.data.loader import to_batch
 from glm52_train.model.dsa import DSALossScaler
+from glm52_train.training import faults
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     losses = output_tensor.float().reshape(-1)
     mask = loss_mask.reshape(-1)
-    loss_sum = (losses * mask).sum()
+    loss_sum = faults.nan_loss((losses * mask).sum())  # GLM52_FAULT_NAN_AT_STEP (tests)
     num_tokens = mask.sum().to(torch.int)
     report = torch.stack([loss_sum.detach(), mask.sum().detach()])
     return loss_sum, num_tokens, {"lm loss": report}
@@ -67,19 +68,32 @@ def _grads_finite(chunks) -> torch.Tensor:
     return flag
 
 
+def schedule_seq_length(cfg, chunks) -> int:
+    """The sequence length the pipeline schedule sizes its stage-to-stage tensors with: the
+    data's, plus the rows that carry IndexShare's top-k across stages (see topk_relay)."""
+    from glm52_train.checkpoint import unwrap
+    from glm52_train.model import topk_relay
+
+    model = unwrap(chunks[0])
+    local = cfg.data.seq_length // model.config.context_parallel_size
+    return cfg.data.seq_length + topk_relay.relay_rows(model.config, local) * model.config.context_parallel_size
+
+
 def train_step(cfg, iterator, chunks, optimizer, scheduler, num_microbatches: int) -> StepResult:
+    """One optimizer step. `iterator` is one data iterator, or one per model chunk (virtual
+    pipeline stages each read the same microbatches)."""
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     DSALossScaler.set_loss_scale(1.0 / num_microbatches)
     reports = get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iterator if len(chunks) == 1 else [iterator] * len(chunks),
+        data_iterator=iterator,
         model=chunks,
         num_microbatches=num_microbatches,
-        seq_length=cfg.data.seq_length,
+        seq_length=schedule_seq_length(cfg, chunks),
         micro_batch_size=cfg.train.micro_batch_size,
-        decoder_seq_length=cfg.data.seq_length,
+        decoder_seq_length=schedule_seq_length(cfg, chunks),
         forward_only=False,
     )
     loss = _reduce_lm_loss(reports)
@@ -105,12 +119,12 @@ def evaluate(cfg, iterator, chunks, num_microbatches: int, iters: int) -> float:
         for _ in range(iters):
             reports += get_forward_backward_func()(
                 forward_step_func=forward_step,
-                data_iterator=iterator if len(chunks) == 1 else [iterator] * len(chunks),
+                data_iterator=iterator,
                 model=chunks,
                 num_microbatches=num_microbatches,
-                seq_length=cfg.data.seq_length,
+                seq_length=schedule_seq_length(cfg, chunks),
                 micro_batch_size=cfg.train.micro_batch_size,
-                decoder_seq_length=cfg.data.seq_length,
+                decoder_seq_length=schedule_seq_length(cfg, chunks),
                 forward_only=True,
             )
     for chunk in chunks:

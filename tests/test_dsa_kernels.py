@@ -1,0 +1,430 @@
+"""DSA kernels (glm52_train/kernels) against float64 references on fresh random inputs.
+
+- CPU: the references agree with the model's DSA math (`dsa_torch`), and the Triton kernels
+  run in Triton's interpreter at tiny sizes (every code path: S not a multiple of the block,
+  k > visible keys, packed documents, ties, candidate overflow).
+- GPU (`-m gpu`): the compiled kernels at realistic sizes (64 heads x 576/512, indexer 32 x 128,
+  top-2048).
+Outputs are poisoned (NaN, or -2 for indices) before every kernel run; errors are relative
+Frobenius norms ||x - ref|| / ||ref|| against float64.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from xml.etree import ElementTree
+
+import pytest
+import torch
+
+from glm52_train.kernels import api, reference
+from glm52_train.model import dsa_torch
+
+BF16_TOL = 1e-2
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHILD_ENV = "GLM52_DSA_INTERPRETER_CHILD"
+IN_CHILD = os.environ.get(CHILD_ENV) == "1"
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(x).any(), "NaN in kernel output"
+    return float((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300))
+
+
+def _mod(name: str):
+    return importlib.import_module(f"glm52_train.kernels.{name}")
+
+
+def _poison(monkeypatch):
+    for name in ("indexer", "sparse_mla", "indexer_loss"):
+        monkeypatch.setattr(_mod(name), "POISON_OUTPUTS", True)
+
+
+def _packed_positions(sk: int, sq: int, n_docs: int, gen: torch.Generator, device="cpu"):
+    """Document ids and in-document positions of `sk` packed keys; queries are the last `sq`."""
+    cuts = sorted((torch.randperm(sk - 1, generator=gen)[: n_docs - 1] + 1).tolist())
+    k_doc = torch.zeros(sk, dtype=torch.long)
+    for c in cuts:
+        k_doc[c:] += 1
+    starts = torch.tensor([0] + cuts)
+    k_pos = torch.arange(sk) - starts[k_doc]
+    k_doc, k_pos = k_doc.to(device), k_pos.to(device)
+    return k_pos[sk - sq:], k_pos, k_doc[sk - sq:], k_doc
+
+
+def _check_topk(out, scores, allowed, topk):
+    """out [b, sq, topk] int; scores [b, sq, sk] float64; allowed [b or 1, sq, sk] bool."""
+    b, sq, sk = scores.shape
+    allowed = allowed.expand(b, sq, sk)
+    assert out.shape == (b, sq, topk)
+    assert (out >= -1).all() and (out < sk).all(), "unwritten or out-of-range index"
+    n_vis = allowed.sum(-1)
+    want = n_vis.clamp(max=topk)
+    valid = out >= 0
+    assert torch.equal(valid.sum(-1), want), "wrong number of selected keys"
+    slot = torch.arange(topk, device=out.device)
+    assert torch.equal(valid, slot < want.unsqueeze(-1)), "-1 padding must come last"
+    sel = torch.zeros(b, sq, sk + 1, dtype=torch.int32, device=out.device)
+    sel.scatter_add_(-1, torch.where(valid, out, sk).long(), torch.ones_like(out, dtype=torch.int32))
+    sel = sel[..., :sk]
+    assert sel.max() <= 1, "duplicate index in a row"
+    sel = sel.bool()
+    assert not (sel & ~allowed).any(), "selected an invisible key"
+    inf = torch.tensor(float("inf"), dtype=scores.dtype, device=scores.device)
+    sel_min = torch.where(sel, scores, inf).amin(-1)
+    unsel_max = torch.where(allowed & ~sel, scores, -inf).amax(-1)
+    # ties allowed within bf16 rounding of the row's score scale
+    tol = 2.0**-9 * scores.abs().amax(-1) + 1e-12
+    bad = sel_min < unsel_max - tol
+    assert not bad.any(), f"{int(bad.sum())} rows select a key scored below an unselected one"
+
+
+def _random_selection(b, sq, sk, topk, allowed, gen, device):
+    """Random visible subsets (-1 padded, shuffled): [b, sq, topk] int32."""
+    r = torch.rand(b, sq, sk, generator=gen).to(device).masked_fill(~allowed, -1.0)
+    vals, idx = r.topk(min(topk, sk), dim=-1)
+    idx = idx.masked_fill(vals < 0, -1)
+    if topk > sk:
+        idx = torch.cat([idx, idx.new_full((b, sq, topk - sk), -1)], dim=-1)
+    perm = torch.rand(b, sq, topk, generator=gen).to(device).argsort(-1)
+    return idx.gather(-1, perm).int()
+
+
+# ----------------------------------------------------------------------------------------------
+# References against the model's DSA math
+# ----------------------------------------------------------------------------------------------
+
+def test_references_match_model_dsa_math():
+    g = torch.Generator().manual_seed(0)
+    sq = sk = 11
+    b, n, dv, dr, ih, idim, topk = 2, 3, 8, 4, 4, 6, 5
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    q, kv = r(sq, b, n, dv + dr), r(sk, b, dv + dr)
+    iq, ik, iw = r(sq, b, ih, idim), r(sk, b, idim), r(sq, b, ih)
+    scale = 0.3
+    causal = dsa_torch.allowed_keys(torch.arange(sq), torch.arange(sk)).unsqueeze(0)
+    scores = dsa_torch.lightning_index_scores(iq, ik, iw)
+    assert torch.allclose(reference.index_scores(iq, ik, iw), scores)
+    idx = reference.indexer_topk(iq, ik, iw, topk)
+    assert torch.equal(idx, dsa_torch.select_topk(scores, causal, topk))
+    assert torch.equal(api.indexer_topk(iq, ik, iw, topk).long(), idx)
+
+    # MQA on the latent == per-head attention with the latent broadcast to every head.
+    k_heads = kv.unsqueeze(2).expand(sk, b, n, dv + dr)
+    v_heads = kv[..., :dv].unsqueeze(2).expand(sk, b, n, dv)
+    allowed = causal & dsa_torch.selection_mask(idx, sk)
+    out, lse = reference.sparse_mla(q, kv, idx, scale, dv)
+    want = dsa_torch.masked_attention(q, k_heads, v_heads, allowed, scale).view(sq, b, n, dv)
+    assert torch.allclose(out, want)
+    s = torch.einsum("sbnd,tbd->bnst", q, kv) * scale
+    assert torch.allclose(lse, torch.logsumexp(s.masked_fill(~allowed.unsqueeze(1), float("-inf")), -1))
+
+    assert torch.equal(api.sparse_mla(q, kv, idx, scale, dv), out)  # CPU -> the reference
+    for sparse in (False, True):
+        mask = allowed if sparse else causal.expand(b, sq, sk)
+        target = dsa_torch.head_summed_attention(q, k_heads, mask, scale)
+        want = dsa_torch.indexer_kl_loss(scores, target, mask)
+        got = reference.indexer_kl_loss(iq, ik, iw, q, kv, idx if sparse else None, scale, dv)
+        assert torch.allclose(got, want)
+        assert torch.equal(api.indexer_kl_loss(iq, ik, iw, q, kv, idx if sparse else None, scale, dv), got)
+        lse = api.mla_lse(q, kv, idx if sparse else None, scale)
+        s_masked = torch.einsum("sbnd,tbd->bnst", q, kv).mul(scale).masked_fill(~mask.unsqueeze(1), float("-inf"))
+        assert torch.allclose(lse, torch.logsumexp(s_masked, -1))
+
+
+def test_visible_ranges_match_mask():
+    indexer = _mod("indexer")
+    g = torch.Generator().manual_seed(1)
+    sk, sq = 30, 17
+    cases = [dict(), dict(q_pos=torch.arange(sq) * 2 - 3, k_pos=torch.arange(sk))]
+    qp, kp, qd, kd = _packed_positions(sk, sq, 4, g)
+    cases.append(dict(q_pos=qp, k_pos=kp, q_doc=qd, k_doc=kd))
+    for c in cases:
+        lo, hi = indexer.visible_ranges(sq, sk, "cpu", **c)
+        j = torch.arange(sk)
+        got = (j >= lo[:, None].long()) & (j < hi[:, None].long())
+        assert torch.equal(got, reference.visible(sq, sk, "cpu", **c))
+    with pytest.raises(ValueError):
+        indexer.visible_ranges(sq, sk, "cpu", q_pos=qp, k_pos=kp.flip(0), q_doc=qd, k_doc=kd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels in the interpreter (tiny sizes; every code path)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def interpreter_run(tmp_path_factory):
+    """Outcomes of `TestInterpreter` run once in a fresh process with TRITON_INTERPRET=1:
+    Triton picks interpret-or-compile when it is first imported, which other test modules
+    (transformers, megatron) may already have done in this one."""
+    xml = tmp_path_factory.mktemp("triton_interpreter") / "report.xml"
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", **{CHILD_ENV: "1"})
+    cmd = [sys.executable, "-m", "pytest", f"{os.path.abspath(__file__)}::TestInterpreter", "-q",
+           f"--junitxml={xml}"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    results = {}
+    if xml.exists():
+        for case in ElementTree.parse(xml).getroot().iter("testcase"):
+            outcome, message = "passed", ""
+            for tag in ("failure", "error", "skipped"):
+                el = case.find(tag)
+                if el is not None:
+                    outcome = "skipped" if tag == "skipped" else "failed"
+                    message = (el.get("message") or "") + "\n" + (el.text or "")
+                    break
+            results[case.get("name")] = (outcome, message)
+    return results, (proc.stdout + proc.stderr)[-6000:]
+
+
+def _delegated(request) -> bool:
+    """In the parent process: report this test's outcome from the interpreter subprocess."""
+    if IN_CHILD:
+        api.enable_interpreter()
+        return False
+    results, log = request.getfixturevalue("interpreter_run")
+    outcome, message = results.get(request.node.name, ("failed", f"no result in the interpreter run:\n{log}"))
+    if outcome == "failed":
+        pytest.fail(message, pytrace=False)
+    if outcome == "skipped":
+        pytest.skip(message)
+    return True
+
+
+class TestInterpreter:
+    """Run in a subprocess (see `interpreter_run`); each test starts with `_delegated`."""
+
+    SMALL_SCORE = dict(BQ=4, BK=16, SPLIT=2)
+
+    @pytest.mark.parametrize(
+        "sq,sk,b,topk,case",
+        [(36, 36, 2, 8, "causal"), (21, 50, 1, 64, "k>visible"), (40, 40, 1, 9, "docs"),
+         (30, 30, 1, 6, "ties"), (40, 40, 1, 5, "overflow")],
+    )
+    def test_indexer_topk(self, request, monkeypatch, sq, sk, b, topk, case):
+        if _delegated(request):
+            return
+        _poison(monkeypatch)
+        g = torch.Generator().manual_seed(sq * 7 + topk)
+        heads, dim = (32, 16) if case == "docs" else (4, 16)
+        q = torch.randn(sq, b, heads, dim, generator=g).bfloat16()
+        k = torch.randn(sk, b, dim, generator=g).bfloat16()
+        w = torch.randn(sq, b, heads, generator=g)
+        pos = {}
+        if case == "docs":
+            qp, kp, qd, kd = _packed_positions(sk, sq, 3, g)
+            pos = dict(q_pos=qp, k_pos=kp, q_doc=qd, k_doc=kd)
+        if case == "ties":  # index scores of exactly 0 for half the queries
+            w[::2] = 0.0
+        if case == "overflow":  # identical keys tie (more candidates than cand_cap)
+            k[1::2] = k[:1]
+            k[2::4] = k[2:3]
+        indexer = _mod("indexer")
+        lo, hi = indexer.visible_ranges(sq, sk, "cpu", **pos)
+        budget = 4 * b * (sk + 16 + 16) * 8 * 3  # a few small chunks
+        cfg = dict(BQ=2, BK=16, SPLIT=1) if case == "docs" else self.SMALL_SCORE
+        out = indexer.indexer_topk_triton(q, k, w, topk, lo, hi, budget_bytes=budget,
+                                          cand_cap=16 if case in ("ties", "overflow") else 4096,
+                                          score_cfg=cfg, select_cfg=dict(BLOCK=32))
+        scores = reference.index_scores(q.double(), k.double(), w.double())
+        allowed = reference.visible(sq, sk, "cpu", **pos).unsqueeze(0)
+        _check_topk(out, scores, allowed, topk)
+
+    def test_index_scores_both_layouts(self, request, monkeypatch):
+        if _delegated(request):
+            return
+        _poison(monkeypatch)
+        g = torch.Generator().manual_seed(5)
+        sq, sk, b, heads, dim = 13, 29, 2, 32, 16
+        q = torch.randn(sq, b, heads, dim, generator=g).bfloat16()
+        k = torch.randn(sk, b, dim, generator=g).bfloat16()
+        w = torch.randn(sq, b, heads, generator=g)
+        indexer = _mod("indexer")
+        lo, hi = indexer.visible_ranges(sq, sk, "cpu")
+        ref = reference.index_scores(q.double(), k.double(), w.double())
+        vis = reference.visible(sq, sk, "cpu").expand(b, sq, sk)
+        for keys_as_m in (False, True):
+            buf = torch.full((b, 16, 32), float("nan"))
+            indexer._index_score_kernel[(4, 1, b)](
+                q, k, w, lo, hi, buf, sq, sk, 0, sq,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                w.stride(0), w.stride(1), w.stride(2), buf.stride(0), buf.stride(1),
+                H=heads, D=dim, BQ=4, BK=16, SPLIT=2, L=16, KEYS_AS_M=keys_as_m)
+            got = buf[:, :sq, :sk]
+            assert not got[vis].isnan().any()
+            assert _rel(got[vis], ref[vis]) < 1e-5
+
+    @pytest.mark.parametrize(
+        "sq,sk,b,n,dv,dr,topk,bk,fused",
+        [(9, 20, 2, 16, 32, 16, 12, 16, False),   # topk not a multiple of BK; -1 entries
+         (7, 7, 1, 16, 32, 16, 24, 16, True),     # k > visible keys, fused backward
+         (3, 5, 1, 64, 512, 64, 16, 16, False)],  # the real head count and dims
+    )
+    def test_sparse_mla(self, request, monkeypatch, sq, sk, b, n, dv, dr, topk, bk, fused):
+        if _delegated(request):
+            return
+        _poison(monkeypatch)
+        g = torch.Generator().manual_seed(sq + topk)
+        # q as a strided view (heads padded), as a fused projection's output would be
+        q = torch.randn(sq, b, n + 2, dv + dr, generator=g).bfloat16()[:, :, :n].requires_grad_()
+        kv = torch.randn(sk, b, dv + dr, generator=g).bfloat16().requires_grad_()
+        allowed = reference.visible(sq, sk, "cpu").unsqueeze(0).expand(b, sq, sk)
+        idx = _random_selection(b, sq, sk, topk, allowed, g, "cpu")
+        scale = (dv + dr) ** -0.5
+        out, lse = api.sparse_mla(q, kv, idx, scale, dv, impl="triton", return_lse=True,
+                                  fwd_cfg=dict(BK=bk), bwd_cfg=dict(BK=bk, fused=fused))
+        dout = torch.randn(out.shape, generator=g).bfloat16()
+        out.backward(dout)
+        qd, kvd = q.detach().double().requires_grad_(), kv.detach().double().requires_grad_()
+        ref_out, ref_lse = reference.sparse_mla(qd, kvd, idx, scale, dv)
+        ref_out.backward(dout.double())
+        assert _rel(out, ref_out) < BF16_TOL
+        assert _rel(lse, ref_lse) < 1e-5
+        assert _rel(q.grad, qd.grad) < BF16_TOL
+        assert _rel(kv.grad, kvd.grad) < BF16_TOL
+
+    def test_sparse_mla_query_without_keys(self, request, monkeypatch):
+        if _delegated(request):
+            return
+        _poison(monkeypatch)
+        g = torch.Generator().manual_seed(3)
+        q = torch.randn(4, 1, 16, 48, generator=g).bfloat16().requires_grad_()
+        kv = torch.randn(6, 1, 48, generator=g).bfloat16().requires_grad_()
+        idx = torch.tensor([[[0, 1, -1, -1], [-1, -1, -1, -1], [2, -1, 4, 5], [-1, 3, -1, -1]]], dtype=torch.int32)
+        out, lse = api.sparse_mla(q, kv, idx, 0.2, 32, impl="triton", return_lse=True,
+                                  fwd_cfg=dict(BK=16), bwd_cfg=dict(BK=16))
+        out.float().sum().backward()
+        assert (out[1] == 0).all() and torch.isinf(lse[:, :, 1]).all()
+        assert not torch.isnan(q.grad).any() and not torch.isnan(kv.grad).any()
+        assert (q.grad[1] == 0).all()
+
+    @pytest.mark.parametrize("mode", ["sparse", "sparse+lse", "dense", "dense+docs"])
+    def test_indexer_kl_loss(self, request, monkeypatch, mode):
+        if _delegated(request):
+            return
+        _poison(monkeypatch)
+        g = torch.Generator().manual_seed(len(mode))
+        sq, sk, b, n, dv, dr, ih, idim = 9, 14, 2, 16, 32, 16, 4, 16
+        pos = {}
+        if "docs" in mode:
+            qp, kp, qd, kd = _packed_positions(sk, sq, 3, g)
+            pos = dict(q_pos=qp, k_pos=kp, q_doc=qd, k_doc=kd)
+        q = torch.randn(sq, b, n, dv + dr, generator=g).bfloat16()
+        kv = torch.randn(sk, b, dv + dr, generator=g).bfloat16()
+        iq = torch.randn(sq, b, ih, idim, generator=g).bfloat16().requires_grad_()
+        ik = torch.randn(sk, b, idim, generator=g).bfloat16().requires_grad_()
+        iw = (0.3 * torch.randn(sq, b, ih, generator=g)).requires_grad_()
+        idx = None
+        if "sparse" in mode:
+            idx = api.indexer_topk(iq.detach(), ik.detach(), iw.detach(), 6, **pos, impl="reference")
+        scale = (dv + dr) ** -0.5
+        lse = None
+        if "lse" in mode:
+            lse = api.mla_lse(q, kv, idx, scale, **pos, v_dim=dv, impl="triton")
+        loss = api.indexer_kl_loss(iq, ik, iw, q, kv, idx, scale, dv, **pos, lse=lse, impl="triton")
+        loss.backward()
+        iqd, ikd, iwd = (t.detach().double().requires_grad_() for t in (iq, ik, iw))
+        ref = reference.indexer_kl_loss(iqd, ikd, iwd, q.double(), kv.double(), idx, scale, dv, **pos)
+        ref.backward()
+        assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item())
+        assert _rel(iq.grad, iqd.grad) < BF16_TOL
+        assert _rel(ik.grad, ikd.grad) < BF16_TOL
+        assert _rel(iw.grad, iwd.grad) < 1e-4
+        ref_lse = reference.mla_lse(q.double(), kv.double(), idx, scale, **pos)
+        assert _rel(api.mla_lse(q, kv, idx, scale, **pos, v_dim=dv, impl="triton"), ref_lse) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled kernels on the GPU, realistic sizes
+# ----------------------------------------------------------------------------------------------
+
+def _chunked_index_scores(q, k, w, chunk=256):
+    return torch.cat([reference.index_scores(q[i:i + chunk].double(), k.double(), w[i:i + chunk].double())
+                      for i in range(0, q.shape[0], chunk)], dim=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sq,sk,case", [(4133, 4133, "causal"), (1500, 5000, "suffix"), (3000, 3000, "docs")])
+def test_gpu_indexer_topk(monkeypatch, sq, sk, case):
+    _poison(monkeypatch)
+    dev = "cuda"
+    g = torch.Generator().manual_seed(sq)
+    topk = 2048
+    q = torch.randn(sq, 1, 32, 128, generator=g).to(dev, torch.bfloat16)
+    k = torch.randn(sk, 1, 128, generator=g).to(dev, torch.bfloat16)
+    w = (torch.randn(sq, 1, 32, generator=g) * 32**-0.5 * 128**-0.5).to(dev)
+    pos = {}
+    if case == "docs":
+        qp, kp, qd, kd = _packed_positions(sk, sq, 5, g, dev)
+        pos = dict(q_pos=qp, k_pos=kp, q_doc=qd, k_doc=kd)
+    out = api.indexer_topk(q, k, w, topk, **pos, budget_bytes=64 << 20)
+    torch.cuda.synchronize()
+    scores = _chunked_index_scores(q, k, w)
+    allowed = reference.visible(sq, sk, dev, **pos).unsqueeze(0)
+    _check_topk(out, scores, allowed, topk)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sq,sk,fused", [(1027, 3001, False), (777, 777, True)])
+def test_gpu_sparse_mla(monkeypatch, sq, sk, fused):
+    _poison(monkeypatch)
+    dev = "cuda"
+    g = torch.Generator().manual_seed(sq)
+    b, n, dv, dr, topk = 1, 64, 512, 64, 2048
+    q = torch.randn(sq, b, n, dv + dr, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    kv = torch.randn(sk, b, dv + dr, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    allowed = reference.visible(sq, sk, dev).unsqueeze(0).expand(b, sq, sk)
+    idx = _random_selection(b, sq, sk, topk, allowed, g, dev)
+    scale = (dv + dr) ** -0.5
+    out, lse = api.sparse_mla(q, kv, idx, scale, dv, return_lse=True, bwd_cfg=dict(fused=fused))
+    dout = torch.randn(out.shape, generator=g).to(dev, torch.bfloat16)
+    out.backward(dout)
+    kvd = kv.detach().double().requires_grad_()
+    errs = {"out": [], "lse": [], "dq": []}
+    num = {k: 0.0 for k in errs}
+    den = {k: 0.0 for k in errs}
+    for i in range(0, sq, 96):
+        qd = q[i:i + 96].detach().double().requires_grad_()
+        ro, rl = reference.sparse_mla(qd, kvd, idx[:, i:i + 96], scale, dv)
+        ro.backward(dout[i:i + 96].double())
+        for key, x, r in (("out", out[i:i + 96], ro), ("lse", lse[:, :, i:i + 96], rl), ("dq", q.grad[i:i + 96], qd.grad)):
+            assert not torch.isnan(x).any()
+            num[key] += float((x.double() - r.double()).norm() ** 2)
+            den[key] += float(r.double().norm() ** 2)
+    for key in errs:
+        assert (num[key] / den[key]) ** 0.5 < (1e-5 if key == "lse" else BF16_TOL), key
+    assert _rel(kv.grad, kvd.grad) < BF16_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["sparse", "dense", "dense+docs"])
+def test_gpu_indexer_kl_loss(monkeypatch, mode):
+    _poison(monkeypatch)
+    dev = "cuda"
+    g = torch.Generator().manual_seed(11)
+    sq = sk = 1029
+    b, n, dv, dr = 1, 64, 512, 64
+    pos = {}
+    if "docs" in mode:
+        qp, kp, qd, kd = _packed_positions(sk, sq, 4, g, dev)
+        pos = dict(q_pos=qp, k_pos=kp, q_doc=qd, k_doc=kd)
+    q = torch.randn(sq, b, n, dv + dr, generator=g).to(dev, torch.bfloat16)
+    kv = torch.randn(sk, b, dv + dr, generator=g).to(dev, torch.bfloat16)
+    iq = torch.randn(sq, b, 32, 128, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    ik = torch.randn(sk, b, 128, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    iw = (torch.randn(sq, b, 32, generator=g) * 0.02).to(dev).requires_grad_()
+    idx = api.indexer_topk(iq.detach(), ik.detach(), iw.detach(), 256, **pos) if mode == "sparse" else None
+    scale = (dv + dr) ** -0.5
+    loss = api.indexer_kl_loss(iq, ik, iw, q, kv, idx, scale, dv, **pos)
+    loss.backward()
+    iqd, ikd, iwd = (t.detach().double().requires_grad_() for t in (iq, ik, iw))
+    ref = reference.indexer_kl_loss(iqd, ikd, iwd, q.double(), kv.double(), idx, scale, dv, **pos)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item()) + 1e-6
+    assert _rel(iq.grad, iqd.grad) < BF16_TOL
+    assert _rel(ik.grad, ikd.grad) < BF16_TOL
+    assert _rel(iw.grad, iwd.grad) < 1e-3
+    lse = api.mla_lse(q, kv, idx, scale, **pos)
+    assert _rel(lse, reference.mla_lse(q.double(), kv.double(), idx, scale, **pos)) < 1e-5
