@@ -102,6 +102,53 @@ def cmd_init_weights(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from glm52_train.config import get_model_config
+    from glm52_train.plan import GiB, Layout, check_layout, estimate, format_estimate, plan
+
+    model = get_model_config(args.model)
+    recompute = args.recompute == "full"
+    explicit = [args.tp, args.pp, args.ep, args.cp]
+    if any(v is not None for v in explicit):
+        tp, pp, cp = args.tp or 1, args.pp or 1, args.cp or 1
+        if args.gpus % (tp * pp * cp):
+            raise ConfigError(f"TP x PP x CP = {tp * pp * cp} does not divide the {args.gpus} GPUs.")
+        layout = Layout(tp=tp, pp=pp, vpp=args.vpp or 1, ep=args.ep or 1, etp=args.etp or 1, cp=cp,
+                        dp=args.gpus // (tp * pp * cp), sp=tp > 1)
+        why = check_layout(model, layout, args.gpus, args.seq_len)
+        if why:
+            print(f"refused: {layout.describe()}: {why}")
+            return 1
+        est = estimate(model, layout, args.seq_len, args.gpu_mem, args.micro_batch, recompute=recompute)
+        if args.json:
+            print(json.dumps(est.to_dict(), indent=2))
+        else:
+            print(format_estimate(est))
+            if not est.fits:
+                print(f"refused: {layout.describe()}: {est.reason}")
+        return 0 if est.fits else 1
+    fitting, refused = plan(model, args.gpus, args.gpu_mem, args.seq_len, args.micro_batch, recompute)
+    if args.json:
+        print(json.dumps({"fitting": [e.to_dict() for e in fitting],
+                          "refused": [e.to_dict() for e in refused]}, indent=2))
+        return 0 if fitting else 1
+    print(f"{model.name} on {args.gpus} GPUs x {args.gpu_mem:g} GiB, sequence {args.seq_len}, "
+          f"micro-batch {args.micro_batch}, recompute {args.recompute}")
+    if not fitting:
+        print("no layout fits; the smallest need:")
+        for est in refused:
+            print("  " + format_estimate(est))
+        return 1
+    print("suggested (best first):")
+    for est in fitting:
+        print("  " + format_estimate(est))
+    best = fitting[0]
+    print(f"recommended: {best.layout.describe()}  ({best.total / GiB:.1f} GiB per GPU)")
+    for est in refused:
+        print(f"refused: {est.layout.describe()}: {est.reason}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm52", description="GLM-5.2 pretraining on Megatron-Core")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=4096, help="sequence length for FLOPs (default 4096)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("plan", help="suggest a parallel layout and estimate memory per GPU")
+    p.add_argument("--model", required=True)
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--recompute", choices=["full", "none"], default="full")
+    for name in ("tp", "pp", "vpp", "ep", "etp", "cp"):
+        p.add_argument(f"--{name}", type=int, default=None, help=f"evaluate this {name.upper()} instead of searching")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("prepare-data", help="raw text -> Megatron-Core indexed dataset (.bin/.idx)")
     p.add_argument("--input", nargs="+", help="json/jsonl/parquet/txt files, folders or globs")

@@ -47,6 +47,11 @@ Items (each covered by `tests/test_compat.py`):
    `maybe_move_tensor_to_cpu(..., as_numpy=True)`, which converts only CUDA tensors; on the CPU
    the sizes stayed tensors and `all_to_all_single` rejected them (expert parallelism failed).
    Host tensors are converted as the function's contract says.
+13. Expert tensor parallelism with expert parallelism gathers and reduce-scatters *uneven* token
+   counts (`all_gather` / `reduce_scatter` on lists of different sizes). NCCL accepts that;
+   gloo rejects uneven all-gathers and has no list reduce-scatter. On gloo process groups the
+   uneven all-gather pads every piece to the largest and trims, and the uneven reduce-scatter
+   all-reduces the whole tensor and keeps this rank's piece (more traffic, same result).
 8. The optimizers classify parameters by ``param.type() == 'torch.cuda.FloatTensor'`` (and the
    Half/BFloat16 names) and raise TypeError for anything else. On a machine without CUDA, where
    no tensor can be a CUDA tensor, ``Tensor.type()`` (called with no argument) reports floating
@@ -181,6 +186,37 @@ def _patch_host_split_sizes() -> None:
 
     moe_utils.maybe_move_tensor_to_cpu = move
     token_dispatcher.maybe_move_tensor_to_cpu = move
+
+
+def _patch_uneven_collectives_on_gloo() -> None:
+    from megatron.core.tensor_parallel import mappings
+
+    gather, scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def is_gloo(group) -> bool:
+        return torch.distributed.get_backend(group) == "gloo"
+
+    def gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1 or not is_gloo(group):
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in range(group.size())]
+        torch.distributed.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([p[:n] for p, n in zip(parts, output_split_sizes)], dim=0)
+
+    def scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1 or not is_gloo(group):
+            return scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        rank = group.rank()
+        start = sum(input_split_sizes[:rank])
+        return total[start : start + input_split_sizes[rank]].contiguous()
+
+    mappings._gather_along_first_dim = gather_uneven
+    mappings._reduce_scatter_along_first_dim = scatter_uneven
 
 
 def _patch_rng_tracker() -> None:
@@ -338,6 +374,7 @@ def apply() -> None:
         _patch_cuda_tensor_factories()
         _patch_rng_tracker()
         _patch_host_split_sizes()
+        _patch_uneven_collectives_on_gloo()
     if not transformer_engine_available():
         _patch_te_symbols()
         _patch_optimizer_state_loading()

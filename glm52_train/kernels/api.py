@@ -64,10 +64,15 @@ def enable_interpreter() -> None:
     TRITON_INTERPRET=1 must be set before anything imports triton (the CPU tests run the
     interpreter in a fresh subprocess for this reason). Our kernel modules imported before
     are reloaded."""
+    previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     import triton.language as tl
 
     if type(tl.standard.max).__name__ != "InterpretedFunction":
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
         raise RuntimeError("Triton was imported before TRITON_INTERPRET=1 was set; the interpreter "
                            "needs it set before the first `import triton` (use a fresh process)")
     _patch_interpreter()

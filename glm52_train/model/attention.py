@@ -1,15 +1,25 @@
 """MLA self-attention wired to DSA core attention.
 
 Megatron-Core's `MLASelfAttention` computes the latent projections, RoPE and the per-head
-query/key/value; this subclass keeps all of that and changes one method, `forward`, to hand the
-DSA core attention what it needs beyond q/k/v: the layer input, the compressed query (the
-indexer's input), the RoPE frequencies, and the top-k indices of the previous full layer. It
-returns those indices alongside the output so the layer can pass them on (IndexShare).
+query/key/value; this subclass keeps all of that and changes `forward`, to hand the DSA core
+attention what it needs beyond q/k/v: the layer input, the compressed query (the indexer's
+input), the RoPE frequencies, and the top-k indices of the previous full layer. It returns those
+indices alongside the output so the layer can pass them on (IndexShare).
+
+Two paths compute the same function:
+- ``torch`` (the CPU reference): Megatron-Core's per-head keys and values, masked attention;
+- ``kernels`` (the GPU path): MLA in MQA form on the latent, as DeepSeek-V3.2 trains it. The
+  up-projection is absorbed into the query (q_nope . W_UK) and the output (o . W_UV), so every
+  head attends to the same 576-channel keys [c_kv (512), k_rope (64)] whose first 512 channels
+  are the values: `glm52_train.kernels` runs the indexer, the sparse attention and the KL.
 """
 
 from __future__ import annotations
 
+import torch
+from megatron.core.models.common.embeddings import apply_rotary_pos_emb
 from megatron.core.post_training.modelopt.layers import Linear as ReplicatedLinear
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
 
@@ -32,6 +42,40 @@ class GLMSelfAttention(MLASelfAttention):
             return self.rotary_pos_emb(seq_len, packed_seq=False), 1.0
         return self.rotary_pos_emb(seq_len, packed_seq=False)
 
+    def uses_kernels(self, hidden_states) -> bool:
+        backend = self.config.dsa_backend
+        return backend == "kernels" or (backend == "auto" and hidden_states.is_cuda)
+
+    def latent_qkv(self, hidden_states):
+        """The absorbed form: q [s, b, n, kv_lora + rope], kv [s, b, kv_lora + rope] (shared
+        by the heads; its first kv_lora channels are the values), the normalised compressed
+        query, and W_UV [n, v_head_dim, kv_lora] for the output. Sequence-parallel inputs are
+        gathered (their backward reduce-scatters)."""
+        cfg = self.config
+        n = self.num_attention_heads_per_partition
+        q_compressed, _ = self.linear_q_down_proj(hidden_states)
+        q_compressed = self.q_layernorm(q_compressed)
+        q, _ = self.linear_q_up_proj(q_compressed)
+        q = q.view(*q.shape[:-1], n, self.q_head_dim)
+        q_nope, q_rope = torch.split(q, [cfg.qk_head_dim, cfg.qk_pos_emb_head_dim], dim=-1)
+        kv, _ = self.linear_kv_down_proj(hidden_states)
+        c_kv, k_rope = torch.split(kv, [cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim], dim=-1)
+        c_kv = self.kv_layernorm(c_kv)
+        tp = self.pg_collection.tp
+        if cfg.sequence_parallel and tp.size() > 1:
+            c_kv = gather_from_sequence_parallel_region(c_kv, group=tp)
+            k_rope = gather_from_sequence_parallel_region(k_rope, group=tp)
+        freqs, mscale = self.rope_frequencies(hidden_states)
+        freqs = freqs[: q.shape[0]]
+        q_rope = apply_rotary_pos_emb(q_rope, freqs, config=cfg, mscale=mscale)
+        k_rope = apply_rotary_pos_emb(k_rope.unsqueeze(2), freqs, config=cfg, mscale=mscale).squeeze(2)
+        w = self.linear_kv_up_proj.weight.view(n, cfg.qk_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+        w_uk, w_uv = w[:, : cfg.qk_head_dim], w[:, cfg.qk_head_dim :]
+        q_latent = torch.einsum("sbhd,hdc->sbhc", q_nope, w_uk)
+        query = torch.cat([q_latent, q_rope], dim=-1)
+        key_value = torch.cat([c_kv, k_rope], dim=-1)
+        return query, key_value, q_compressed, w_uv, freqs, mscale
+
     def forward(
         self,
         hidden_states,
@@ -41,6 +85,20 @@ class GLMSelfAttention(MLASelfAttention):
         **unused,
     ):
         """hidden_states: [s, b, hidden]. Returns (output, bias, top-k indices)."""
+        if self.uses_kernels(hidden_states) and packed_seq_params is None:
+            query, key_value, q_compressed, w_uv, freqs, mscale = self.latent_qkv(hidden_states)
+            dense_qkv = None
+            if self.config.dsa_mode == "warmup":
+                dense_qkv = self.get_query_key_value_tensors(hidden_states, None, None, None)[:3]
+            out_latent, topk_indices = self.core_attention.forward_latent(
+                query, key_value, x=hidden_states, qr=q_compressed, freqs=freqs, mscale=mscale,
+                topk_indices=topk_indices, dense_qkv=dense_qkv,
+            )
+            if out_latent.dim() == 4:  # [s, b, n, kv_lora] -> up-projection W_UV
+                out_latent = torch.einsum("sbhc,hdc->sbhd", out_latent, w_uv)
+            core_out = out_latent.reshape(*out_latent.shape[:2], -1)
+            output, bias = self.linear_proj(core_out)
+            return output, bias, topk_indices
         query, key, value, q_compressed, _ = self.get_query_key_value_tensors(
             hidden_states, None, None, packed_seq_params
         )

@@ -145,6 +145,82 @@ class DSACoreAttention(MegatronModule):
             return gather_from_sequence_parallel_region(t, group=tp)
         return t
 
+    def _indexer_inputs(self, x, qr, freqs, mscale):
+        xi = self._gather_sequence(x.detach())
+        qri = self._gather_sequence(qr.detach())
+        return self.indexer(xi, qri, freqs, mscale)
+
+    def forward_latent(
+        self,
+        query: torch.Tensor,
+        key_value: torch.Tensor,
+        *,
+        x: torch.Tensor,
+        qr: torch.Tensor,
+        freqs: torch.Tensor,
+        mscale: float = 1.0,
+        topk_indices: torch.Tensor | None = None,
+        dense_qkv=None,
+    ):
+        """The kernel path (MQA on the latent, see attention.py): query [s, b, n, d] with the
+        up-projection absorbed, key_value [s, b, d] shared by the heads, whose first
+        kv_lora_rank channels are the values. Returns (out, top-k): out is the latent output
+        [s, b, n, kv_lora_rank] (sparse), or the dense attention output [s, b, n * v_head_dim]
+        computed from `dense_qkv` (warm-up)."""
+        from glm52_train.kernels import api
+
+        v_dim = self.config.kv_lora_rank
+        want_loss = (
+            self.indexer is not None and self.training and torch.is_grad_enabled()
+            and self.config.dsa_loss_coeff > 0
+        )
+        iq = ik = iw = None
+        if self.indexer is not None:
+            with torch.set_grad_enabled(want_loss):
+                iq, ik, iw = self._indexer_inputs(x, qr, freqs, mscale)
+            topk_indices = api.indexer_topk(iq.detach(), ik.detach(), iw.detach(), self.config.dsa_index_topk)
+        elif topk_indices is None:
+            raise RuntimeError(
+                f"layer {self.layer_number} shares the top-k of an earlier layer (IndexShare) but "
+                "received none: the previous full layer must run before it."
+            )
+        lse = None
+        if self.config.dsa_mode == "warmup":
+            q, k, v = dense_qkv  # [s, b, n, d]: causal dense attention
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
+                is_causal=True, scale=self.softmax_scale,
+            ).permute(2, 0, 1, 3)
+            out = out.reshape(out.shape[0], out.shape[1], -1)
+        else:
+            out, lse = api.sparse_mla(query, key_value, topk_indices, self.softmax_scale, v_dim=v_dim,
+                                      return_lse=True)
+        if want_loss:
+            q_all, lse_all = self._all_heads(query.detach(), lse)
+            loss = api.indexer_kl_loss(
+                iq, ik, iw, q_all, key_value.detach(),
+                None if self.config.dsa_mode == "warmup" else topk_indices,
+                self.softmax_scale, v_dim=v_dim, lse=lse_all,
+            )
+            DSALossTracker.add(self.layer_number, loss)
+            out = DSALossScaler.apply(out, loss * (self.config.dsa_loss_coeff / self.num_indexer_layers))
+        return out, topk_indices
+
+    def _all_heads(self, query: torch.Tensor, lse: torch.Tensor | None):
+        """The indexer's target averages the attention of *all* heads: gather the heads that
+        tensor parallelism split (no gradient flows through the target)."""
+        tp = self.tp_group
+        if tp is None or tp.size() == 1:
+            return query, lse
+        parts = [torch.empty_like(query) for _ in range(tp.size())]
+        torch.distributed.all_gather(parts, query.contiguous(), group=tp)
+        query = torch.cat(parts, dim=2)
+        if lse is not None:
+            lparts = [torch.empty_like(lse) for _ in range(tp.size())]
+            torch.distributed.all_gather(lparts, lse.contiguous(), group=tp)
+            lse = torch.cat(lparts, dim=1)
+        return query, lse
+
     def forward(
         self,
         query: torch.Tensor,
@@ -169,11 +245,9 @@ class DSACoreAttention(MegatronModule):
 
         index_scores = None
         if self.indexer is not None:
-            xi = self._gather_sequence(x.detach())
-            qri = self._gather_sequence(qr.detach())
             want_loss = self.training and torch.is_grad_enabled() and self.config.dsa_loss_coeff > 0
             with torch.set_grad_enabled(want_loss):
-                iq, ik, iw = self.indexer(xi, qri, freqs, mscale)
+                iq, ik, iw = self._indexer_inputs(x, qr, freqs, mscale)
                 index_scores = dsa_torch.lightning_index_scores(iq, ik, iw)
             topk_indices = dsa_torch.select_topk(
                 index_scores.detach(), causal.unsqueeze(0), self.config.dsa_index_topk

@@ -72,19 +72,69 @@ def _layout() -> dict:
     }
 
 
+def _sub_optimizers(optimizer) -> dict:
+    """The distributed optimizers by role, "dense" or "expert".
+
+    Megatron-Core chains a second optimizer for expert parameters only when EP > 1, and a
+    pipeline stage without MoE layers has none; ChainedOptimizer's checkpoint keys carry the
+    chain position ("chained_1.") and its per-optimizer hyperparameters are saved from rank 0
+    only. Keying by role, with parameter-named state tensors, makes the checkpoint independent
+    of the layout: any EP, PP or TP loads it."""
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    roles = {}
+    for sub in subs:
+        groups = sub.optimizer.param_groups if sub.optimizer is not None else []
+        if not groups or not any(len(g["params"]) for g in groups):
+            continue
+        role = "expert" if groups[0].get("is_expert_parallel", False) else "dense"
+        roles[role] = sub
+    return roles
+
+
+def _optimizer_sharded_state(optimizer, model_sd, is_loading: bool) -> dict:
+    return {
+        role: sub.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_SHARDING)
+        for role, sub in _sub_optimizers(optimizer).items()
+    }
+
+
+def _load_optimizer(optimizer, loaded: dict, step: float) -> None:
+    """Load per-parameter state from the checkpoint; take each optimizer's hyperparameters from
+    itself (the schedule resets lr and weight decay every step) with the saved update count."""
+    for role, sub in _sub_optimizers(optimizer).items():
+        state = loaded[role]
+        own = sub.state_dict()
+        for group in own["optimizer"]["param_groups"]:
+            group["step"] = step
+        state["optimizer"] = own["optimizer"]
+        state["param_state_sharding_type"] = OPTIMIZER_SHARDING["distrib_optim_sharding_type"]
+        sub.load_state_dict(state)
+
+
+def _optimizer_step(optimizer) -> float:
+    for sub in _sub_optimizers(optimizer).values():
+        for state in sub.optimizer.state.values():
+            if "step" in state:
+                return float(state["step"])
+    return 0.0
+
+
 def save_training_checkpoint(ckpt_dir, state: TrainState, chunks, optimizer, scheduler, run_config: dict, keep_last=None):
     model_sd = checkpoint.model_sharded_state(chunks)
     extra = {
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=OPTIMIZER_SHARDING),
+        "optimizer": _optimizer_sharded_state(optimizer, model_sd, is_loading=False),
         "opt_param_scheduler": scheduler.state_dict(),
         "rng_state": _rng_sharded(_rng_state()),
     }
+    step = torch.tensor([_optimizer_step(optimizer)], device=compat.default_device())
+    torch.distributed.all_reduce(step, op=torch.distributed.ReduceOp.MAX)
     meta = {
         "kind": "training",
         "model": run_config["model"],
         "run": run_config,
         "consumed_samples": state.consumed_samples,
         "skipped_steps": state.skipped_steps,
+        "optimizer_step": step.item(),
         "layout": _layout(),
     }
     return checkpoint.save_checkpoint(ckpt_dir, state.iteration, chunks, meta=meta, extra_sharded_state=extra, keep_last=keep_last)
@@ -99,11 +149,11 @@ def load_training_checkpoint(path: Path, chunks, optimizer, scheduler) -> TrainS
     compat.init_adam_state(optimizer)
     model_sd = checkpoint.model_sharded_state(chunks)
     same_layout = meta.get("layout") == _layout()
-    extra = {"optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_SHARDING)}
+    extra = {"optimizer": _optimizer_sharded_state(optimizer, model_sd, is_loading=True)}
     if same_layout:
         extra["rng_state"] = _rng_sharded(None)
     meta, loaded = checkpoint.load_checkpoint(path, chunks, extra_sharded_state=extra)
-    optimizer.load_state_dict(loaded["optimizer"])
+    _load_optimizer(optimizer, loaded["optimizer"], meta["optimizer_step"])
     compat.untie_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if same_layout and loaded.get("rng_state") is not None:
