@@ -389,7 +389,8 @@ def test_gpu_sparse_mla(monkeypatch, sq, sk, fused):
         qd = q[i:i + 96].detach().double().requires_grad_()
         ro, rl = reference.sparse_mla(qd, kvd, idx[:, i:i + 96], scale, dv)
         ro.backward(dout[i:i + 96].double())
-        for key, x, r in (("out", out[i:i + 96], ro), ("lse", lse[:, :, i:i + 96], rl), ("dq", q.grad[i:i + 96], qd.grad)):
+        pairs = (("out", out[i:i + 96], ro), ("lse", lse[:, :, i:i + 96], rl), ("dq", q.grad[i:i + 96], qd.grad))
+        for key, x, r in pairs:
             assert not torch.isnan(x).any()
             num[key] += float((x.double() - r.double()).norm() ** 2)
             den[key] += float(r.double().norm() ** 2)
