@@ -1,4 +1,5 @@
-"""Workarounds that let Megatron-Core 0.16.1 run without CUDA or Transformer Engine.
+"""Workarounds for Megatron-Core 0.16.1: running without CUDA or Transformer Engine, and the
+correctness bugs that the parallel-layout equivalence tests exposed.
 
 Megatron-Core assumes a GPU and, in a few places, Transformer Engine. On the CPU machines used
 for development, tests and CI neither exists. Each item below names the upstream behaviour it
@@ -52,6 +53,12 @@ Items (each covered by `tests/test_compat.py`):
    gloo rejects uneven all-gathers and has no list reduce-scatter. On gloo process groups the
    uneven all-gather pads every piece to the largest and trims, and the uneven reduce-scatter
    all-reduces the whole tensor and keeps this rank's piece (more traffic, same result).
+14. (Everywhere, not a platform gap.) With `calculate_per_token_loss` the routers scale their
+   load-balancing losses by the number of *local* tokens, but the sequence and batch aux
+   losses are split over the tensor/context-parallel group (each rank holds a part of the same
+   sequences, whose parts sum to the loss), so under TP+SP or CP their gradient came out
+   divided by the group size. The count is the group's tokens (local x group size), which makes
+   TP/CP runs equal to one process.
 8. The optimizers classify parameters by ``param.type() == 'torch.cuda.FloatTensor'`` (and the
    Half/BFloat16 names) and raise TypeError for anything else. On a machine without CUDA, where
    no tensor can be a CUDA tensor, ``Tensor.type()`` (called with no argument) reports floating
@@ -68,6 +75,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import types
 
 import torch
 
@@ -146,19 +154,50 @@ def _is_cuda_device(device) -> bool:
     return isinstance(device, str) and device.split(":")[0] == "cuda"
 
 
-def _patch_cuda_tensor_factories() -> None:
-    def redirect(factory):
-        @functools.wraps(factory)
-        def wrapped(*args, **kwargs):
+# Megatron-Core modules that build tensors with a literal device='cuda' (item 6).
+_CUDA_LITERAL_MODULES = (
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.utils",
+    "megatron.core.rerun_state_machine",
+)
+_FACTORIES = ("tensor", "zeros", "empty", "ones", "full", "arange")
+
+
+class _HostTorch(types.ModuleType):
+    """`torch` as those modules see it: the same module, except that tensor factories asked for
+    device='cuda' build on the CPU. Scoped to them: replacing torch's own functions globally
+    broke torch's device context (transformers' loading under torch.distributed)."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        value = getattr(torch, name)
+        if name not in _FACTORIES:
+            return value
+
+        def factory(*args, **kwargs):
             if _is_cuda_device(kwargs.get("device")):
                 kwargs["device"] = "cpu"
                 kwargs.pop("pin_memory", None)
-            return factory(*args, **kwargs)
+            return value(*args, **kwargs)
 
-        return wrapped
+        return factory
 
-    for name in ("tensor", "zeros", "empty", "ones", "full", "arange"):
-        setattr(torch, name, redirect(getattr(torch, name)))
+
+def _patch_cuda_tensor_factories() -> None:
+    host_torch = _HostTorch()
+    for name in _CUDA_LITERAL_MODULES:
+        module = importlib.import_module(name)
+        if getattr(module, "torch", None) is torch:
+            module.torch = host_torch
 
     cpu_type = torch.Tensor.type
     cuda_names = {"torch.FloatTensor": "torch.cuda.FloatTensor",
@@ -364,6 +403,25 @@ def untie_adam_steps(optimizer) -> None:
                 state["step"] = state["step"].clone()
 
 
+def _patch_aux_loss_token_count() -> None:
+    from megatron.core.transformer.moe.router import TopKRouter as Router
+
+    if getattr(Router, "_glm52_token_count_fixed", False):
+        return
+    original = Router.attach_and_log_load_balancing_loss
+
+    def attach(self, activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
+               reduce_group_has_dp=False, valid_token_count=None):
+        if self.calculate_per_token_loss and reduce_group is not None and reduce_group.size() > 1:
+            count = valid_token_count if valid_token_count is not None else activation.shape[0]
+            valid_token_count = count * reduce_group.size()
+        return original(self, activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
+                        reduce_group_has_dp, valid_token_count)
+
+    Router.attach_and_log_load_balancing_loss = attach
+    Router._glm52_token_count_fixed = True
+
+
 def apply() -> None:
     """Install every workaround needed on this machine; idempotent."""
     global _APPLIED
@@ -380,6 +438,7 @@ def apply() -> None:
         _patch_optimizer_state_loading()
         _patch_grad_norm()
     _patch_checkpoint_writer()
+    _patch_aux_loss_token_count()
     _APPLIED = True
 
 

@@ -32,6 +32,7 @@ class DataConfig:
     blend: list[DataSource] = field(default_factory=list)
     split: str = "98,2,0"
     seq_length: int = 4096
+    packed: bool = False  # several documents per sample, attention kept within each document
     num_workers: int = 0
     cache_dir: str | None = None  # where Megatron-Core caches its sample indices
 
@@ -207,6 +208,8 @@ class RunConfig:
              f"virtual pipeline stages need at least pp={p.pp} microbatches per step, got "
              f"{microbatches} (global_batch_size / (micro_batch_size x data-parallel size)).")
         need(d.seq_length >= 2, "data.seq_length must be at least 2.")
+        need(not d.packed or t.micro_batch_size == 1,
+             "data.packed needs train.micro_batch_size 1 (each microbatch is one packed sample).")
         need(d.seq_length % (p.tp if p.sp else 1) == 0,
              f"data.seq_length ({d.seq_length}) must be divisible by tp ({p.tp}) under sequence parallelism.")
         need(d.seq_length % (2 * p.cp) == 0 or p.cp == 1,

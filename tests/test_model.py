@@ -46,6 +46,7 @@ def test_forward_backward_reaches_every_parameter(single_process):
     cfg = get_model_config("tiny")
     model = _build(cfg).train()
     ids, pos = _batch(cfg.vocab_size)
+    DSALossTracker.pop()
     loss, grads = _loss_and_grads(model, ids, pos)
     assert torch.isfinite(loss) and 8.0 < loss.item() < 10.0  # ~ln(8192) at init
     missing = [n for n, g in grads.items() if g is None]
@@ -147,6 +148,7 @@ def test_latent_kernel_path_matches_reference(mode, single_process):
     ids, pos = _batch(cfg.vocab_size)
     per_head = _build(cfg, dsa_backend="torch", dsa_mode=mode).train()
     latent = _build(cfg, reference=per_head, dsa_backend="kernels", dsa_mode=mode).train()
+    DSALossTracker.pop()  # drop values other tests left behind
     loss_a, grads_a = _loss_and_grads(per_head, ids, pos)
     kl_a = DSALossTracker.pop()
     loss_b, grads_b = _loss_and_grads(latent, ids, pos)

@@ -42,11 +42,20 @@ class GLMSelfAttention(MLASelfAttention):
             return self.rotary_pos_emb(seq_len, packed_seq=False), 1.0
         return self.rotary_pos_emb(seq_len, packed_seq=False)
 
-    def uses_kernels(self, hidden_states) -> bool:
+    def uses_kernels(self, hidden_states, layout) -> bool:
+        """The latent path runs on GPUs (`dsa_backend: auto`), when asked (`kernels`), and
+        always under context parallelism or packed documents, which the per-head reference
+        path does not handle."""
         backend = self.config.dsa_backend
-        return backend == "kernels" or (backend == "auto" and hidden_states.is_cuda)
+        return backend == "kernels" or layout is not None or (backend == "auto" and hidden_states.is_cuda)
 
-    def latent_qkv(self, hidden_states):
+    def rope_table(self, layout):
+        """RoPE frequencies (and YaRN mscale) at each local token's position."""
+        table = self.rotary_pos_emb(int(layout.rope_pos.max()) + 1, packed_seq=True)
+        table, mscale = table if isinstance(table, tuple) else (table, 1.0)
+        return table.index_select(0, layout.rope_pos.to(table.device)), mscale
+
+    def latent_qkv(self, hidden_states, layout=None):
         """The absorbed form: q [s, b, n, kv_lora + rope], kv [s, b, kv_lora + rope] (shared
         by the heads; its first kv_lora channels are the values), the normalised compressed
         query, and W_UV [n, v_head_dim, kv_lora] for the output. Sequence-parallel inputs are
@@ -65,8 +74,11 @@ class GLMSelfAttention(MLASelfAttention):
         if cfg.sequence_parallel and tp.size() > 1:
             c_kv = gather_from_sequence_parallel_region(c_kv, group=tp)
             k_rope = gather_from_sequence_parallel_region(k_rope, group=tp)
-        freqs, mscale = self.rope_frequencies(hidden_states)
-        freqs = freqs[: q.shape[0]]
+        if layout is not None:
+            freqs, mscale = self.rope_table(layout)
+        else:
+            freqs, mscale = self.rope_frequencies(hidden_states)
+            freqs = freqs[: q.shape[0]]
         q_rope = apply_rotary_pos_emb(q_rope, freqs, config=cfg, mscale=mscale)
         k_rope = apply_rotary_pos_emb(k_rope.unsqueeze(2), freqs, config=cfg, mscale=mscale).squeeze(2)
         w = self.linear_kv_up_proj.weight.view(n, cfg.qk_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
@@ -85,19 +97,15 @@ class GLMSelfAttention(MLASelfAttention):
         **unused,
     ):
         """hidden_states: [s, b, hidden]. Returns (output, bias, top-k indices)."""
-        if self.uses_kernels(hidden_states) and packed_seq_params is None:
-            query, key_value, q_compressed, w_uv, freqs, mscale = self.latent_qkv(hidden_states)
-            dense_qkv = None
-            if self.config.dsa_mode == "warmup":
-                dense_qkv = self.get_query_key_value_tensors(hidden_states, None, None, None)[:3]
+        layout = getattr(packed_seq_params, "token_layout", None) or getattr(self, "external_layout", None)
+        if self.uses_kernels(hidden_states, layout):
+            query, key_value, q_compressed, w_uv, freqs, mscale = self.latent_qkv(hidden_states, layout)
             out_latent, topk_indices = self.core_attention.forward_latent(
                 query, key_value, x=hidden_states, qr=q_compressed, freqs=freqs, mscale=mscale,
-                topk_indices=topk_indices, dense_qkv=dense_qkv,
+                topk_indices=topk_indices, layout=layout,
             )
-            if out_latent.dim() == 4:  # [s, b, n, kv_lora] -> up-projection W_UV
-                out_latent = torch.einsum("sbhc,hdc->sbhd", out_latent, w_uv)
-            core_out = out_latent.reshape(*out_latent.shape[:2], -1)
-            output, bias = self.linear_proj(core_out)
+            out = torch.einsum("sbhc,hdc->sbhd", out_latent, w_uv)  # up-projection W_UV
+            output, bias = self.linear_proj(out.reshape(*out.shape[:2], -1))
             return output, bias, topk_indices
         query, key, value, q_compressed, _ = self.get_query_key_value_tensors(
             hidden_states, None, None, packed_seq_params

@@ -17,6 +17,7 @@ from glm52_train import compat
 from glm52_train.config import ConfigError, ModelConfig
 from glm52_train.model import topk_relay
 from glm52_train.model.mtp import SharedMTPBlock
+from glm52_train.model.sequence import GLMSequenceParams, TokenLayout
 from glm52_train.model.spec import glm52_block_spec, glm52_mtp_block_spec
 
 DSA_MODES = ("sparse", "warmup")
@@ -37,6 +38,7 @@ class GLMTransformerConfig(MLATransformerConfig):
     dsa_backend: str = "auto"
     latent_layernorm_epsilon: float = 1e-6
     mtp_distinct_layers: int = 0
+    packed_sequences: bool = False
 
 
 @dataclass
@@ -61,6 +63,7 @@ class RuntimeOptions:
     moe_aux_loss_coeff: float = 1e-4
     moe_bias_update_rate: float = 1e-3
     mtp_loss_scale: float = 0.3
+    packed_sequences: bool = False
     recompute: str | None = None  # None | "full" | "selective"
     cpu_init: bool = True
     init: bool = True
@@ -120,6 +123,10 @@ def transformer_config(model: ModelConfig, run: RuntimeOptions | None = None) ->
         mtp_num_layers=model.mtp_steps if model.mtp_layers else None,
         mtp_distinct_layers=model.mtp_layers,
         mtp_loss_scaling_factor=run.mtp_loss_scale,
+        # Losses are sums over tokens, divided once by the global token count (all
+        # microbatches, data- and context-parallel ranks): the same mean under every layout.
+        calculate_per_token_loss=True,
+        packed_sequences=run.packed_sequences,
         # parallelism
         tensor_model_parallel_size=run.tensor_parallel,
         pipeline_model_parallel_size=run.pipeline_parallel,
@@ -219,10 +226,17 @@ class GLM52Model(GPTModel):
             self._incoming_topk = topk_relay.decode(bits, self.relay_seq_length, self.config.dsa_index_topk)
         super().set_input_tensor([tensor])
 
-    def forward(self, *args, extra_block_kwargs=None, **kwargs):
+    def forward(self, input_ids, position_ids, attention_mask, *args, extra_block_kwargs=None,
+                packed_seq_params=None, **kwargs):
         if self._incoming_topk is not None:
             extra_block_kwargs = {**(extra_block_kwargs or {}), "context": self._incoming_topk}
-        output = super().forward(*args, extra_block_kwargs=extra_block_kwargs, **kwargs)
+        if packed_seq_params is None and position_ids is not None:
+            layout = self.token_layout(position_ids)
+            if layout is not None:
+                packed_seq_params = GLMSequenceParams(qkv_format="sbhd", token_layout=layout)
+        output = super().forward(input_ids, position_ids, attention_mask, *args,
+                                 extra_block_kwargs=extra_block_kwargs,
+                                 packed_seq_params=packed_seq_params, **kwargs)
         rows = self._relay_rows()
         if rows and not self.post_process:
             topk = self.decoder.layers[-1].last_topk if len(self.decoder.layers) else self._incoming_topk
@@ -234,14 +248,40 @@ class GLM52Model(GPTModel):
         return output
 
     def _postprocess(self, hidden_states, *args, labels=None, **kwargs):
-        if labels is not None or not self.config.mtp_num_layers:
-            return super()._postprocess(hidden_states, *args, labels=labels, **kwargs)
-        steps, self.config.mtp_num_layers = self.config.mtp_num_layers, None
+        # The MTP block rolls labels and inputs by one token; with our token layout in
+        # packed_seq_params it would take Megatron-Core's THD path, so the layout reaches the MTP
+        # layers' attention directly and the rolls see plain (CP-aware) tensors.
+        params = kwargs.get("packed_seq_params")
+        layout = getattr(params, "token_layout", None)
+        if layout is not None:
+            kwargs["packed_seq_params"] = None
+        attentions = [l.transformer_layer.self_attention for l in self.mtp.layers] if self.mtp_process else []
+        for attention in attentions:
+            attention.external_layout = layout
         try:
-            kwargs["mtp_in_postprocess"] = False
-            return super()._postprocess(hidden_states, *args, labels=None, **kwargs)
+            if labels is not None or not self.config.mtp_num_layers:
+                return super()._postprocess(hidden_states, *args, labels=labels, **kwargs)
+            steps, self.config.mtp_num_layers = self.config.mtp_num_layers, None
+            try:
+                kwargs["mtp_in_postprocess"] = False
+                return super()._postprocess(hidden_states, *args, labels=None, **kwargs)
+            finally:
+                self.config.mtp_num_layers = steps
         finally:
-            self.config.mtp_num_layers = steps
+            for attention in attentions:
+                attention.external_layout = None
+
+    def token_layout(self, position_ids):
+        """Where this rank's tokens sit in the sample, when context parallelism or packed
+        documents make it matter (see sequence.py); None otherwise."""
+        cp = self.pg_collection.cp
+        packed = self.config.packed_sequences
+        if (cp is None or cp.size() == 1) and not packed:
+            return None
+        return TokenLayout.build(
+            position_ids.shape[1], position_ids.device, cp if cp.size() > 1 else None,
+            position_ids if packed else None,
+        )
 
 
 def build_model(

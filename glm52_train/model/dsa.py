@@ -31,8 +31,9 @@ from glm52_train.model import dsa_torch
 
 class DSALossScaler(torch.autograd.Function):
     """Attaches an auxiliary loss to an activation: identity forward; in backward the loss
-    receives gradient `scale` (set per iteration to the main loss's scale, e.g. 1 / number of
-    microbatches), so it is optimised with the LM loss without appearing in it."""
+    receives gradient `scale` (the main loss's scale: 1, or the fp16 loss scale), so it is
+    optimised with the LM loss without appearing in it. Like the LM loss, the attached value is a
+    sum over this rank's tokens; the gradients are divided by the global token count once."""
 
     scale: torch.Tensor = torch.tensor(1.0)
 
@@ -160,16 +161,20 @@ class DSACoreAttention(MegatronModule):
         freqs: torch.Tensor,
         mscale: float = 1.0,
         topk_indices: torch.Tensor | None = None,
-        dense_qkv=None,
+        layout=None,
     ):
-        """The kernel path (MQA on the latent, see attention.py): query [s, b, n, d] with the
-        up-projection absorbed, key_value [s, b, d] shared by the heads, whose first
-        kv_lora_rank channels are the values. Returns (out, top-k): out is the latent output
-        [s, b, n, kv_lora_rank] (sparse), or the dense attention output [s, b, n * v_head_dim]
-        computed from `dense_qkv` (warm-up)."""
+        """The kernel path (MQA on the latent, see attention.py). query [s, b, n, d] with the
+        up-projection absorbed; key_value [s, b, d] shared by the heads, its first
+        kv_lora_rank channels the values; `layout` (sequence.TokenLayout) places the local
+        tokens in the sample under context parallelism or packing. Keys from other CP ranks are
+        gathered (latent and indexer keys only). Returns the latent output
+        [s, b, n, kv_lora_rank] and the top-k indices (into the whole sample)."""
         from glm52_train.kernels import api
 
         v_dim = self.config.kv_lora_rank
+        visible = layout.visibility() if layout is not None else {}
+        gather = layout.gather if layout is not None else (lambda t: t)
+        kv_all = gather(key_value)
         want_loss = (
             self.indexer is not None and self.training and torch.is_grad_enabled()
             and self.config.dsa_loss_coeff > 0
@@ -178,7 +183,10 @@ class DSACoreAttention(MegatronModule):
         if self.indexer is not None:
             with torch.set_grad_enabled(want_loss):
                 iq, ik, iw = self._indexer_inputs(x, qr, freqs, mscale)
-            topk_indices = api.indexer_topk(iq.detach(), ik.detach(), iw.detach(), self.config.dsa_index_topk)
+                ik = gather(ik)
+            topk_indices = api.indexer_topk(
+                iq.detach(), ik.detach(), iw.detach(), self.config.dsa_index_topk, **visible
+            )
         elif topk_indices is None:
             raise RuntimeError(
                 f"layer {self.layer_number} shares the top-k of an earlier layer (IndexShare) but "
@@ -186,25 +194,35 @@ class DSACoreAttention(MegatronModule):
             )
         lse = None
         if self.config.dsa_mode == "warmup":
-            q, k, v = dense_qkv  # [s, b, n, d]: causal dense attention
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
-                is_causal=True, scale=self.softmax_scale,
-            ).permute(2, 0, 1, 3)
-            out = out.reshape(out.shape[0], out.shape[1], -1)
+            out = self._dense_latent(query, kv_all, v_dim, layout)
         else:
-            out, lse = api.sparse_mla(query, key_value, topk_indices, self.softmax_scale, v_dim=v_dim,
+            out, lse = api.sparse_mla(query, kv_all, topk_indices, self.softmax_scale, v_dim=v_dim,
                                       return_lse=True)
         if want_loss:
             q_all, lse_all = self._all_heads(query.detach(), lse)
             loss = api.indexer_kl_loss(
-                iq, ik, iw, q_all, key_value.detach(),
+                iq, ik, iw, q_all, kv_all.detach(),
                 None if self.config.dsa_mode == "warmup" else topk_indices,
-                self.softmax_scale, v_dim=v_dim, lse=lse_all,
+                self.softmax_scale, v_dim=v_dim, lse=lse_all, **visible,
             )
             DSALossTracker.add(self.layer_number, loss)
-            out = DSALossScaler.apply(out, loss * (self.config.dsa_loss_coeff / self.num_indexer_layers))
+            tokens = query.shape[0] * query.shape[1]
+            out = DSALossScaler.apply(out, loss * (self.config.dsa_loss_coeff / self.num_indexer_layers * tokens))
         return out, topk_indices
+
+    def _dense_latent(self, query, kv_all, v_dim: int, layout):
+        """Dense attention on the latent (the DSA warm-up), every visible key."""
+        sq, b, n, _ = query.shape
+        if layout is not None:
+            mask = layout.allowed()
+        else:
+            pos = torch.arange(kv_all.shape[0], device=query.device)
+            mask = dsa_torch.allowed_keys(pos[-sq:], pos)
+        q = query.permute(1, 2, 0, 3)  # [b, n, sq, d]
+        k = kv_all.permute(1, 0, 2).unsqueeze(1).expand(b, n, -1, -1)
+        v = kv_all[..., :v_dim].permute(1, 0, 2).unsqueeze(1).expand(b, n, -1, -1)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3)
 
     def _all_heads(self, query: torch.Tensor, lse: torch.Tensor | None):
         """The indexer's target averages the attention of *all* heads: gather the heads that
@@ -270,6 +288,6 @@ class DSACoreAttention(MegatronModule):
             )
             loss = dsa_torch.indexer_kl_loss(index_scores, target, allowed)
             DSALossTracker.add(self.layer_number, loss)
-            weight = self.config.dsa_loss_coeff / self.num_indexer_layers
+            weight = self.config.dsa_loss_coeff / self.num_indexer_layers * query.shape[0] * query.shape[1]
             out = DSALossScaler.apply(out, loss * weight)
         return out, topk_indices

@@ -4,8 +4,8 @@ A hung collective. Every collective (gloo or NCCL) gives up after `train.collect
 `name_hung_ranks()` (around `pretrain` in the command line) turns that timeout into one sentence
 naming the ranks that never arrived, then exits with status 3. It needs no working process group:
 each rank whose collective timed out checks in under a key of the rendezvous store (the c10d
-TCPStore torchrun hosts); ranks that have not checked in after a grace period (half the timeout,
-3 s to 5 min) are the ones that hung. The first rank to time out prints the sentence; torchrun
+TCPStore torchrun hosts); ranks that have not checked in after a grace period (a quarter of the
+timeout, 3 s to 5 min) are the ones that hung. The first rank to time out prints the sentence; torchrun
 then stops the rest (and restarts them under `--max-restarts`). This is
 `torch.distributed.monitored_barrier`'s idea without its need for a healthy gloo group after the
 failure.
@@ -104,7 +104,14 @@ def is_collective_timeout(error: BaseException) -> bool:
 
 
 def _ranks(ranks: list[int]) -> str:
-    return ", ".join(str(r) for r in ranks)
+    """[0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8"."""
+    runs: list[list[int]] = []
+    for r in sorted(ranks):
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def report_timeout(timeout_minutes: float) -> str | None:
@@ -115,7 +122,7 @@ def report_timeout(timeout_minutes: float) -> str | None:
     key = _attempt_key()
     order = store.add(f"{key}/timed_out", 1)
     store.set(f"{key}/arrived/{rank}", str(_step))
-    grace = min(max(timeout_minutes * 30.0, 3.0), 300.0)
+    grace = min(max(timeout_minutes * 15.0, 3.0), 300.0)
     deadline = time.monotonic() + grace
     while store.add(f"{key}/timed_out", 0) < world and time.monotonic() < deadline:
         time.sleep(0.2)

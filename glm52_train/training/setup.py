@@ -55,6 +55,7 @@ def runtime_options(cfg: RunConfig) -> RuntimeOptions:
         moe_aux_loss_coeff=cfg.moe.aux_loss_coeff,
         moe_bias_update_rate=cfg.moe.bias_update_rate,
         mtp_loss_scale=cfg.mtp.loss_scale,
+        packed_sequences=cfg.data.packed,
         recompute=cfg.train.recompute,
         cpu_init=True,
         init=True,

@@ -16,7 +16,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from glm52_train import compat
-from glm52_train.data.loader import to_batch
+from glm52_train.data.loader import Batch, to_batch
 from glm52_train.model.dsa import DSALossScaler
 from glm52_train.training import faults
 
@@ -32,6 +32,10 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def forward_step(data_iterator, model):
     batch = to_batch(next(data_iterator), compat.default_device())
+    if parallel_state.get_context_parallel_world_size() > 1:
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        batch = Batch(**get_batch_on_this_cp_rank(vars(batch)))
     output = model(
         batch.tokens, batch.position_ids, None, labels=batch.labels, loss_mask=batch.loss_mask
     )
@@ -85,7 +89,7 @@ def train_step(cfg, iterator, chunks, optimizer, scheduler, num_microbatches: in
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    DSALossScaler.set_loss_scale(1.0 / num_microbatches)
+    DSALossScaler.set_loss_scale(1.0)  # per-token losses: the global token count divides once
     reports = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iterator,
