@@ -65,7 +65,7 @@ def cmd_prepare_data(args) -> int:
         raise ConfigError("give --input files or --embedded.")
     meta = prepare_data(
         inputs, args.output_prefix, args.tokenizer, text_key=args.text_key, workers=args.workers,
-        eod_token=args.eod_token,
+        eod_token=args.eod_token, min_tokens=args.min_tokens,
     )
     print(f"wrote {args.output_prefix}.bin/.idx: {meta['documents']:,} documents, "
           f"{meta['tokens']:,} tokens ({meta['seconds']} s)")
@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-key", default="text")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--eod-token", default=None)
+    p.add_argument("--min-tokens", type=int, default=0,
+                   help="leave out documents shorter than this (long-document mixtures)")
     p.set_defaults(func=cmd_prepare_data)
 
     p = sub.add_parser("pretrain", help="train from a YAML run config with key=value overrides")

@@ -214,6 +214,9 @@ def check_layout(m: ModelConfig, layout: Layout, gpus: int, seq_len: int) -> str
                 "GPUs of a pipeline stage.")
     if m.num_layers < layout.pp * layout.vpp:
         return f"{m.num_layers} layers cannot fill {layout.pp * layout.vpp} (virtual) pipeline stages."
+    if m.num_layers % (layout.pp * layout.vpp):
+        return (f"{m.num_layers} layers do not split evenly into PP x VPP = {layout.pp * layout.vpp} chunks "
+                "(Megatron-Core then needs parallel.first_stage_layers / last_stage_layers).")
     if seq_len % (2 * layout.cp) and layout.cp > 1:
         return f"the sequence ({seq_len}) is not divisible by 2 x CP ({2 * layout.cp})."
     if layout.tp > 8:
@@ -225,6 +228,14 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def relays_topk(m: ModelConfig, layout: Layout) -> bool:
+    """Whether some pipeline chunk begins with an IndexShare "S" layer, so the top-k indices
+    must travel with the activations (see model/topk_relay.py)."""
+    pattern = m.layer_index_pattern
+    chunks = stage_layers(m.num_layers, layout.pp * layout.vpp)
+    return any(c and c[0] > 0 and pattern[c[0]] == "S" for c in chunks)
+
+
 def _score(est: Estimate, m: ModelConfig, gpus: int) -> float:
     """Lower is better: communication and pipeline-bubble cost, then memory headroom."""
     lay = est.layout
@@ -232,7 +243,8 @@ def _score(est: Estimate, m: ModelConfig, gpus: int) -> float:
     tp_cost = 0.06 * math.log2(lay.tp)
     cp_cost = 0.05 * math.log2(lay.cp)
     ep_cost = 0.02 * math.log2(lay.ep)
-    return bubble + tp_cost + cp_cost + ep_cost + 0.01 * est.total / GiB / 80
+    relay = 0.03 if relays_topk(m, lay) else 0.0  # stage boundaries that carry top-k indices
+    return bubble + tp_cost + cp_cost + ep_cost + relay + 0.01 * est.total / GiB / 80
 
 
 def plan(
@@ -248,7 +260,7 @@ def plan(
     fitting: list[Estimate] = []
     refused: list[Estimate] = []
     experts = m.num_experts if m.num_moe_layers else 1
-    for tp, pp, cp in itertools.product((1, 2, 4, 8), _divisors(gpus), (1, 2, 4, 8, 16, 32)):
+    for tp, pp, cp in itertools.product((1, 2, 4, 8), _divisors(gpus), (1, 2, 4, 8, 16, 32, 64, 128)):
         if gpus % (tp * pp * cp):
             continue
         dp = gpus // (tp * pp * cp)

@@ -31,8 +31,8 @@ def tiny_run_config(tmp: Path, data_prefix: str, **sections) -> Path:
         "logging": {"run_dir": str(tmp / "run"), "wandb": "offline"},
     }
     for section, values in sections.items():
-        if isinstance(values, dict):
-            cfg.setdefault(section, {}).update(values)
+        if isinstance(values, dict) and isinstance(cfg.get(section), dict):
+            cfg[section].update(values)
         else:
             cfg[section] = values
     path = tmp / "run.yaml"

@@ -85,8 +85,10 @@ def prepare_data(
     workers: int | None = None,
     cache_dir: str | None = None,
     eod_token: str | None = None,
+    min_tokens: int = 0,
 ) -> dict:
-    """Tokenize `inputs` into the indexed dataset `output_prefix`.{bin,idx,json}."""
+    """Tokenize `inputs` into the indexed dataset `output_prefix`.{bin,idx,json}. Documents
+    shorter than `min_tokens` tokens are left out (for long-document mixtures)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     start = time.time()
@@ -98,7 +100,7 @@ def prepare_data(
     prefix.parent.mkdir(parents=True, exist_ok=True)
     bin_tmp, idx_tmp = Path(f"{prefix}.bin.tmp"), Path(f"{prefix}.idx.tmp")
     builder = IndexedDatasetBuilder(str(bin_tmp), dtype=dtype)
-    documents = tokens = 0
+    documents = tokens = dropped = 0
     max_id = -1
     sources = expand_inputs(inputs)
     tok_path, eod = str(tokenizer.path), tokenizer.eod
@@ -116,13 +118,18 @@ def prepare_data(
         )
         for batch in ds.iter(batch_size=1024):
             for ids in batch["ids"]:
+                if len(ids) < min_tokens:
+                    dropped += 1
+                    continue
                 arr = np.asarray(ids, dtype=np.int64)
                 builder.add_document(arr.astype(dtype), [len(arr)])
                 documents += 1
                 tokens += len(arr)
                 max_id = max(max_id, int(arr.max()))
     if documents == 0:
-        raise ConfigError(f"no non-empty {text_key!r} documents in {', '.join(inputs)}.")
+        raise ConfigError(
+            f"no {text_key!r} documents of at least {max(min_tokens, 1)} tokens in {', '.join(inputs)}."
+        )
     builder.finalize(str(idx_tmp))
     bin_tmp.replace(f"{prefix}.bin")
     idx_tmp.replace(f"{prefix}.idx")
@@ -133,6 +140,8 @@ def prepare_data(
         "eod": tokenizer.eod,
         "documents": documents,
         "tokens": tokens,
+        "dropped_short_documents": dropped,
+        "min_tokens": min_tokens,
         "max_token_id": max_id,
         "dtype": np.dtype(dtype).name,
         "sources": [f for fs in sources.values() for f in fs][:100],

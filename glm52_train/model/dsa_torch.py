@@ -46,10 +46,14 @@ def lightning_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) ->
 def select_topk(scores: torch.Tensor, allowed: torch.Tensor, topk: int) -> torch.Tensor:
     """The indices of the `topk` highest visible scores per query, [b, sq, topk] int64.
 
-    Slots beyond the number of visible keys hold -1 (a query at position 10 has 11 keys)."""
+    Slots beyond the number of visible keys hold -1 (a query at position 10 has 11 keys).
+    Equal scores (common: the ReLU zeroes every head for some keys) go to the earlier key, so
+    the selection depends only on the keys' order, not on what else shares the sequence (a
+    packed sample selects what each document would alone)."""
     masked = scores.masked_fill(~allowed, float("-inf"))
     k = min(topk, scores.shape[-1])
-    values, idx = masked.topk(k, dim=-1)
+    values, idx = masked.sort(dim=-1, descending=True, stable=True)
+    values, idx = values[..., :k], idx[..., :k]
     idx = idx.masked_fill(values == float("-inf"), -1)
     if k < topk:
         pad = idx.new_full((*idx.shape[:-1], topk - k), -1)
