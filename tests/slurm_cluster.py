@@ -25,8 +25,12 @@ PACKAGES = ("slurmctld", "slurmd", "munge", "slurm-client")
 
 
 def missing_packages() -> list[str]:
-    return [p for p in PACKAGES
-            if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode != 0]
+    def installed(package: str) -> bool:  # `dpkg -s` also succeeds for removed packages
+        proc = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Status}", package],
+                              capture_output=True, text=True)
+        return proc.returncode == 0 and proc.stdout.strip() == "installed"
+
+    return [p for p in PACKAGES if not installed(p)]
 
 
 def install_slurm() -> None:
@@ -138,6 +142,24 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
                 p.kill()
                 p.wait()
         self.procs.clear()
+        self._kill_leftovers()
+
+    def _kill_leftovers(self) -> None:
+        """slurmstepd and job processes detach from slurmd; after a failed test some may remain.
+        They carry this cluster's SLURM_CONF in their environment: find them by it, SIGKILL them."""
+        mark = f"SLURM_CONF={self.conf}".encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if mark in environ:
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def __enter__(self) -> "LocalSlurm":
         return self.start()

@@ -158,3 +158,31 @@ def test_latent_kernel_path_matches_reference(mode, single_process):
     for name in grads_a:
         scale = grads_a[name].abs().max().clamp_min(1e-12)
         assert ((grads_a[name] - grads_b[name]).abs().max() / scale).item() < 1e-4, name
+
+
+def test_one_spec_function_chooses_te_or_local():
+    """With Transformer Engine the same spec function picks TE's layers (replicated latent down
+    projections, column/row-parallel TE linears, TE norms, grouped experts); without it,
+    Megatron-Core's local ones. (TE itself is not installable here: the choice is checked, the
+    TE layers are not run.)"""
+    from megatron.core.extensions import transformer_engine as te_ext
+    from megatron.core.post_training.modelopt.layers import Linear
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.moe import experts
+
+    from glm52_train.model.build import transformer_config
+    from glm52_train.model.norms import RMSNorm
+    from glm52_train.model.spec import glm52_layer_spec
+
+    config = transformer_config(get_model_config("tiny"))
+    local = glm52_layer_spec(config, moe=True, use_te=False).submodules
+    te = glm52_layer_spec(config, moe=True, use_te=True).submodules
+    attn_local, attn_te = local.self_attention.submodules, te.self_attention.submodules
+    assert attn_local.linear_q_down_proj is Linear and attn_te.linear_q_down_proj is te_ext.TELinear
+    assert attn_local.linear_q_up_proj is ColumnParallelLinear
+    assert attn_te.linear_q_up_proj is te_ext.TEColumnParallelLinear
+    assert attn_local.linear_proj is RowParallelLinear and attn_te.linear_proj is te_ext.TERowParallelLinear
+    assert attn_te.core_attention is attn_local.core_attention  # DSA either way
+    assert local.input_layernorm is RMSNorm and te.input_layernorm is te_ext.TENorm
+    assert local.mlp.submodules.experts.module is experts.SequentialMLP
+    assert te.mlp.submodules.experts.module is experts.TEGroupedMLP

@@ -50,7 +50,7 @@ def test_resume_gives_the_same_losses(golden_data, tmp_path):
 
     halves = tmp_path / "halves"
     halves.mkdir()
-    cfg = tiny_run_config(halves, golden_data)
+    cfg = tiny_run_config(halves, golden_data, logging={"tensorboard": True})
     first = pretrain(cfg, "train.exit_after_iters=4")
     assert "saved checkpoint" in first.stdout
     assert sorted(losses(halves / "run")) == [1, 2, 3, 4]
@@ -59,6 +59,7 @@ def test_resume_gives_the_same_losses(golden_data, tmp_path):
     assert losses(halves / "run") == losses(straight / "run")
     val = lambda d: {m["step"]: m["val_loss"] for m in metrics(d / "run") if "val_loss" in m}  # noqa: E731
     assert val(halves) == val(straight)
+    assert list((halves / "run" / "tensorboard").glob("events.out.tfevents.*"))  # logging.tensorboard
 
 
 def test_kill_during_save_keeps_the_previous_checkpoint(golden_data, tmp_path):

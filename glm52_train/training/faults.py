@@ -1,14 +1,15 @@
 """Faults: naming the ranks behind a hung collective, and fault injection for the tests.
 
-A hung collective. Every collective (gloo or NCCL) gives up after `train.collective_timeout_minutes`.
+A hung collective. Every collective gives up after `train.collective_timeout_minutes`.
 `name_hung_ranks()` (around `pretrain` in the command line) turns that timeout into one sentence
 naming the ranks that never arrived, then exits with status 3. It needs no working process group:
-each rank whose collective timed out checks in under a key of the rendezvous store (the c10d
-TCPStore torchrun hosts); ranks that have not checked in after a grace period (a quarter of the
-timeout, 3 s to 5 min) are the ones that hung. The first rank to time out prints the sentence; torchrun
-then stops the rest (and restarts them under `--max-restarts`). This is
-`torch.distributed.monitored_barrier`'s idea without its need for a healthy gloo group after the
-failure.
+each rank whose collective timed out checks in under a key of the process group's TCPStore; ranks
+that have not checked in after a grace period (a quarter of the timeout, 3 s to 5 min) are the ones
+that hung. The first rank to time out prints the sentence; torchrun then stops the rest (and
+restarts them under `--max-restarts`). This is `torch.distributed.monitored_barrier`'s idea
+without its need for a healthy gloo group after the failure. Tested with gloo. With NCCL the
+timeout reaches Python only under TORCH_NCCL_BLOCKING_WAIT=1; otherwise NCCL's watchdog ends the
+process first, with its own message.
 
 Fault injection, for tests only: environment variables read at each step, all off when unset.
 
