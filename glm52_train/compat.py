@@ -54,11 +54,14 @@ Items (each covered by `tests/test_compat.py`):
    uneven all-gather pads every piece to the largest and trims, and the uneven reduce-scatter
    all-reduces the whole tensor and keeps this rank's piece (more traffic, same result).
 14. (Everywhere, not a platform gap.) With `calculate_per_token_loss` the routers scale their
-   load-balancing losses by the number of *local* tokens, but the sequence and batch aux
-   losses are split over the tensor/context-parallel group (each rank holds a part of the same
-   sequences, whose parts sum to the loss), so under TP+SP or CP their gradient came out
-   divided by the group size. The count is the group's tokens (local x group size), which makes
-   TP/CP runs equal to one process.
+   load-balancing losses by the number of local tokens, which the final gradient scaling
+   divides out again. Two counts are wrong: (a) the sequence and batch aux losses are split
+   over the tensor/context-parallel group (each rank holds a part of the same sequences, whose
+   parts sum to the loss), so under TP+SP or CP the count must be the group's tokens (local x
+   group size), not the local ones; (b) the sequence aux loss counts the rows of its routing
+   map reshaped to [seq, batch x experts], i.e. one micro-batch's sequence length, not its
+   seq x batch tokens, so its gradient came out divided by the micro-batch size. With both
+   fixed, TP/CP runs and runs with any micro-batch size equal one process.
 8. The optimizers classify parameters by ``param.type() == 'torch.cuda.FloatTensor'`` (and the
    Half/BFloat16 names) and raise TypeError for anything else. On a machine without CUDA, where
    no tensor can be a CUDA tensor, ``Tensor.type()`` (called with no argument) reports floating
@@ -412,9 +415,13 @@ def _patch_aux_loss_token_count() -> None:
 
     def attach(self, activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
                reduce_group_has_dp=False, valid_token_count=None):
-        if self.calculate_per_token_loss and reduce_group is not None and reduce_group.size() > 1:
-            count = valid_token_count if valid_token_count is not None else activation.shape[0]
-            valid_token_count = count * reduce_group.size()
+        if self.calculate_per_token_loss:
+            if valid_token_count is None or aux_loss_name == "seq_load_balancing_loss":
+                if isinstance(valid_token_count, torch.Tensor):
+                    raise NotImplementedError("the sequence aux loss with a padding mask is not supported")
+                valid_token_count = activation.shape[0]  # this micro-batch's tokens, seq x batch
+            if reduce_group is not None and reduce_group.size() > 1:
+                valid_token_count = valid_token_count * reduce_group.size()
         return original(self, activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
                         reduce_group_has_dp, valid_token_count)
 

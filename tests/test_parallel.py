@@ -79,6 +79,16 @@ def test_layout_matches_single_process(layout, reference, tmp_path):
     _assert_same(_curve(tmp_path / "run"), reference["steps"])
 
 
+def test_micro_batch_size_does_not_change_the_run(reference, tmp_path):
+    """One process, micro-batches of 1 instead of 2: only the order of summation changes.
+    (Megatron-Core's sequence aux loss came out divided by the micro-batch size; compat item 14.)"""
+    cfg = tiny_run_config(tmp_path, reference["data"], train={"iters": 4, "eval_interval": 100},
+                          checkpoint={"interval": 1000, "init_from": str(reference["init"])},
+                          logging={"wandb": "disabled"})
+    pretrain(cfg, "train.micro_batch_size=1")
+    _assert_same(_curve(tmp_path / "run"), reference["steps"], rel=1e-6)
+
+
 def test_checkpoint_reshards_across_layouts(reference, tmp_path):
     """TP2 x PP2 -> EP2 x DP4 -> one process: the run continues with the same losses as the
     single-process run."""
