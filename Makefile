@@ -26,7 +26,7 @@ train: data
 	$(VENV)/bin/glm52 pretrain --config configs/tiny.yaml $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs checkpoints/tiny data/cache
