@@ -29,17 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-# Tests set this to fill every output with NaN (floats) or -2 (indices) before the kernels run,
-# so that an element a kernel failed to write shows up.
-POISON_OUTPUTS = False
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    if not POISON_OUTPUTS:
-        return torch.empty(shape, dtype=dtype, device=device)
-    fill = float("nan") if dtype.is_floating_point else -2
-    return torch.full(shape, fill, dtype=dtype, device=device)
+from glm52_train.kernels.common import empty
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +288,7 @@ def indexer_topk_triton(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk:
     if H & (H - 1) or D & (D - 1):
         raise ValueError("index heads and head dim must be powers of two")
     w = w.float()
-    out = _empty((b, sq, topk), torch.int32, q.device)
+    out = empty((b, sq, topk), torch.int32, q.device)
     if sq == 0:
         return out
     if sk == 0:
@@ -310,8 +300,8 @@ def indexer_topk_triton(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk:
     per_row = b * 4 * (sk_pad + cap)
     chunk = max(BQ, (budget_bytes // per_row) // BQ * BQ)
     chunk = min(chunk, triton.cdiv(sq, BQ) * BQ)
-    buf = _empty((b, chunk, sk_pad), torch.float32, q.device)
-    cand = _empty((b, chunk, cap), torch.int32, q.device)
+    buf = empty((b, chunk, sk_pad), torch.float32, q.device)
+    cand = empty((b, chunk, cap), torch.int32, q.device)
     lo = lo.to(device=q.device, dtype=torch.int32).contiguous()
     hi = hi.to(device=q.device, dtype=torch.int32).contiguous()
     n_kblocks = triton.cdiv(sk, BK)

@@ -23,19 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Tests set this to fill every output with NaN (floats) or -2 (indices) before the kernels run,
-# so that an element a kernel failed to write shows up.
-POISON_OUTPUTS = False
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    if not POISON_OUTPUTS:
-        return torch.empty(shape, dtype=dtype, device=device)
-    fill = float("nan") if dtype.is_floating_point else -2
-    return torch.full(shape, fill, dtype=dtype, device=device)
-
-
-LOG2E = 1.4426950408889634
+from glm52_train.kernels.common import LOG2E, empty
 
 
 @triton.jit
@@ -179,7 +167,7 @@ def _launch(iq, ik, iw, q, kv, idx, scale, ranges, lse, v_dim, loss_pass, grad, 
         idx = torch.zeros(1, 1, 1, dtype=torch.int32, device=dev)
         topk = 0
         lo, hi = (r.to(device=dev, dtype=torch.int32).contiguous() for r in ranges)
-    lse_out = _empty((b, n, sq), torch.float32, dev)
+    lse_out = empty((b, n, sq), torch.float32, dev)
     lse_in = lse_out if lse is None else lse.float().contiguous()
     if iq is None:  # lse only
         ih, idim = 16, 16
@@ -190,10 +178,10 @@ def _launch(iq, ik, iw, q, kv, idx, scale, ranges, lse, v_dim, loss_pass, grad, 
         ih, idim = iq.shape[2], iq.shape[3]
         # small tensors: contiguous copies let diq / diw share their strides
         iq, ik, iw = iq.contiguous(), ik.contiguous(), iw.float().contiguous()
-    loss = _empty((b, sq), torch.float32, dev)
-    diq = _empty(iq.shape, torch.float32, dev) if grad else loss
+    loss = empty((b, sq), torch.float32, dev)
+    diq = empty(iq.shape, torch.float32, dev) if grad else loss
     dik = torch.zeros(ik.shape, dtype=torch.float32, device=dev) if grad else loss
-    diw = _empty(iw.shape, torch.float32, dev) if grad else loss
+    diw = empty(iw.shape, torch.float32, dev) if grad else loss
     if sq and b:
         _kl_kernel[(sq, b)](
             iq, ik, iw, q, kv, idx, lo, hi, lse_in, lse_out, loss, diq, dik, diw,

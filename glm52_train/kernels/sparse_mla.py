@@ -22,19 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Tests set this to fill every output with NaN (floats) or -2 (indices) before the kernels run,
-# so that an element a kernel failed to write shows up.
-POISON_OUTPUTS = False
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    if not POISON_OUTPUTS:
-        return torch.empty(shape, dtype=dtype, device=device)
-    fill = float("nan") if dtype.is_floating_point else -2
-    return torch.full(shape, fill, dtype=dtype, device=device)
-
-
-LOG2E = 1.4426950408889634
+from glm52_train.kernels.common import LOG2E, empty
 
 
 @triton.jit
@@ -176,8 +164,8 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: 
     sq, b, n, d, dr = _check(q, kv, idx, v_dim)
     idx = idx.to(torch.int32).contiguous()
     topk = idx.shape[-1]
-    out = _empty((sq, b, n, v_dim), q.dtype, q.device)
-    lse = _empty((b, n, sq), torch.float32, q.device)
+    out = empty((sq, b, n, v_dim), q.dtype, q.device)
+    lse = empty((b, n, sq), torch.float32, q.device)
     if sq == 0:
         return out, lse
     _fwd_kernel[(sq, b)](
@@ -197,11 +185,11 @@ def sparse_mla_bwd(q, kv, idx, out, lse, dout, scale: float, v_dim: int = 512, c
     idx = idx.to(torch.int32).contiguous()
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
     topk = idx.shape[-1]
-    dq = _empty(q.shape, q.dtype, q.device)
+    dq = empty(q.shape, q.dtype, q.device)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
     if sq == 0:
         return dq.zero_(), dkv.to(kv.dtype)
-    delta = _empty(lse.shape, torch.float32, lse.device)
+    delta = empty(lse.shape, torch.float32, lse.device)
     _delta_kernel[(sq, b)](
         out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2), delta.stride(0), delta.stride(1),

@@ -90,16 +90,7 @@ def train_step(cfg, iterator, chunks, optimizer, scheduler, num_microbatches: in
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     DSALossScaler.set_loss_scale(1.0)  # per-token losses: the global token count divides once
-    reports = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterator,
-        model=chunks,
-        num_microbatches=num_microbatches,
-        seq_length=schedule_seq_length(cfg, chunks),
-        micro_batch_size=cfg.train.micro_batch_size,
-        decoder_seq_length=schedule_seq_length(cfg, chunks),
-        forward_only=False,
-    )
+    reports = _run_schedule(cfg, iterator, chunks, num_microbatches, forward_only=False)
     loss = _reduce_lm_loss(reports)
     # A non-finite loss or gradient anywhere skips the update everywhere.
     bad = _grads_finite(chunks)
@@ -115,22 +106,24 @@ def train_step(cfg, iterator, chunks, optimizer, scheduler, num_microbatches: in
     return StepResult(loss, grad_norm, not updated)
 
 
+def _run_schedule(cfg, iterator, chunks, num_microbatches: int, forward_only: bool) -> list:
+    """One global batch through Megatron-Core's forward-backward schedule: its per-micro-batch reports."""
+    seq_length = schedule_seq_length(cfg, chunks)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iterator, model=chunks,
+        num_microbatches=num_microbatches, seq_length=seq_length,
+        micro_batch_size=cfg.train.micro_batch_size, decoder_seq_length=seq_length,
+        forward_only=forward_only,
+    )
+
+
 def evaluate(cfg, iterator, chunks, num_microbatches: int, iters: int) -> float:
     for chunk in chunks:
         chunk.eval()
     reports = []
     with torch.no_grad():
         for _ in range(iters):
-            reports += get_forward_backward_func()(
-                forward_step_func=forward_step,
-                data_iterator=iterator,
-                model=chunks,
-                num_microbatches=num_microbatches,
-                seq_length=schedule_seq_length(cfg, chunks),
-                micro_batch_size=cfg.train.micro_batch_size,
-                decoder_seq_length=schedule_seq_length(cfg, chunks),
-                forward_only=True,
-            )
+            reports += _run_schedule(cfg, iterator, chunks, num_microbatches, forward_only=True)
     for chunk in chunks:
         chunk.train()
     return _reduce_lm_loss(reports)
