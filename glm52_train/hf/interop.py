@@ -1,8 +1,9 @@
 """The three HF commands: import a HF folder as a checkpoint, export a checkpoint as a HF
 folder, and verify that our model and transformers compute the same logits from a HF folder.
 
-All three run in one process (tensor/pipeline/expert parallel 1): the checkpoint side reshards
-on load, so a checkpoint trained under any layout exports the same way.
+Export and verify run in one process (tensor/pipeline/expert parallel 1): the checkpoint side
+reshards on load, so a checkpoint trained under any layout exports the same way. Import also
+runs under torchrun, each process converting a share of the tensors.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from glm52_train import checkpoint, parallel
 from glm52_train.config import ConfigError, ModelConfig
+from glm52_train.hf import mapping
 from glm52_train.hf.convert import HFCheckpoint, hf_tensors, load_hf_weights, write_hf
 from glm52_train.model.build import RuntimeOptions, build_model
 
@@ -26,16 +28,54 @@ def _single_process_model(model_config: ModelConfig, seed: int = 1234):
 
 
 def import_hf(hf_dir: str, out_dir: str) -> Path:
-    """HF folder -> checkpoint (weights only, iteration 0) that `pretrain --init-from` reads."""
+    """HF folder -> checkpoint (weights only, iteration 0) that `pretrain --init-from` reads.
+
+    The model is built on the meta device (no memory); each process converts and writes only
+    its share of the tensors, balanced by size. Run directly, one process converts everything;
+    under torchrun (any number of processes and nodes) the memory per process is the model's
+    size divided by the number of processes. The checkpoint is the same either way."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
     ckpt = HFCheckpoint(hf_dir)
-    model = _single_process_model(ckpt.model_config)
-    load_hf_weights(model, ckpt.model_config, ckpt)
+    pairs = {p.megatron: p for p in mapping.check_hf_names(ckpt.model_config, ckpt.names)}
+    parallel.initialize(RuntimeOptions())
+    with torch.device("meta"):
+        model = build_model(ckpt.model_config, RuntimeOptions(init=False))
+    sharded = checkpoint.model_sharded_state([model])["model"]
+    mine = _my_share(sharded, torch.distributed.get_rank(), torch.distributed.get_world_size())
+    state = {}
+    for name in mine:
+        entry = sharded[name]
+        entry.replica_id = 0  # the one copy written (the other processes hold none)
+        if not isinstance(entry, ShardedObject):  # tensors; objects are empty layer extra states
+            if name not in pairs:
+                raise ConfigError(f"the conversion table has no HF source for model tensor {name}.")
+            source = mapping.megatron_tensor(pairs[name], ckpt.get)
+            if tuple(source.shape) != tuple(entry.data.shape):
+                raise ConfigError(
+                    f"{name} has shape {tuple(source.shape)} in the HF checkpoint but "
+                    f"{tuple(entry.data.shape)} in the model."
+                )
+            entry.data = source.to(entry.data.dtype)
+        state[name] = entry
     meta = {
         "kind": "weights",
         "source": str(Path(hf_dir).resolve()),
         "model": ckpt.model_config.to_dict(),
     }
-    return checkpoint.save_checkpoint(out_dir, 0, [model], meta=meta)
+    return checkpoint.save_checkpoint(out_dir, 0, [], meta=meta, extra_sharded_state={"model": state})
+
+
+def _my_share(sharded: dict, rank: int, world: int) -> list[str]:
+    """The entries process `rank` of `world` converts: largest first to the least loaded
+    process (the same answer on every process); the objects stay with process 0."""
+    load = [0] * world
+    owner = {}
+    sizes = {name: e.data.numel() for name, e in sharded.items() if isinstance(e.data, torch.Tensor)}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        owner[name] = min(range(world), key=lambda r: (load[r], r))
+        load[owner[name]] += sizes[name]
+    return [name for name in sharded if owner.get(name, 0) == rank]
 
 
 def model_config_of_checkpoint(path: Path) -> ModelConfig:

@@ -165,12 +165,9 @@ def to_hf(model: ModelConfig, megatron_state: dict[str, torch.Tensor]) -> Iterat
         yield hname, megatron_state[mname]
 
 
-def from_hf(
-    model: ModelConfig, get: Callable[[str], torch.Tensor], available: set[str]
-) -> dict[str, torch.Tensor]:
-    """Build the Megatron state (TP1 view) from HF tensors. `get(name)` loads one tensor;
-    `available` is the set of names in the checkpoint. Raises ConfigError naming missing or
-    unexpected tensors."""
+def check_hf_names(model: ModelConfig, available: set[str]) -> list[Pair]:
+    """The pairs of `model`, after checking that the HF checkpoint's tensor names (`available`)
+    are exactly the ones it needs. Raises ConfigError naming missing or unexpected tensors."""
     pairs = resolved_pairs(model)
     wanted = {h for p in pairs for h in p.hf}
     missing = sorted(wanted - available)
@@ -186,8 +183,17 @@ def from_hf(
             f"the HF checkpoint has {len(unexpected)} tensor(s) this config does not use, e.g. "
             f"{', '.join(unexpected[:3])} (does config.json match the weights?)."
         )
-    state = {}
-    for pair in pairs:
-        parts = [get(h) for h in pair.hf]
-        state[pair.megatron] = parts[0] if pair.transform == "copy" else torch.cat(parts, dim=0)
-    return state
+    return pairs
+
+
+def megatron_tensor(pair: Pair, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """The Megatron tensor (TP1 view) of one pair, read from HF with `get(name)`."""
+    parts = [get(h) for h in pair.hf]
+    return parts[0] if pair.transform == "copy" else torch.cat(parts, dim=0)
+
+
+def from_hf(
+    model: ModelConfig, get: Callable[[str], torch.Tensor], available: set[str]
+) -> dict[str, torch.Tensor]:
+    """Build the whole Megatron state (TP1 view) from HF tensors (see `check_hf_names`)."""
+    return {pair.megatron: megatron_tensor(pair, get) for pair in check_hf_names(model, available)}
