@@ -223,6 +223,17 @@ def resolve(path_or_root: str | os.PathLike) -> Path:
     return found
 
 
+def load_sharded(path: Path, state: dict) -> dict:
+    """Megatron-Core's dist-checkpoint load of the `state` templates, failures as one sentence."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load(state, str(path))
+    except Exception as e:  # noqa: BLE001 - the dist-ckpt backends raise many types
+        detail = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {detail}") from e
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     model_chunks: list,
@@ -232,17 +243,11 @@ def load_checkpoint(
 ) -> tuple[dict[str, Any], dict]:
     """Load model chunks (and the `extra_sharded_state` templates) from a checkpoint folder.
     Returns (metadata, loaded extra state)."""
-    from megatron.core import dist_checkpointing
-
     path = Path(path)
     meta = verify_checkpoint(path)
     state = model_sharded_state(model_chunks)
     state.update(extra_sharded_state or {})
-    try:
-        loaded = dist_checkpointing.load(state, str(path))
-    except Exception as e:  # noqa: BLE001 - the dist-ckpt backends raise many types
-        detail = " ".join(str(e).split())[:300]
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {detail}") from e
+    loaded = load_sharded(path, state)
     keys = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
     for key, chunk in zip(keys, (unwrap(c) for c in model_chunks)):
         tensors = loaded.pop(key)

@@ -147,39 +147,47 @@ def test_glm52_layout_with_mtp_roundtrip(tmp_path):
         assert torch.equal(loaded(ids).logits, ref(ids).logits)
 
 
-def test_import_under_torchrun_shares_the_work_and_the_checkpoint_is_the_same(tmp_path):
-    """3 processes each convert and write about a third of the tensors (the way a 744B import
-    fits in memory); the checkpoint holds exactly what the one-process import holds."""
+def test_import_and_export_under_torchrun_share_the_work(tmp_path):
+    """3 processes each convert and write about a third of the tensors (the way a 744B model
+    fits in memory); the checkpoint and the HF folder hold exactly what one process makes."""
     import socket
     import subprocess
     import sys
 
     from tests.train_helpers import ROOT, env
 
+    def torchrun(*args: str) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=3", f"--master-port={port}",
+               "-m", "glm52_train.cli", *args]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
     cfg = hf_config(first_k_dense_replace=1, num_hidden_layers=4)
     hf_dir = save_hf_folder(make_hf_model(cfg, seed=11), tmp_path / "hf", extra=mtp_tensors(cfg, seed=11))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=3", f"--master-port={port}",
-           "-m", "glm52_train.cli", "import-hf", "--hf", str(hf_dir), "--out", str(tmp_path / "shared")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    torchrun("import-hf", "--hf", str(hf_dir), "--out", str(tmp_path / "shared"))
     assert glm52(["import-hf", "--hf", str(hf_dir), "--out", str(tmp_path / "one")]) == 0
-
-    written = {}  # bytes per writing process: files __RANK_N.distcp
+    written = {}  # checkpoint bytes per writing process: files __RANK_N.distcp
     for f in checkpoint.resolve(tmp_path / "shared").glob("__*.distcp"):
         rank = int(f.name.split("_")[2])
         written[rank] = written.get(rank, 0) + f.stat().st_size
     assert sorted(written) == [0, 1, 2] and max(written.values()) < 0.4 * sum(written.values()), written
-    exports = {}
-    for name in ("shared", "one"):
-        out = tmp_path / f"export-{name}"
-        assert glm52(["export-hf", "--ckpt", str(tmp_path / name), "--out", str(out), "--dtype", "float32"]) == 0
-        exports[name] = HFCheckpoint(out)
-    assert exports["shared"].names == exports["one"].names
-    for name in exports["one"].names:
-        assert torch.equal(exports["shared"].get(name), exports["one"].get(name)), name
+
+    # the shared import exported by 3 processes, the one-process import by one
+    torchrun("export-hf", "--ckpt", str(tmp_path / "shared"), "--out", str(tmp_path / "hf-shared"),
+             "--dtype", "float32", "--max-shard-gb", "0.0002")
+    assert glm52(["export-hf", "--ckpt", str(tmp_path / "one"), "--out", str(tmp_path / "hf-one"),
+                  "--dtype", "float32"]) == 0
+    shared, one = HFCheckpoint(tmp_path / "hf-shared"), HFCheckpoint(tmp_path / "hf-one")
+    assert shared.names == one.names and HFCheckpoint(hf_dir).names <= one.names
+    files = sorted(p.name for p in (tmp_path / "hf-shared").glob("*.safetensors"))
+    assert len(files) > 3 and files[-1] == f"model-{len(files):05d}-of-{len(files):05d}.safetensors"
+    assert json.loads((tmp_path / "hf-shared" / "config.json").read_text()) == json.loads(
+        (tmp_path / "hf-one" / "config.json").read_text())
+    for name in one.names:
+        assert torch.equal(shared.get(name), one.get(name)), name
 
 
 def test_mismatched_config_is_one_clear_error(tmp_path, capsys):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 from safetensors import safe_open
@@ -72,39 +72,50 @@ class HFCheckpoint:
             raise ConfigError(f"tensor {name} in {self._file_of[name]} cannot be read ({e}).") from None
 
 
-def write_hf(
-    out_dir: str | os.PathLike,
-    model: ModelConfig,
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    *,
-    dtype: torch.dtype = torch.bfloat16,
-    max_shard_bytes: int = 5 * 1024**3,
-) -> Path:
-    """Write config.json, safetensors shards of at most `max_shard_bytes` and the index."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dtype_name = str(dtype).removeprefix("torch.")
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    sizes = [0]
+def write_shards(
+    out_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]], *, dtype: torch.dtype, max_shard_bytes: int,
+    stem: str,
+) -> list[tuple[str, list[str], int]]:
+    """Write `tensors` as `{stem}-N.safetensors` files of at most `max_shard_bytes`, one file in
+    memory at a time. Returns (file name, tensor names, bytes) per file."""
+    written = []
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        fname = f"{stem}-{len(written):05d}.safetensors"
+        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        written.append((fname, sorted(shard), size))
+        shard, size = {}, 0
+
     for name, tensor in tensors:
         # The router's correction bias stays fp32, as transformers keeps it (and as trained).
         t = tensor.detach().to("cpu")
         t = t.float() if name.endswith("e_score_correction_bias") else t.to(dtype)
         nbytes = t.numel() * t.element_size()
-        if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
-            shards.append({})
-            sizes.append(0)
-        shards[-1][name] = t.contiguous().clone()
-        sizes[-1] += nbytes
+        if size and size + nbytes > max_shard_bytes:
+            flush()
+        shard[name] = t.contiguous().clone()
+        size += nbytes
+    if shard:
+        flush()
+    return written
+
+
+def finish_hf_folder(out_dir: Path, model: ModelConfig, files: list[tuple[str, list[str], int]], dtype: torch.dtype) -> Path:
+    """Rename the written files to `model-K-of-N.safetensors` (in the given order) and write the
+    index and config.json."""
     weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(to_hf_config(model, dtype_name), indent=2) + "\n")
-    return out
+    for k, (fname, names, _) in enumerate(files):
+        final = f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
+        os.replace(out_dir / fname, out_dir / final)
+        weight_map.update({n: final for n in names})
+    index = {"metadata": {"total_size": sum(f[2] for f in files)}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    dtype_name = str(dtype).removeprefix("torch.")
+    (out_dir / "config.json").write_text(json.dumps(to_hf_config(model, dtype_name), indent=2) + "\n")
+    return out_dir
 
 
 def megatron_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -128,7 +139,3 @@ def load_hf_weights(model: torch.nn.Module, model_config: ModelConfig, ckpt: HFC
                     f"{tuple(target.shape)} in the model."
                 )
             target.copy_(source.to(target.dtype))
-
-
-def hf_tensors(model: torch.nn.Module, model_config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    return mapping.to_hf(model_config, megatron_state(model))

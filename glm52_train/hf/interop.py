@@ -1,9 +1,9 @@
 """The three HF commands: import a HF folder as a checkpoint, export a checkpoint as a HF
 folder, and verify that our model and transformers compute the same logits from a HF folder.
 
-Export and verify run in one process (tensor/pipeline/expert parallel 1): the checkpoint side
-reshards on load, so a checkpoint trained under any layout exports the same way. Import also
-runs under torchrun, each process converting a share of the tensors.
+The checkpoint side is layout-independent (global tensor names and offsets), so a checkpoint
+trained under any layout exports the same way. Import and export also run under torchrun, each
+process converting a share of the tensors (how a 744B model fits); verify runs in one process.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from glm52_train import checkpoint, parallel
 from glm52_train.config import ConfigError, ModelConfig
 from glm52_train.hf import mapping
-from glm52_train.hf.convert import HFCheckpoint, hf_tensors, load_hf_weights, write_hf
+from glm52_train.hf.convert import HFCheckpoint, finish_hf_folder, load_hf_weights, write_shards
 from glm52_train.model.build import RuntimeOptions, build_model
 
 
@@ -86,16 +86,42 @@ def model_config_of_checkpoint(path: Path) -> ModelConfig:
 
 
 def export_hf(ckpt_dir: str, out_dir: str, dtype: str = "bfloat16", max_shard_gb: float = 5.0) -> Path:
-    """Checkpoint -> HF `glm_moe_dsa` folder (config.json, safetensors shards, index)."""
+    """Checkpoint -> HF `glm_moe_dsa` folder (config.json, safetensors shards, index).
+
+    Like `import_hf`: the model is built on the meta device and each process (one, or every
+    process under torchrun, `out_dir` on a filesystem they share) loads, converts and writes
+    only its share of the tensors; process 0 names the files and writes the index."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
     path = checkpoint.resolve(ckpt_dir)
     model_config = model_config_of_checkpoint(path)
-    model = _single_process_model(model_config)
-    checkpoint.load_checkpoint(path, [model])
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
-    return write_hf(
-        out_dir, model_config, hf_tensors(model, model_config), dtype=torch_dtype,
-        max_shard_bytes=int(max_shard_gb * 1024**3),
-    )
+    out = Path(out_dir)
+    parallel.initialize(RuntimeOptions())
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    with torch.device("meta"):
+        model = build_model(model_config, RuntimeOptions(init=False))
+    sharded = checkpoint.model_sharded_state([model])["model"]
+    request = {}
+    for name in _my_share(sharded, rank, world):
+        entry = sharded[name]
+        if not isinstance(entry, ShardedObject):
+            entry.replica_id = 0  # the one reader of this shard (the other processes ask for none)
+            entry.data = torch.empty(entry.data.shape, dtype=entry.data.dtype)
+            request[name] = entry
+    checkpoint.verify_checkpoint(path)
+    loaded = checkpoint.load_sharded(path, {"model": request})["model"]
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    files = write_shards(out, mapping.to_hf(model_config, loaded, partial=True), dtype=torch_dtype,
+                         max_shard_bytes=int(max_shard_gb * 1024**3), stem=f"part-{rank:05d}")
+    everyone: list = [None] * world
+    torch.distributed.all_gather_object(everyone, files)
+    if rank == 0:
+        finish_hf_folder(out, model_config, [f for part in everyone for f in part], torch_dtype)
+    torch.distributed.barrier()
+    return out
 
 
 @dataclass

@@ -152,9 +152,14 @@ def mtp_copy_names(model: ModelConfig) -> list[tuple[str, str]]:
 
 # ---- tensors -----------------------------------------------------------------------------------
 
-def to_hf(model: ModelConfig, megatron_state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, tensor) for a full Megatron state dict (TP1 view)."""
+def to_hf(
+    model: ModelConfig, megatron_state: dict[str, torch.Tensor], partial: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) for a Megatron state dict (TP1 view): the full one, or with
+    `partial` a part of it (the HF tensors made from that part)."""
     for pair in resolved_pairs(model):
+        if partial and pair.megatron not in megatron_state:
+            continue
         tensor = megatron_state[pair.megatron]
         if pair.transform == "copy":
             yield pair.hf[0], tensor
@@ -162,7 +167,8 @@ def to_hf(model: ModelConfig, megatron_state: dict[str, torch.Tensor]) -> Iterat
             for name, part in zip(pair.hf, tensor.chunk(len(pair.hf), dim=0)):
                 yield name, part
     for mname, hname in mtp_copy_names(model):
-        yield hname, megatron_state[mname]
+        if not partial or mname in megatron_state:
+            yield hname, megatron_state[mname]
 
 
 def check_hf_names(model: ModelConfig, available: set[str]) -> list[Pair]:
