@@ -372,7 +372,8 @@ def _patch_grad_norm() -> None:
         device = tensor_lists[0][0].device if tensor_lists and tensor_lists[0] else "cpu"
         return total.sqrt().to(device=device, dtype=torch.float32).reshape(1), None
 
-    if getattr(clip_grads, "l2_norm_impl", None) is not None and clip_grads.l2_norm_impl.__name__ == "local_multi_tensor_l2_norm":
+    current = getattr(clip_grads, "l2_norm_impl", None)
+    if current is not None and current.__name__ == "local_multi_tensor_l2_norm":
         clip_grads.l2_norm_impl = l2_norm_fp64
 
 

@@ -38,15 +38,8 @@ def import_hf(hf_dir: str, out_dir: str) -> Path:
 
     ckpt = HFCheckpoint(hf_dir)
     pairs = {p.megatron: p for p in mapping.check_hf_names(ckpt.model_config, ckpt.names)}
-    parallel.initialize(RuntimeOptions())
-    with torch.device("meta"):
-        model = build_model(ckpt.model_config, RuntimeOptions(init=False))
-    sharded = checkpoint.model_sharded_state([model])["model"]
-    mine = _my_share(sharded, torch.distributed.get_rank(), torch.distributed.get_world_size())
-    state = {}
-    for name in mine:
-        entry = sharded[name]
-        entry.replica_id = 0  # the one copy written (the other processes hold none)
+    state = _my_entries(ckpt.model_config)
+    for name, entry in state.items():
         if not isinstance(entry, ShardedObject):  # tensors; objects are empty layer extra states
             if name not in pairs:
                 raise ConfigError(f"the conversion table has no HF source for model tensor {name}.")
@@ -57,13 +50,27 @@ def import_hf(hf_dir: str, out_dir: str) -> Path:
                     f"{tuple(entry.data.shape)} in the model."
                 )
             entry.data = source.to(entry.data.dtype)
-        state[name] = entry
     meta = {
         "kind": "weights",
         "source": str(Path(hf_dir).resolve()),
         "model": ckpt.model_config.to_dict(),
     }
     return checkpoint.save_checkpoint(out_dir, 0, [], meta=meta, extra_sharded_state={"model": state})
+
+
+def _my_entries(model_config: ModelConfig) -> dict:
+    """This process's share of the model's sharded state (see `_my_share`), each entry marked as
+    the one copy (replica 0; the other processes hold none). The model is built on the meta
+    device, so nothing is allocated."""
+    parallel.initialize(RuntimeOptions())
+    with torch.device("meta"):
+        model = build_model(model_config, RuntimeOptions(init=False))
+    sharded = checkpoint.model_sharded_state([model])["model"]
+    mine = {}
+    for name in _my_share(sharded, torch.distributed.get_rank(), torch.distributed.get_world_size()):
+        sharded[name].replica_id = 0
+        mine[name] = sharded[name]
+    return mine
 
 
 def _my_share(sharded: dict, rank: int, world: int) -> list[str]:
@@ -94,23 +101,17 @@ def export_hf(ckpt_dir: str, out_dir: str, dtype: str = "bfloat16", max_shard_gb
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     path = checkpoint.resolve(ckpt_dir)
+    checkpoint.verify_checkpoint(path)
     model_config = model_config_of_checkpoint(path)
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
     out = Path(out_dir)
-    parallel.initialize(RuntimeOptions())
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    with torch.device("meta"):
-        model = build_model(model_config, RuntimeOptions(init=False))
-    sharded = checkpoint.model_sharded_state([model])["model"]
     request = {}
-    for name in _my_share(sharded, rank, world):
-        entry = sharded[name]
-        if not isinstance(entry, ShardedObject):
-            entry.replica_id = 0  # the one reader of this shard (the other processes ask for none)
+    for name, entry in _my_entries(model_config).items():
+        if not isinstance(entry, ShardedObject):  # the layers' empty extra states are not read
             entry.data = torch.empty(entry.data.shape, dtype=entry.data.dtype)
             request[name] = entry
-    checkpoint.verify_checkpoint(path)
     loaded = checkpoint.load_sharded(path, {"model": request})["model"]
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
