@@ -1,14 +1,20 @@
 """One DSA layer on one GPU: our Triton kernels vs dense SDPA vs Megatron-Core's unfused DSA.
 
     python bench/dsa.py [--seqs 4096,16384,65536,131072] [--json PATH] [--quick] [--sweep SEQ]
+    python bench/dsa.py --seqs 32768 --heads 16 --topk 1024 --docs 8 --cp 1/4   # any shape
     python bench/dsa.py --cpu-smoke     # every code path at toy sizes, Triton interpreter, no GPU
+
+`--heads` (main attention heads, per tensor-parallel rank), `--index-heads`, `--topk`, `--docs`
+(packed documents per sample) and `--cp RANK/SIZE` (time that context-parallel rank's queries
+against the all-gathered keys) set the problem; `--seqs` are whole-sample lengths. Dense SDPA
+runs for the plain causal case only.
 
 Shapes are GLM-5.2's (batch 1): 64 heads; sparse MLA in MQA mode on the 576-dim latent
 (512 + 64 rope, values 512); lightning indexer 32 heads x 128; top-2048. Dense attention and
 Megatron-Core's unfused DSA use the non-absorbed head dims (q/k 192 + 64 = 256, v 256).
 
 FLOP conventions (counted on the pairs actually computed, causal, no masked work):
-- indexer: 2 * 32 * 128 per visible (query, key) pair;
+- indexer: 2 * H_index * 128 per visible (query, key) pair;
 - sparse attention: forward 2 * n * (576 + 512) per (query, selected key); backward 2.5x that;
 - dense attention: forward 2 * n * (256 + 256) per visible pair; backward 2.5x that;
 - indexer KL loss: the attention-probability recompute (2 * n * 576) plus the indexer scores
@@ -39,6 +45,7 @@ SCALE = (192 + 64) ** -0.5
 
 DEVICE = "cuda"
 IMPL = "auto"  # api implementation: Triton on CUDA; --cpu-smoke forces the interpreter
+DOCS, CP = 1, None  # packed documents per sample; (rank, size) of the timed context-parallel rank
 
 
 def smoke_sizes() -> None:
@@ -92,13 +99,29 @@ def reps_for(seq: int, quick: bool) -> tuple[int, int]:
     return (2, 5) if seq <= 16384 else (1, 3)
 
 
+def case_for(seq: int):
+    from glm52_train.kernels.cases import DSACase
+
+    return DSACase(seq=seq, heads=N_HEADS, index_heads=IH, topk=TOPK, docs=DOCS, cp=CP)
+
+
+def visibility(seq: int) -> dict:
+    """Keyword arguments for the kernel API: the queries and keys of this problem."""
+    return case_for(seq).visibility(torch.Generator().manual_seed(seq), DEVICE)
+
+
+def pair_counts(seq: int, vis: dict) -> tuple[int, int]:
+    """(visible (query, key) pairs, selected pairs) of the problem, counted exactly."""
+    from glm52_train.kernels import indexer
+
+    sq = case_for(seq).num_queries
+    lo, hi = indexer.visible_ranges(sq, seq, DEVICE, **vis)
+    n = (hi - lo).long()
+    return int(n.sum()), int(n.clamp(max=TOPK).sum())
+
+
 def visible_pairs(s: int) -> int:
     return s * (s + 1) // 2
-
-
-def selected_pairs(s: int) -> int:
-    k = min(TOPK, s)
-    return k * (k + 1) // 2 + (s - k) * TOPK
 
 
 def is_oom(e: BaseException) -> bool:
@@ -151,13 +174,15 @@ def measure(name, seq, fn, flops=None, quick=False, memory=True, extra=None) -> 
 # (a) our DSA
 # ---------------------------------------------------------------------------------------------
 
-def make_inputs(seq: int, gen: torch.Generator):
+def make_inputs(seq: int, gen: torch.Generator, plain: bool = False):
+    """Random q, kv and indexer inputs; `plain`: every query of one causal sequence."""
     dev = DEVICE
+    sq = seq if plain else case_for(seq).num_queries
     r = lambda *s: torch.randn(*s, generator=gen, device=dev, dtype=torch.bfloat16)  # noqa: E731
     return dict(
-        q=r(seq, 1, N_HEADS, D_LAT + D_ROPE), kv=r(seq, 1, D_LAT + D_ROPE),
-        iq=r(seq, 1, IH, ID), ik=r(seq, 1, ID),
-        iw=torch.randn(seq, 1, IH, generator=gen, device=dev) * (IH**-0.5 * ID**-0.5),
+        q=r(sq, 1, N_HEADS, D_LAT + D_ROPE), kv=r(seq, 1, D_LAT + D_ROPE),
+        iq=r(sq, 1, IH, ID), ik=r(seq, 1, ID),
+        iw=torch.randn(sq, 1, IH, generator=gen, device=dev) * (IH**-0.5 * ID**-0.5),
     )
 
 
@@ -166,17 +191,18 @@ def bench_ours(seq: int, quick: bool) -> list[Row]:
 
     gen = torch.Generator(device=DEVICE).manual_seed(seq)
     x = make_inputs(seq, gen)
+    vis = visibility(seq)
     rows = []
-    idx = api.indexer_topk(x["iq"], x["ik"], x["iw"], TOPK, impl=IMPL)
+    idx = api.indexer_topk(x["iq"], x["ik"], x["iw"], TOPK, **vis, impl=IMPL)
     out, lse = sparse_mla.sparse_mla_fwd(x["q"], x["kv"], idx, SCALE, D_LAT)
     dout = torch.randn_like(out)
-    sel = selected_pairs(seq)
-    f_idx = 2 * IH * ID * visible_pairs(seq)
+    n_visible, sel = pair_counts(seq, vis)
+    f_idx = 2 * IH * ID * n_visible
     f_fwd = 2 * N_HEADS * (D_LAT + D_ROPE + D_LAT) * sel
     f_kl = (2 * N_HEADS * (D_LAT + D_ROPE) + 4 * 2 * IH * ID) * sel
 
     rows.append(measure("ours: indexer top-k", seq,
-                        lambda: api.indexer_topk(x["iq"], x["ik"], x["iw"], TOPK, impl=IMPL), f_idx, quick))
+                        lambda: api.indexer_topk(x["iq"], x["ik"], x["iw"], TOPK, **vis, impl=IMPL), f_idx, quick))
     rows.append(measure("ours: sparse attn fwd", seq,
                         lambda: sparse_mla.sparse_mla_fwd(x["q"], x["kv"], idx, SCALE, D_LAT), f_fwd, quick))
     rows.append(measure("ours: sparse attn bwd", seq,
@@ -196,7 +222,7 @@ def bench_ours(seq: int, quick: bool) -> list[Row]:
     q, kv = x["q"].detach().requires_grad_(), x["kv"].detach().requires_grad_()
 
     def layer():
-        topk = api.indexer_topk(x["iq"], x["ik"], x["iw"], TOPK, impl=IMPL)
+        topk = api.indexer_topk(x["iq"], x["ik"], x["iw"], TOPK, **vis, impl=IMPL)
         o, l_ = api.sparse_mla(q, kv, topk, SCALE, D_LAT, return_lse=True, impl=IMPL)
         o.backward(dout)
         loss = api.indexer_kl_loss(iq, ik, iw, q, kv, topk, SCALE, D_LAT, lse=l_, impl=IMPL)
@@ -303,7 +329,7 @@ def sweep(seq: int, quick: bool) -> list[Row]:
     from glm52_train.kernels import api, indexer, sparse_mla
 
     gen = torch.Generator(device=DEVICE).manual_seed(seq + 3)
-    x = make_inputs(seq, gen)
+    x = make_inputs(seq, gen, plain=True)  # the sweep times the plain causal case
     rows = []
     lo, hi = indexer.visible_ranges(seq, seq, DEVICE)
     f_idx = 2 * IH * ID * visible_pairs(seq)
@@ -328,7 +354,8 @@ def sweep(seq: int, quick: bool) -> list[Row]:
     idx = api.indexer_topk(x["iq"], x["ik"], x["iw"], TOPK, impl=IMPL)
     out, lse = sparse_mla.sparse_mla_fwd(x["q"], x["kv"], idx, SCALE, D_LAT)
     dout = torch.randn_like(out)
-    f_fwd = 2 * N_HEADS * (D_LAT + D_ROPE + D_LAT) * selected_pairs(seq)
+    k = min(TOPK, seq)
+    f_fwd = 2 * N_HEADS * (D_LAT + D_ROPE + D_LAT) * (k * (k + 1) // 2 + (seq - k) * TOPK)
     def tag(c):
         return ",".join(f"{k}={v}" for k, v in c.items()) or "default"
 
@@ -382,6 +409,7 @@ def _split_indexer(x, lo, hi, seq, quick) -> list[Row]:
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
+    global N_HEADS, IH, TOPK, DOCS, CP
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seqs", default="4096,16384,65536,131072")
     ap.add_argument("--json", default=None, help="write all rows here")
@@ -389,6 +417,13 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", type=int, default=0, metavar="SEQ",
                     help="also time alternative kernel configurations at this length (e.g. 32768)")
     ap.add_argument("--skip", default="", help="comma list of: ours,dense,mcore")
+    ap.add_argument("--mcore-max-seq", type=int, default=16384,
+                    help="run Megatron-Core's unfused DSA (O(S^2) memory) up to this length only")
+    ap.add_argument("--heads", type=int, default=N_HEADS, help="main attention heads (per TP rank)")
+    ap.add_argument("--index-heads", type=int, default=IH)
+    ap.add_argument("--topk", type=int, default=TOPK)
+    ap.add_argument("--docs", type=int, default=1, help="packed documents per sample")
+    ap.add_argument("--cp", default=None, metavar="RANK/SIZE", help="time one context-parallel rank's queries")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="every code path at toy sizes on the CPU (Triton interpreter); timings meaningless")
     args = ap.parse_args(argv)
@@ -399,10 +434,17 @@ def main(argv=None) -> int:
         api.enable_interpreter()
         smoke_sizes()
         args.seqs, args.quick, args.sweep = "24", True, args.sweep and 24
+        args.heads, args.index_heads, args.topk = N_HEADS, IH, TOPK
     elif not torch.cuda.is_available():
         print("bench/dsa.py needs a CUDA GPU (or --cpu-smoke)")
         return 2
+    N_HEADS, IH, TOPK, DOCS = args.heads, args.index_heads, args.topk, args.docs
+    if args.cp:
+        rank, _, size = args.cp.partition("/")
+        CP = (int(rank), int(size))
     seqs = [int(s) for s in args.seqs.split(",") if s]
+    for seq in seqs:
+        case_for(seq).check()
     if args.quick:
         seqs = seqs[:2]
     skip = set(filter(None, args.skip.split(",")))
@@ -416,7 +458,8 @@ def main(argv=None) -> int:
     global JSON_PATH
     JSON_PATH = args.json
     meta = META
-    meta.update(device=dev_name, sms=sms, torch=torch.__version__,
+    meta.update(device=dev_name, sms=sms, torch=torch.__version__, heads=N_HEADS, index_heads=IH, topk=TOPK,
+                docs=DOCS, cp=CP,
                 triton=triton.__version__, cuda=torch.version.cuda, time=time.strftime("%Y-%m-%d %H:%M:%S"),
                 argv=sys.argv[1:], flops_convention=__doc__.split("FLOP conventions")[1].split("Times are")[0].strip())
     print(f"# {meta['device']} ({meta['sms']} SMs), torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}")
@@ -426,9 +469,11 @@ def main(argv=None) -> int:
     for seq in seqs:
         if "ours" not in skip:
             sections.append(("ours", seq, lambda seq=seq: bench_ours(seq, args.quick)))
+        if DOCS > 1 or CP is not None:
+            continue  # the baselines are plain causal attention over the whole sample
         if "dense" not in skip:
             sections.append(("dense", seq, lambda seq=seq: [bench_dense(seq, args.quick)]))
-        if "mcore" not in skip:
+        if "mcore" not in skip and seq <= args.mcore_max_seq:
             sections.append(("mcore", seq, lambda seq=seq: [bench_mcore(seq, args.quick)]))
     if args.sweep:
         sections.append(("sweep", args.sweep, lambda: sweep(args.sweep, args.quick)))

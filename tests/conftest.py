@@ -27,6 +27,25 @@ def single_process():
     parallel_state.destroy_model_parallel()
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--dsa-case", action="append", default=[], metavar="SPEC",
+        help="a DSA shape for the GPU kernel tests, e.g. 'seq=8192,cp=1/4,docs=3,heads=64,topk=2048' "
+             "(repeatable; replaces the built-in shapes; see glm52_train/kernels/cases.py)",
+    )
+
+
+def pytest_generate_tests(metafunc):
+    """GPU kernel tests take their shapes from `--dsa-case`, or from the module's DSA_GPU_CASES."""
+    if "dsa_case" not in metafunc.fixturenames:
+        return
+    from glm52_train.kernels.cases import DSACase
+
+    given = metafunc.config.getoption("--dsa-case")
+    cases = [DSACase.parse(t) for t in given] if given else list(getattr(metafunc.module, "DSA_GPU_CASES"))
+    metafunc.parametrize("dsa_case", cases, ids=[c.name for c in cases])
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

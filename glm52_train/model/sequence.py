@@ -19,16 +19,7 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
-
-def cp_token_indices(total: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
-    """Indices in the sample of the tokens context-parallel rank `cp_rank` holds."""
-    if cp_size == 1:
-        return torch.arange(total, device=device)
-    chunk = total // (2 * cp_size)
-    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk, device=device)
-    second_start = (2 * cp_size - 1 - cp_rank) * chunk
-    second = torch.arange(second_start, second_start + chunk, device=device)
-    return torch.cat([first, second])
+from glm52_train.kernels.cases import cp_token_indices
 
 
 @dataclass
