@@ -105,6 +105,7 @@ class MTPConfig:
 
 @dataclass
 class CheckpointConfig:
+    enable: bool = True  # false: neither resume nor save (benchmarks, smoke runs)
     dir: str | None = None
     interval: int = 1000
     keep_last: int | None = 3
@@ -120,6 +121,8 @@ class LoggingConfig:
     wandb_project: str = "glm52"
     wandb_entity: str | None = None
     tensorboard: bool = False
+    profile_at: int | None = None  # profile steps profile_at .. +profile_steps-1 (run_dir/profile/)
+    profile_steps: int = 3
 
 
 @dataclass
@@ -241,6 +244,9 @@ class RunConfig:
              f"checkpoint.resume {self.checkpoint.resume!r} is neither auto, none, nor an existing path.")
         need(t.log_interval >= 1 and t.eval_interval >= 1, "log and eval intervals must be at least 1.")
         need(t.collective_timeout_minutes > 0, "train.collective_timeout_minutes must be positive.")
+        need(self.logging.profile_at is None or self.logging.profile_at >= 1,
+             "logging.profile_at must be a step number (1 or more) or null.")
+        need(self.logging.profile_steps >= 1, "logging.profile_steps must be at least 1.")
         return self
 
 

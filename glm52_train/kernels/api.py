@@ -12,11 +12,13 @@ keys are) and checks it unless `validate=False`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
 
 import torch
+from torch.autograd.profiler import record_function
 
 from glm52_train.kernels import reference
 
@@ -101,10 +103,23 @@ def _triton(name: str, t: torch.Tensor, impl: str):
     return importlib.import_module(f"glm52_train.kernels.{name}")
 
 
+def _labelled(part: str):
+    """Name the calls of a function in torch.profiler traces (`glm52::<part>`; see
+    glm52_train/training/profile.py). Costs a few microseconds per call."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            with record_function("glm52::" + part):
+                return fn(*args, **kwargs)
+        return inner
+    return wrap
+
+
 def _ranges(mod_indexer, sq, sk, device, q_pos, k_pos, q_doc, k_doc, validate):
     return mod_indexer.visible_ranges(sq, sk, device, q_pos, k_pos, q_doc, k_doc, validate=validate)
 
 
+@_labelled("indexer")
 def indexer_topk(q, k, w, topk: int, q_pos=None, k_pos=None, q_doc=None, k_doc=None, *,
                  impl: str = "auto", validate: bool = True, budget_bytes: int = 1 << 30) -> torch.Tensor:
     """Top-`topk` visible keys per query by lightning-indexer score.
@@ -119,6 +134,7 @@ def indexer_topk(q, k, w, topk: int, q_pos=None, k_pos=None, q_doc=None, k_doc=N
     return mod.indexer_topk_triton(q, k, w, topk, lo, hi, budget_bytes=budget_bytes)
 
 
+@_labelled("sparse attention")
 def sparse_mla(q, kv, idx, scale: float, v_dim: int = 512, *, impl: str = "auto",
                return_lse: bool = False, fwd_cfg: dict | None = None, bwd_cfg: dict | None = None):
     """Sparse MQA attention on the latent (autograd). q [sq, b, n, d], kv [sk, b, d], idx
@@ -133,6 +149,7 @@ def sparse_mla(q, kv, idx, scale: float, v_dim: int = 512, *, impl: str = "auto"
     return (out, lse) if return_lse else out
 
 
+@_labelled("indexer loss")
 def mla_lse(q, kv, idx, scale: float, q_pos=None, k_pos=None, q_doc=None, k_doc=None, *,
             v_dim: int = 512, impl: str = "auto", validate: bool = True) -> torch.Tensor:
     """Log-sum-exp of the main attention's scores per head, [b, n, sq] fp32: over idx[i]
@@ -148,6 +165,7 @@ def mla_lse(q, kv, idx, scale: float, q_pos=None, k_pos=None, q_doc=None, k_doc=
     return mod.mla_lse_triton(q, kv, idx, scale, ranges, v_dim)
 
 
+@_labelled("indexer loss")
 def indexer_kl_loss(iq, ik, iw, q, kv, idx, scale: float, v_dim: int = 512, q_pos=None, k_pos=None,
                     q_doc=None, k_doc=None, *, lse: torch.Tensor | None = None, impl: str = "auto",
                     validate: bool = True) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glm52_train.kernels.common import empty
+from glm52_train.kernels.common import empty, launch
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,13 +308,12 @@ def indexer_topk_triton(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk:
     for q0 in range(0, sq, chunk):
         rows = min(chunk, sq - q0)
         grid = (triton.cdiv(rows, BQ), triton.cdiv(n_kblocks, sc["SPLIT"]), b)
-        _index_score_kernel[grid](
-            q, k, w, lo, hi, buf, sq, sk, q0, rows,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-            w.stride(0), w.stride(1), w.stride(2), buf.stride(0), buf.stride(1),
-            H=H, D=D, BQ=BQ, BK=BK, SPLIT=sc["SPLIT"], L=L, KEYS_AS_M=sc["KEYS_AS_M"],
-            num_warps=sc["num_warps"], num_stages=sc["num_stages"],
-        )
+        args = (q, k, w, lo, hi, buf, sq, sk, q0, rows,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                w.stride(0), w.stride(1), w.stride(2), buf.stride(0), buf.stride(1))
+        meta = dict(H=H, D=D, BQ=BQ, BK=BK, SPLIT=sc["SPLIT"], L=L, KEYS_AS_M=sc["KEYS_AS_M"])
+        tuned = dict(num_warps=sc["num_warps"], num_stages=sc["num_stages"])
+        launch(_index_score_kernel, grid, args, meta, [tuned] + [dict(tuned, num_stages=s) for s in (2, 1)])
         _topk_select_kernel[(rows, b)](
             buf, lo, hi, out, cand, q0, rows, buf.stride(0), buf.stride(1),
             out.stride(0), out.stride(1), cand.stride(0), cand.stride(1),

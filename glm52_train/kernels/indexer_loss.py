@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glm52_train.kernels.common import LOG2E, empty
+from glm52_train.kernels.common import LOG2E, empty, launch
 
 
 @triton.jit
@@ -183,7 +183,7 @@ def _launch(iq, ik, iw, q, kv, idx, scale, ranges, lse, v_dim, loss_pass, grad, 
     dik = torch.zeros(ik.shape, dtype=torch.float32, device=dev) if grad else loss
     diw = empty(iw.shape, torch.float32, dev) if grad else loss
     if sq and b:
-        _kl_kernel[(sq, b)](
+        args = (
             iq, ik, iw, q, kv, idx, lo, hi, lse_in, lse_out, loss, diq, dik, diw,
             topk, scale * LOG2E, 1.0 / (sq * b),
             iq.stride(0), iq.stride(1), iq.stride(2), ik.stride(0), ik.stride(1),
@@ -191,10 +191,12 @@ def _launch(iq, ik, iw, q, kv, idx, scale, ranges, lse, v_dim, loss_pass, grad, 
             q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
             idx.stride(0), idx.stride(1), lse_in.stride(0), lse_in.stride(1), loss.stride(0),
             dik.stride(0) if grad else 0, dik.stride(1) if grad else 0,
-            H=n, DA=da, DB=dbb, IH=ih, ID=idim, BK=c["BK"],
-            SPARSE=sparse, HAVE_LSE=lse is not None, LOSS_PASS=loss_pass, GRAD=grad,
-            num_warps=c["num_warps"], num_stages=c["num_stages"],
         )
+        meta = dict(H=n, DA=da, DB=dbb, IH=ih, ID=idim, SPARSE=sparse, HAVE_LSE=lse is not None,
+                    LOSS_PASS=loss_pass, GRAD=grad)
+        tuned = dict(BK=c["BK"], num_warps=c["num_warps"], num_stages=c["num_stages"])
+        fallbacks = [tuned, dict(tuned, num_stages=1), dict(tuned, BK=16, num_stages=1)]
+        launch(_kl_kernel, (sq, b), args, meta, fallbacks)
     return lse_out, loss, diq, dik, diw
 
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glm52_train.kernels.common import LOG2E, empty
+from glm52_train.kernels.common import LOG2E, empty, launch
 
 
 @triton.jit
@@ -168,14 +168,23 @@ def sparse_mla_fwd(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: 
     lse = empty((b, n, sq), torch.float32, q.device)
     if sq == 0:
         return out, lse
-    _fwd_kernel[(sq, b)](
-        q, kv, idx, out, lse, topk, scale * LOG2E,
-        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
-        idx.stride(0), idx.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
-        H=n, DV=v_dim, DR=dr, BK=c["BK"], num_warps=c["num_warps"], num_stages=c["num_stages"],
-    )
+    args = (q, kv, idx, out, lse, topk, scale * LOG2E,
+            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
+            idx.stride(0), idx.stride(1), out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1))
+    tuned = dict(BK=c["BK"], num_warps=c["num_warps"], num_stages=c["num_stages"])
+    launch(_fwd_kernel, (sq, b), args, dict(H=n, DV=v_dim, DR=dr), _smaller(tuned))
     return out, lse
+
+
+def _smaller(tuned: dict) -> list[dict]:
+    """`tuned`, then fewer pipeline stages, then half the keys per step (resource fallbacks)."""
+    out = [tuned]
+    for stages in range(tuned["num_stages"] - 1, 0, -1):
+        out.append(dict(tuned, num_stages=stages))
+    if tuned["BK"] > 16:
+        out += [dict(tuned, BK=tuned["BK"] // 2, num_stages=s) for s in (2, 1)]
+    return out
 
 
 def sparse_mla_bwd(q, kv, idx, out, lse, dout, scale: float, v_dim: int = 512, cfg: dict | None = None):
@@ -200,14 +209,17 @@ def sparse_mla_bwd(q, kv, idx, out, lse, dout, scale: float, v_dim: int = 512, c
             dout.stride(0), dout.stride(1), dout.stride(2), idx.stride(0), idx.stride(1),
             lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1), dq.stride(2),
             dkv.stride(0), dkv.stride(1))
-    meta = dict(H=n, DV=v_dim, DR=dr, BK=c["BK"], num_warps=c["num_warps"])
+    meta = dict(H=n, DV=v_dim, DR=dr)
+
+    def run(want_dq: bool, want_dkv: bool, stages: int):
+        tuned = dict(BK=c["BK"], num_warps=c["num_warps"], num_stages=stages)
+        launch(_bwd_kernel, (sq, b), args, dict(meta, WANT_DQ=want_dq, WANT_DKV=want_dkv), _smaller(tuned))
+
     if c["fused"]:
-        _bwd_kernel[(sq, b)](*args, WANT_DQ=True, WANT_DKV=True, num_stages=c["num_stages"], **meta)
+        run(True, True, c["num_stages"])
     else:
-        _bwd_kernel[(sq, b)](*args, WANT_DQ=True, WANT_DKV=False,
-                             num_stages=c["dq_stages"] or c["num_stages"], **meta)
-        _bwd_kernel[(sq, b)](*args, WANT_DQ=False, WANT_DKV=True,
-                             num_stages=c["dkv_stages"] or c["num_stages"], **meta)
+        run(True, False, c["dq_stages"] or c["num_stages"])
+        run(False, True, c["dkv_stages"] or c["num_stages"])
     return dq, dkv.to(kv.dtype)
 
 

@@ -27,6 +27,7 @@ from glm52_train.model.info import model_info
 from glm52_train.run_config import RunConfig
 from glm52_train.training import faults, setup
 from glm52_train.training.logs import RunLogger, peak_tflops
+from glm52_train.training.profile import StepProfiler, format_breakdown
 from glm52_train.training.state import (
     TrainState,
     load_training_checkpoint,
@@ -122,7 +123,7 @@ def pretrain(cfg: RunConfig) -> int:
     ckpt_dir = Path(cfg.checkpoint.dir or f"checkpoints/{name}")
     run_dir = Path(cfg.logging.run_dir or f"runs/{name}")
     state = TrainState()
-    start = resume_path(cfg, ckpt_dir)
+    start = resume_path(cfg, ckpt_dir) if cfg.checkpoint.enable else None
     if start is not None:
         state = load_training_checkpoint(start, chunks, optimizer, scheduler)
     elif cfg.checkpoint.init_from:
@@ -159,11 +160,17 @@ def pretrain(cfg: RunConfig) -> int:
         save_training_checkpoint(ckpt_dir, state, chunks, optimizer, scheduler, config_dict, cfg.checkpoint.keep_last)
         logger.message(f"saved checkpoint {ckpt_dir}/iter_{state.iteration:07d}")
 
+    profiler = StepProfiler(cfg.logging.profile_at, cfg.logging.profile_steps, run_dir, chunks, optimizer, rank)
     consecutive_skips = 0
     window_start, window_steps = time.time(), 0
     while state.iteration < cfg.train.iters:
         faults.at_step(state.iteration + 1)  # for hung-rank reports; GLM52_FAULT_* injection
+        profiler.before_step(state.iteration + 1)
         result = train_step(cfg, train_iter, chunks, optimizer, scheduler, num_micro)
+        breakdown = profiler.after_step(state.iteration + 1)
+        if breakdown is not None:
+            logger.message("profile of steps %d-%d (run_dir/profile/):\n%s" % (
+                cfg.logging.profile_at, state.iteration + 1, format_breakdown(breakdown)))
         state.iteration += 1
         state.consumed_samples += gbs
         window_steps += 1
@@ -172,7 +179,8 @@ def pretrain(cfg: RunConfig) -> int:
             consecutive_skips += 1
             logger.message(f"step {state.iteration}: non-finite loss or gradient, update skipped")
             if consecutive_skips > cfg.train.max_skipped_steps:
-                save()
+                if cfg.checkpoint.enable:
+                    save()
                 raise ConfigError(
                     f"{consecutive_skips} consecutive steps had a non-finite loss or gradient "
                     f"(last loss {result.loss}); stopping. Lower the learning rate or check the data."
@@ -202,6 +210,7 @@ def pretrain(cfg: RunConfig) -> int:
                 skipped_steps=state.skipped_steps,
                 indexer_kl=(sum(indexer.values()) / len(indexer)) if indexer else None,
                 mtp_loss=_mtp_loss(num_micro * window_steps),
+                **_peak_memory(),
                 **load,
             )
             extra = {f"indexer_kl/layer{k}": v for k, v in indexer.items()}
@@ -210,7 +219,7 @@ def pretrain(cfg: RunConfig) -> int:
             window_start, window_steps = time.time(), 0
         stop = signals.should_stop()
         periodic = cfg.checkpoint.interval and state.iteration % cfg.checkpoint.interval == 0
-        if periodic or last or stop or (stop_after and state.iteration >= stop_after):
+        if cfg.checkpoint.enable and (periodic or last or stop or (stop_after and state.iteration >= stop_after)):
             save()
         if stop:
             logger.message(f"signal {signals.received or 'from another rank'}: saved at step {state.iteration}, exiting")
@@ -220,6 +229,15 @@ def pretrain(cfg: RunConfig) -> int:
     signals.release()
     logger.close()
     return 0
+
+
+def _peak_memory() -> dict:
+    """Peak GPU memory since the start, in GiB: what the allocator reserved from the device
+    (what `glm52 plan` estimates) and what tensors held."""
+    if not torch.cuda.is_available():
+        return {}
+    return dict(peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
+                peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30)
 
 
 def _mtp_loss(microbatches: int) -> float | None:
