@@ -346,7 +346,7 @@ DSA_GPU_CASES = [  # `--dsa-case SPEC` replaces these (see glm52_train/kernels/c
     DSACase(seq=777),                     # top-k (2048) above every query's visible keys
     DSACase(seq=3000, docs=5),            # packed documents
     DSACase(seq=4096, cp=(1, 4)),         # context-parallel rank 1 of 4 (all-gathered keys)
-    DSACase(seq=6144, cp=(2, 3), docs=4, heads=32),  # CP with packed documents, TP2's heads
+    DSACase(seq=6144, cp=(2, 3), docs=4),  # CP with packed documents
 ]
 
 
