@@ -143,6 +143,8 @@ class StepProfiler:
                         self._wrap(module, method, "moe dispatch")
         from glm52_train.checkpoint import unwrap
 
+        for chunk in self.chunks:  # the cross-entropy runs outside the output layer module
+            self._wrap(unwrap(chunk), "compute_language_model_loss", "output head + loss")
         self._wrap(unwrap(self.chunks[0]).config, "finalize_model_grads_func", "grad sync")
         if self.optimizer is not None:
             self._wrap(self.optimizer, "step", "optimizer")
@@ -180,47 +182,30 @@ def _now() -> float:
 def summarize(events, steps: int, device: bool) -> dict:
     """Milliseconds per step for each part, from the profiler's events.
 
-    Each event's own time (device kernels it launched, or CPU time without a GPU) goes to the
-    innermost `glm52::` range around it; an event in backward (under an autograd node) goes to
-    the part whose forward created that node, found through the node's sequence number."""
-    events = sorted(events, key=lambda e: e.time_range.start)
-    seq_part: dict[tuple, str] = {}
-
-    def own_label(e) -> str | None:
-        while e is not None:
-            if e.name.startswith(LABEL):
-                return e.name[len(LABEL):]
-            e = e.cpu_parent
-        return None
-
-    def backward_node(e):
-        while e is not None:
-            if e.name.startswith("autograd::engine::evaluate_function"):
-                return e
-            e = e.cpu_parent
-        return None
-
-    for e in events:  # forward: each op's sequence number -> its part (the node creator last)
+    Each host-side event's own time (the device kernels it launched, or its CPU time without a
+    GPU; kernel events and GPU-side ranges are not counted again) goes to the innermost scope
+    around it on its thread: a `glm52::` range, or an autograd node in backward, which goes to
+    the part whose forward op created the node (the profiler's sequence numbers link the two).
+    Scopes are found by time containment, which also covers the CUDA runtime's own events."""
+    seq_part: dict[int, str] = {}
+    placed = []
+    for e, scope, in_backward in _scoped(events):
         seq = getattr(e, "sequence_nr", -1)
-        if seq is None or seq < 0 or backward_node(e) is not None:
-            continue
-        label = own_label(e)
-        if label is not None:
-            seq_part[(getattr(e, "fwd_thread", 0) or e.thread, seq)] = label
-        else:
-            seq_part.pop((getattr(e, "fwd_thread", 0) or e.thread, seq), None)
-    by_seq = {seq: part for (_, seq), part in seq_part.items()}
+        label = _label(scope)
+        if not in_backward and seq is not None and seq >= 0:
+            if label is not None:  # the op that creates the node is the last to see its number
+                seq_part[seq] = label
+            else:
+                seq_part.pop(seq, None)
+        placed.append((e, scope, label))
 
     totals = {p: 0.0 for p in PARTS}
-    for e in events:
+    for e, scope, label in placed:
         us = e.self_device_time_total if device else e.self_cpu_time_total
         if not us:
             continue
-        label = own_label(e)
-        if label is None:
-            node = backward_node(e)
-            if node is not None:
-                label = by_seq.get(_node_seq(node))
+        if label is None and scope is not None:
+            label = seq_part.get(_node_seq(scope))
         totals[label if label in totals else "other"] += us
     total = sum(totals.values())
     return {
@@ -230,6 +215,39 @@ def summarize(events, steps: int, device: bool) -> dict:
         "parts_ms_per_step": {p: v / 1e3 / max(steps, 1) for p, v in totals.items()},
         "parts_share": {p: (v / total if total else 0.0) for p, v in totals.items()},
     }
+
+
+def _is_node(e) -> bool:
+    return e.name.startswith("autograd::engine::evaluate_function")
+
+
+def _label(scope) -> str | None:
+    if scope is not None and scope.name.startswith(LABEL):
+        return scope.name[len(LABEL):]
+    return None
+
+
+def _scoped(events):
+    """(event, innermost enclosing scope or the event itself if it is one, inside backward?) for
+    every host-side event, thread by thread in time order."""
+    from collections import defaultdict
+
+    from torch.autograd import DeviceType
+
+    by_thread = defaultdict(list)
+    for e in events:
+        if e.device_type == DeviceType.CPU:
+            by_thread[e.thread].append(e)
+    for evs in by_thread.values():
+        evs.sort(key=lambda e: (e.time_range.start, -e.time_range.end))
+        stack: list = []
+        for e in evs:
+            while stack and stack[-1].time_range.end <= e.time_range.start:
+                stack.pop()
+            is_scope = e.name.startswith(LABEL) or _is_node(e)
+            if is_scope:
+                stack.append(e)
+            yield e, (stack[-1] if stack else None), any(_is_node(s) for s in stack)
 
 
 def _node_seq(node) -> int:
