@@ -363,7 +363,7 @@ def sweep(seq: int, quick: bool) -> list[Row]:
         rows.append(measure(f"sweep attn fwd [{tag(c)}]", seq,
                             lambda c=c: sparse_mla.sparse_mla_fwd(x["q"], x["kv"], idx, SCALE, D_LAT, c),
                             f_fwd, quick, memory=False, extra=dict(cfg=c)))
-    for c in (dict(), dict(fused=True), dict(dq_stages=1), dict(BK=16, dkv_stages=2, dq_stages=1)):
+    for c in (dict(), dict(fused=True), dict(dq_stages=2), dict(BK=16, dkv_stages=2)):
         rows.append(measure(f"sweep attn bwd [{tag(c)}]", seq,
                             lambda c=c: sparse_mla.sparse_mla_bwd(x["q"], x["kv"], idx, out, lse, dout, SCALE,
                                                                   D_LAT, c),

@@ -141,7 +141,9 @@ def _bwd_kernel(
 # gathered rows). Backward: 32 keys per step, 8 warps, 2 stages, the dq and dkv passes apart
 # (552 B and 128 B of spill; the fused kernel spills 824 B).
 FWD_CFG = dict(BK=64, num_warps=8, num_stages=3)
-BWD_CFG = dict(BK=32, num_warps=8, num_stages=2, fused=False, dq_stages=None, dkv_stages=None)
+# Measured on an H100 (docs/benchmarks.md, 32K sweep): the dq pass with one stage ran 6% faster
+# (211 ms against 224 ms); the fused kernel was 13% slower, BK=16 50% slower.
+BWD_CFG = dict(BK=32, num_warps=8, num_stages=2, fused=False, dq_stages=1, dkv_stages=None)
 
 
 def _check(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, v_dim: int):

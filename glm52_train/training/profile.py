@@ -26,6 +26,11 @@ PARTS = ("sparse attention", "indexer", "indexer loss", "attention projections",
          "shared expert", "router", "moe dispatch", "dense mlp", "embedding", "output head + loss",
          "optimizer", "grad sync", "other")
 LABEL = "glm52::"
+# CUDA runtime markers that kineto links to kernels already counted on the op that launched
+# them: on an H100, "Command Buffer Full" (a launch that waited for queue space) carried 665 ms
+# of kernel time per step that was also the launching op's, inflating the total past the wall
+# time of the step.
+RUNTIME_MARKERS = frozenset({"Command Buffer Full"})
 
 
 def _module_part(name: str, module) -> str | None:
@@ -201,6 +206,8 @@ def summarize(events, steps: int, device: bool) -> dict:
 
     totals = {p: 0.0 for p in PARTS}
     for e, scope, label in placed:
+        if e.name in RUNTIME_MARKERS:
+            continue
         us = e.self_device_time_total if device else e.self_cpu_time_total
         if not us:
             continue
