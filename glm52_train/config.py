@@ -214,8 +214,10 @@ def get_model_config(name: str) -> ModelConfig:
         ) from None
 
 
-def model_field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(ModelConfig)]
+def needs_topk_relay(pattern: str, chunk_starts) -> bool:
+    """Whether the IndexShare top-k must travel between pipeline chunks: some chunk other than
+    the first begins with a shared ("S") layer, whose indices come from a layer it lacks."""
+    return any(start > 0 and pattern[start] == "S" for start in chunk_starts)
 
 
 __all__ = [
@@ -225,4 +227,5 @@ __all__ = [
     "GLM52_744B",
     "get_model_config",
     "index_share_pattern",
+    "needs_topk_relay",
 ]

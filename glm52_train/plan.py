@@ -28,7 +28,7 @@ import itertools
 import math
 from dataclasses import asdict, dataclass, field
 
-from glm52_train.config import ConfigError, ModelConfig
+from glm52_train.config import ConfigError, ModelConfig, needs_topk_relay
 from glm52_train.model.info import _attention_params
 
 GiB = 1024**3
@@ -231,9 +231,8 @@ def _divisors(n: int) -> list[int]:
 def relays_topk(m: ModelConfig, layout: Layout) -> bool:
     """Whether some pipeline chunk begins with an IndexShare "S" layer, so the top-k indices
     must travel with the activations (see model/topk_relay.py)."""
-    pattern = m.layer_index_pattern
     chunks = stage_layers(m.num_layers, layout.pp * layout.vpp)
-    return any(c and c[0] > 0 and pattern[c[0]] == "S" for c in chunks)
+    return needs_topk_relay(m.layer_index_pattern, [c[0] for c in chunks if c])
 
 
 def _score(est: Estimate, m: ModelConfig, gpus: int) -> float:
@@ -283,8 +282,3 @@ def format_estimate(est: Estimate) -> str:
     return (f"{est.layout.describe():32s} weights {g(est.weights)}  grads {g(est.gradients)}  "
             f"optim {g(est.optimizer)}  act {g(est.activations)}  dsa {g(est.dsa_buffers)}  "
             f"logits {g(est.logits)}  total {g(est.total)} GiB")
-
-
-def require(condition: bool, sentence: str) -> None:
-    if not condition:
-        raise ConfigError(sentence)

@@ -10,7 +10,6 @@ unknown keys are errors, not silently ignored.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -158,14 +157,6 @@ class RunConfig:
     def name(self) -> str:
         return self.logging.name or self.model_config().name
 
-    def world_size(self) -> int:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-
-    def data_parallel_size(self, world_size: int | None = None) -> int:
-        world = world_size or self.world_size()
-        p = self.parallel
-        return world // (p.tp * p.pp * p.cp)
-
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["model"] = self.model_config().to_dict()
@@ -174,7 +165,9 @@ class RunConfig:
     # ---- validation ------------------------------------------------------------------------
     def validate(self, world_size: int | None = None) -> "RunConfig":
         model = self.model_config().validate()
-        world = world_size or self.world_size()
+        from glm52_train.parallel import world_size_from_env
+
+        world = world_size or world_size_from_env()
         p, t, d = self.parallel, self.train, self.data
 
         def need(ok: bool, sentence: str) -> None:

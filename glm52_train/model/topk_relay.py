@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from glm52_train.config import needs_topk_relay
+
 
 def stage_start_layers(config) -> list[int]:
     """Global index of the first decoder layer of every pipeline chunk (all ranks, all
@@ -44,8 +46,7 @@ def relay_needed(config) -> bool:
     """True when some pipeline chunk other than the first begins with a shared layer."""
     if config.pipeline_model_parallel_size == 1:
         return False
-    pattern = config.dsa_index_pattern
-    return any(start > 0 and pattern[start] == "S" for start in stage_start_layers(config))
+    return needs_topk_relay(config.dsa_index_pattern, stage_start_layers(config))
 
 
 def _elements_per_index(dtype: torch.dtype) -> int:

@@ -149,6 +149,4 @@ def build_optimizer(cfg: RunConfig, chunks, config, bf16: bool):
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
-    if len(chunks) == 1:
-        config.no_sync_func = chunks[0].no_sync
     return optimizer, scheduler, opt_config
