@@ -32,7 +32,7 @@ def build_layer(model_cfg, moe: bool, bf16: bool):
     from glm52_train.model.spec import glm52_layer_spec
     from megatron.core.transformer.spec_utils import build_module
 
-    run = RuntimeOptions(bf16=bf16, dsa_backend="kernels", cpu_init=False, init=True)
+    run = RuntimeOptions(bf16=bf16, cpu_init=False, init=True)
     config = transformer_config(model_cfg, run)
     spec = glm52_layer_spec(config, moe=moe, use_te=False)
     layer = build_module(spec, config=config, layer_number=1)

@@ -88,7 +88,7 @@ class OptimizerConfig:
 class DSAConfig:
     mode: str = "sparse"  # sparse | warmup
     loss_coeff: float = 1.0
-    backend: str = "auto"  # auto (kernels on GPU, torch on CPU) | torch | kernels
+    backend: str = "auto"  # auto (Triton kernels on GPU, PyTorch references on CPU) | torch | triton
 
 
 @dataclass
@@ -220,8 +220,8 @@ class RunConfig:
         need(t.recompute in (None, "full"), f"train.recompute {t.recompute!r} is not null or full.")
         need(t.freeze in (None, "all_but_indexer"), f"train.freeze {t.freeze!r} is not null or all_but_indexer.")
         need(self.dsa.mode in ("sparse", "warmup"), f"dsa.mode {self.dsa.mode!r} is not sparse or warmup.")
-        need(self.dsa.backend in ("auto", "torch", "kernels"),
-             f"dsa.backend {self.dsa.backend!r} is not auto, torch or kernels.")
+        need(self.dsa.backend in ("auto", "torch", "triton"),
+             f"dsa.backend {self.dsa.backend!r} is not auto, torch or triton.")
         need(self.optimizer.name == "adamw",
              f"optimizer.name {self.optimizer.name!r} is not available: Megatron-Core 0.16.1's Muon needs "
              "the emerging_optimizers package, which is not installable here; use adamw.")

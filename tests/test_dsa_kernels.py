@@ -1,6 +1,6 @@
 """DSA kernels (glm52_train/kernels) against float64 references on fresh random inputs.
 
-- CPU: the references agree with the model's DSA math (`dsa_torch`), and the Triton kernels
+- CPU: the references agree with the per-head DSA math (`tests/dsa_per_head.py`), and the Triton kernels
   run in Triton's interpreter at tiny sizes (every code path: S not a multiple of the block,
   k > visible keys, packed documents, ties, candidate overflow).
 - GPU (`-m gpu`): the compiled kernels at realistic sizes (64 heads x 576/512, indexer 32 x 128,
@@ -22,7 +22,7 @@ import torch
 
 from glm52_train.kernels import api, reference
 from glm52_train.kernels.cases import DSACase
-from glm52_train.model import dsa_torch
+from tests import dsa_per_head as per_head
 
 BF16_TOL = 1e-2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,7 +97,7 @@ def _random_selection(b, sq, sk, topk, allowed, gen, device):
 # References against the model's DSA math
 # ----------------------------------------------------------------------------------------------
 
-def test_references_match_model_dsa_math():
+def test_references_match_per_head_dsa_math():
     g = torch.Generator().manual_seed(0)
     sq = sk = 11
     b, n, dv, dr, ih, idim, topk = 2, 3, 8, 4, 4, 6, 5
@@ -105,19 +105,19 @@ def test_references_match_model_dsa_math():
     q, kv = r(sq, b, n, dv + dr), r(sk, b, dv + dr)
     iq, ik, iw = r(sq, b, ih, idim), r(sk, b, idim), r(sq, b, ih)
     scale = 0.3
-    causal = dsa_torch.allowed_keys(torch.arange(sq), torch.arange(sk)).unsqueeze(0)
-    scores = dsa_torch.lightning_index_scores(iq, ik, iw)
+    causal = reference.allowed_keys(torch.arange(sq), torch.arange(sk)).unsqueeze(0)
+    scores = reference.index_scores(iq, ik, iw)
     assert torch.allclose(reference.index_scores(iq, ik, iw), scores)
     idx = reference.indexer_topk(iq, ik, iw, topk)
-    assert torch.equal(idx, dsa_torch.select_topk(scores, causal, topk))
+    assert torch.equal(idx, reference.select_topk(scores, causal, topk))
     assert torch.equal(api.indexer_topk(iq, ik, iw, topk).long(), idx)
 
     # MQA on the latent == per-head attention with the latent broadcast to every head.
     k_heads = kv.unsqueeze(2).expand(sk, b, n, dv + dr)
     v_heads = kv[..., :dv].unsqueeze(2).expand(sk, b, n, dv)
-    allowed = causal & dsa_torch.selection_mask(idx, sk)
+    allowed = causal & reference.selection_mask(idx, sk)
     out, lse = reference.sparse_mla(q, kv, idx, scale, dv)
-    want = dsa_torch.masked_attention(q, k_heads, v_heads, allowed, scale).view(sq, b, n, dv)
+    want = per_head.masked_attention(q, k_heads, v_heads, allowed, scale).view(sq, b, n, dv)
     assert torch.allclose(out, want)
     s = torch.einsum("sbnd,tbd->bnst", q, kv) * scale
     assert torch.allclose(lse, torch.logsumexp(s.masked_fill(~allowed.unsqueeze(1), float("-inf")), -1))
@@ -125,8 +125,8 @@ def test_references_match_model_dsa_math():
     assert torch.equal(api.sparse_mla(q, kv, idx, scale, dv), out)  # CPU -> the reference
     for sparse in (False, True):
         mask = allowed if sparse else causal.expand(b, sq, sk)
-        target = dsa_torch.head_summed_attention(q, k_heads, mask, scale)
-        want = dsa_torch.indexer_kl_loss(scores, target, mask)
+        target = per_head.head_summed_attention(q, k_heads, mask, scale)
+        want = per_head.indexer_kl_loss(scores, target, mask)
         got = reference.indexer_kl_loss(iq, ik, iw, q, kv, idx if sparse else None, scale, dv)
         assert torch.allclose(got, want)
         assert torch.equal(api.indexer_kl_loss(iq, ik, iw, q, kv, idx if sparse else None, scale, dv), got)

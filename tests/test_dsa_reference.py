@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from glm52_train.model import dsa_torch
+from glm52_train.kernels import reference
+from tests import dsa_per_head as per_head
 
 
 def _inputs(seed, s=13, b=2, heads=3, d=8, ih=4, idim=6, dv=5):
@@ -19,7 +20,7 @@ def _inputs(seed, s=13, b=2, heads=3, d=8, ih=4, idim=6, dv=5):
 
 def test_index_scores_match_loop():
     x = _inputs(0)
-    scores = dsa_torch.lightning_index_scores(x["iq"], x["ik"], x["iw"]).double()
+    scores = reference.index_scores(x["iq"], x["ik"], x["iw"]).double()
     s, b = x["iq"].shape[:2]
     for bi in range(b):
         for i in range(s):
@@ -34,13 +35,13 @@ def test_topk_selection_and_sparse_attention_match_loop(topk):
     x = _inputs(topk)
     s, b, n, _ = x["q"].shape
     pos = torch.arange(s)
-    causal = dsa_torch.allowed_keys(pos, pos)
-    scores = dsa_torch.lightning_index_scores(x["iq"], x["ik"], x["iw"])
-    idx = dsa_torch.select_topk(scores, causal.unsqueeze(0), topk)
+    causal = reference.allowed_keys(pos, pos)
+    scores = reference.index_scores(x["iq"], x["ik"], x["iw"])
+    idx = reference.select_topk(scores, causal.unsqueeze(0), topk)
     assert idx.shape == (b, s, topk)
-    allowed = causal.unsqueeze(0) & dsa_torch.selection_mask(idx, s)
+    allowed = causal.unsqueeze(0) & reference.selection_mask(idx, s)
     scale = 0.3
-    out = dsa_torch.masked_attention(x["q"], x["k"], x["v"], allowed, scale)
+    out = per_head.masked_attention(x["q"], x["k"], x["v"], allowed, scale)
     for bi in range(b):
         for i in range(s):
             chosen = sorted(j for j in idx[bi, i].tolist() if j >= 0)
@@ -59,7 +60,7 @@ def test_topk_selection_and_sparse_attention_match_loop(topk):
 def test_documents_are_kept_apart():
     pos = torch.tensor([0, 1, 2, 0, 1])
     doc = torch.tensor([0, 0, 0, 1, 1])
-    allowed = dsa_torch.allowed_keys(pos, pos, doc, doc)
+    allowed = reference.allowed_keys(pos, pos, doc, doc)
     assert allowed.tolist() == [
         [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1],
     ]
@@ -70,13 +71,13 @@ def test_indexer_kl_matches_formula(sparse):
     x = _inputs(7)
     s = x["q"].shape[0]
     pos = torch.arange(s)
-    causal = dsa_torch.allowed_keys(pos, pos).unsqueeze(0)
-    scores = dsa_torch.lightning_index_scores(x["iq"], x["ik"], x["iw"]).double()
-    idx = dsa_torch.select_topk(scores, causal, 4)
-    allowed = causal & dsa_torch.selection_mask(idx, s) if sparse else causal
+    causal = reference.allowed_keys(pos, pos).unsqueeze(0)
+    scores = reference.index_scores(x["iq"], x["ik"], x["iw"]).double()
+    idx = reference.select_topk(scores, causal, 4)
+    allowed = causal & reference.selection_mask(idx, s) if sparse else causal
     allowed = allowed.expand(scores.shape[0], s, s)
-    target = dsa_torch.head_summed_attention(x["q"], x["k"], allowed, 0.5)
-    loss = dsa_torch.indexer_kl_loss(scores, target, allowed)
+    target = per_head.head_summed_attention(x["q"], x["k"], allowed, 0.5)
+    loss = per_head.indexer_kl_loss(scores, target, allowed)
     total, count = 0.0, 0
     for bi in range(scores.shape[0]):
         for i in range(s):

@@ -34,7 +34,7 @@ def test_packed_documents_match_each_document_alone(single_process):
     g = torch.Generator().manual_seed(0)
     docs = [torch.randint(1, cfg.vocab_size, (n,), generator=g) for n in lengths]
     packed = build_model(cfg, RuntimeOptions(packed_sequences=True)).eval()
-    alone = build_model(cfg, RuntimeOptions(dsa_backend="kernels")).eval()
+    alone = build_model(cfg, RuntimeOptions()).eval()
     alone.load_state_dict(packed.state_dict())
     ids = torch.cat(docs).unsqueeze(0)
     pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
@@ -84,7 +84,7 @@ def _run_config(tmp: Path, data: str, init: Path, mode: str, packed: bool):
         tmp, data,
         data={"packed": packed},
         train={"iters": 3, "eval_interval": 100, "micro_batch_size": 1},
-        dsa={"mode": mode, "backend": "kernels"},
+        dsa={"mode": mode},
         checkpoint={"interval": 1000, "init_from": str(init)},
         logging={"wandb": "disabled"},
     )

@@ -69,8 +69,9 @@ def test_indexer_loss_trains_the_indexer_only(single_process):
     for name in grads_a:
         if ".indexer." in name:
             assert grads_a[name].abs().sum() > 0 and grads_b[name] is None, name
-        else:
-            assert torch.equal(grads_a[name], grads_b[name]), name
+        else:  # equal up to the order the autograd engine sums three or more contributions in
+            scale = grads_b[name].abs().max().clamp_min(1e-12)
+            assert ((grads_a[name] - grads_b[name]).abs().max() / scale).item() < 1e-5, name
 
 
 def test_warmup_mode_attends_densely(single_process):
@@ -141,23 +142,45 @@ def test_bad_dsa_mode_is_one_sentence():
 
 
 @pytest.mark.parametrize("mode", ["sparse", "warmup"])
-def test_latent_kernel_path_matches_reference(mode, single_process):
-    """The GPU path (MLA absorbed into MQA on the latent, through glm52_train.kernels; their
-    PyTorch reference on CPU) computes the same losses and gradients as the per-head path."""
+def test_absorbed_attention_matches_per_head_mla(mode, single_process):
+    """The model's attention (MLA absorbed into MQA on the 576-channel latent) equals
+    Megatron-Core's per-head MLA (its own per-head q/k/v) attending over the same top-k keys:
+    in output, and in the gradients of the input and of every attention weight outside the
+    indexer (whose KL loss only the model's path attaches)."""
+    from glm52_train.kernels import reference
+    from tests import dsa_per_head as per_head
+
     cfg = get_model_config("tiny")
-    ids, pos = _batch(cfg.vocab_size)
-    per_head = _build(cfg, dsa_backend="torch", dsa_mode=mode).train()
-    latent = _build(cfg, reference=per_head, dsa_backend="kernels", dsa_mode=mode).train()
-    DSALossTracker.pop()  # drop values other tests left behind
-    loss_a, grads_a = _loss_and_grads(per_head, ids, pos)
-    kl_a = DSALossTracker.pop()
-    loss_b, grads_b = _loss_and_grads(latent, ids, pos)
-    kl_b = DSALossTracker.pop()
-    assert loss_a.item() == pytest.approx(loss_b.item(), rel=1e-6)
-    assert set(kl_a) == set(kl_b) and all(kl_a[k] == pytest.approx(kl_b[k], rel=1e-4) for k in kl_a)
-    for name in grads_a:
-        scale = grads_a[name].abs().max().clamp_min(1e-12)
-        assert ((grads_a[name] - grads_b[name]).abs().max() / scale).item() < 1e-4, name
+    attn = _build(cfg, dsa_mode=mode).train().decoder.layers[0].self_attention
+    core = attn.core_attention
+    assert core.indexer is not None
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(SEQ, 2, cfg.hidden_size, generator=g).requires_grad_()
+    r = torch.randn(SEQ, 2, cfg.hidden_size, generator=g)
+
+    out, _, topk = attn(x)
+    query, key, value, q_compressed, _ = attn.get_query_key_value_tensors(x, None, None, None)
+    freqs, mscale = attn.rope_frequencies(x)
+    with torch.no_grad():
+        iq, ik, iw = core._indexer_inputs(x, q_compressed, freqs, mscale)
+        causal = reference.allowed_keys(torch.arange(SEQ), torch.arange(SEQ)).unsqueeze(0)
+        idx = reference.select_topk(reference.index_scores(iq, ik, iw), causal, cfg.index_topk)
+    assert torch.equal(idx, topk.long())
+    allowed = causal if mode == "warmup" else causal & reference.selection_mask(idx, SEQ)
+    want, _ = attn.linear_proj(per_head.masked_attention(query, key, value, allowed, core.softmax_scale))
+    assert ((out - want).norm() / want.norm()).item() < 1e-5
+
+    params = {n: p for n, p in attn.named_parameters() if ".indexer." not in f".{n}"}
+    grads = []
+    for y in (out, want):
+        attn.zero_grad()
+        x.grad = None
+        (y * r).sum().backward(retain_graph=True)
+        grads.append({"input": x.grad.clone(), **{n: p.grad.clone() for n, p in params.items() if p.grad is not None}})
+    assert set(grads[0]) == set(grads[1])
+    for name, a in grads[0].items():
+        b = grads[1][name]
+        assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() < 1e-4, name
 
 
 def test_one_spec_function_chooses_te_or_local():
@@ -182,7 +205,8 @@ def test_one_spec_function_chooses_te_or_local():
     assert attn_local.linear_q_up_proj is ColumnParallelLinear
     assert attn_te.linear_q_up_proj is te_ext.TEColumnParallelLinear
     assert attn_local.linear_proj is RowParallelLinear and attn_te.linear_proj is te_ext.TERowParallelLinear
-    assert attn_te.core_attention is attn_local.core_attention  # DSA either way
+    assert attn_te.core_attention.module is attn_local.core_attention.module  # DSA either way
+    assert attn_te.core_attention.params == attn_local.core_attention.params
     assert local.input_layernorm is RMSNorm and te.input_layernorm is te_ext.TENorm
     assert local.mlp.submodules.experts.module is experts.SequentialMLP
     assert te.mlp.submodules.experts.module is experts.TEGroupedMLP

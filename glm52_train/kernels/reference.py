@@ -16,11 +16,45 @@ from __future__ import annotations
 
 import torch
 
-from glm52_train.model import dsa_torch
-
 
 def _acc(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: fp32, or fp64 for fp64 inputs (the tests' references)."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def allowed_keys(q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: torch.Tensor | None = None,
+                 k_doc: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal (and same-document) visibility, [sq, sk] bool: key j is visible to query i when
+    k_pos[j] <= q_pos[i] and both lie in the same document."""
+    allowed = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
+    if q_doc is not None:
+        allowed = allowed & (q_doc.unsqueeze(1) == k_doc.unsqueeze(0))
+    return allowed
+
+
+def select_topk(scores: torch.Tensor, allowed: torch.Tensor, topk: int) -> torch.Tensor:
+    """The indices of the `topk` highest visible scores per query, [b, sq, topk] int64.
+
+    Slots beyond the number of visible keys hold -1 (a query at position 10 has 11 keys).
+    Equal scores (common: the ReLU zeroes every head for some keys) go to the earlier key, so
+    the selection depends only on the keys' order, not on what else shares the sequence (a
+    packed sample selects what each document would alone)."""
+    masked = scores.masked_fill(~allowed, float("-inf"))
+    k = min(topk, scores.shape[-1])
+    values, idx = masked.sort(dim=-1, descending=True, stable=True)
+    values, idx = values[..., :k], idx[..., :k]
+    idx = idx.masked_fill(values == float("-inf"), -1)
+    if k < topk:
+        pad = idx.new_full((*idx.shape[:-1], topk - k), -1)
+        idx = torch.cat([idx, pad], dim=-1)
+    return idx
+
+
+def selection_mask(idx: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """[b, sq, topk] indices (-1 = none) -> [b, sq, num_keys] bool."""
+    mask = torch.zeros(*idx.shape[:-1], num_keys + 1, dtype=torch.bool, device=idx.device)
+    mask.scatter_(-1, torch.where(idx < 0, num_keys, idx).long(), True)
+    return mask[..., :num_keys]
 
 
 def default_positions(sq: int, sk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +69,7 @@ def visible(sq: int, sk: int, device, q_pos=None, k_pos=None, q_doc=None, k_doc=
     k_pos = dk if k_pos is None else k_pos.to(device)
     if (q_doc is None) != (k_doc is None):
         raise ValueError("q_doc and k_doc go together")
-    return dsa_torch.allowed_keys(q_pos, k_pos, q_doc, k_doc)
+    return allowed_keys(q_pos, k_pos, q_doc, k_doc)
 
 
 def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -50,7 +84,7 @@ def indexer_topk(q, k, w, topk: int, q_pos=None, k_pos=None, q_doc=None, k_doc=N
     sq, sk = q.shape[0], k.shape[0]
     allowed = visible(sq, sk, q.device, q_pos, k_pos, q_doc, k_doc)
     with torch.no_grad():
-        return dsa_torch.select_topk(index_scores(q, k, w), allowed.unsqueeze(0), topk)
+        return select_topk(index_scores(q, k, w), allowed.unsqueeze(0), topk)
 
 
 def _gather_kv(kv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -102,7 +136,7 @@ def indexer_kl_loss(iq, ik, iw, q, kv, idx, scale: float, v_dim: int = 512,
     sk = ik.shape[0]
     acc = _acc(iq)
     if idx is not None:  # like sparse_mla, the selected set is taken as given
-        allowed = dsa_torch.selection_mask(idx.long(), sk)
+        allowed = selection_mask(idx.long(), sk)
     else:
         allowed = visible(sq, sk, iq.device, q_pos, k_pos, q_doc, k_doc).unsqueeze(0).expand(b, sq, sk)
     with torch.no_grad():
@@ -113,3 +147,16 @@ def indexer_kl_loss(iq, ik, iw, q, kv, idx, scale: float, v_dim: int = 512,
     log_q = torch.log_softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
     kl = torch.where(p > 0, p * (torch.log(p.clamp_min(1e-300)) - log_q), torch.zeros_like(p))
     return kl.sum(dim=-1).mean()
+
+
+def dense_mla(q: torch.Tensor, kv: torch.Tensor, scale: float, v_dim: int = 512, q_pos=None, k_pos=None,
+              q_doc=None, k_doc=None) -> torch.Tensor:
+    """Dense MQA attention on the latent over every visible key (the DSA warm-up): out [sq, b,
+    n, v_dim]. Differentiable; materialises the [sq, sk] visibility mask."""
+    sq, b, n, _ = q.shape
+    allowed = visible(sq, kv.shape[0], q.device, q_pos, k_pos, q_doc, k_doc)
+    qh = q.permute(1, 2, 0, 3)  # [b, n, sq, d]
+    k = kv.permute(1, 0, 2).unsqueeze(1).expand(b, n, -1, -1)
+    v = kv[..., :v_dim].permute(1, 0, 2).unsqueeze(1).expand(b, n, -1, -1)
+    out = torch.nn.functional.scaled_dot_product_attention(qh, k, v, attn_mask=allowed, scale=scale)
+    return out.permute(2, 0, 1, 3)

@@ -1,17 +1,15 @@
 """MLA self-attention wired to DSA core attention.
 
-Megatron-Core's `MLASelfAttention` computes the latent projections, RoPE and the per-head
-query/key/value; this subclass keeps all of that and changes `forward`, to hand the DSA core
-attention what it needs beyond q/k/v: the layer input, the compressed query (the indexer's
-input), the RoPE frequencies, and the top-k indices of the previous full layer. It returns those
-indices alongside the output so the layer can pass them on (IndexShare).
+Megatron-Core's `MLASelfAttention` owns the latent projections, norms and RoPE; this subclass
+keeps them and replaces `forward`: MLA runs in MQA form on the latent, as DeepSeek-V3.2 trains
+it. The key/value up-projection is absorbed into the query (q_nope . W_UK) and the output
+(o . W_UV), so every head attends to the same 576-channel keys [c_kv (512), k_rope (64)] whose
+first 512 channels are the values. The DSA core attention (dsa.py) gets those plus what the
+indexer needs (the layer input, the compressed query, the RoPE frequencies) and the top-k of
+the previous full layer, and returns its own top-k, which the layer passes on (IndexShare).
 
-Two paths compute the same function:
-- ``torch`` (the CPU reference): Megatron-Core's per-head keys and values, masked attention;
-- ``kernels`` (the GPU path): MLA in MQA form on the latent, as DeepSeek-V3.2 trains it. The
-  up-projection is absorbed into the query (q_nope . W_UK) and the output (o . W_UV), so every
-  head attends to the same 576-channel keys [c_kv (512), k_rope (64)] whose first 512 channels
-  are the values: `glm52_train.kernels` runs the indexer, the sparse attention and the KL.
+Departure from Megatron-Core: its per-head keys and values (`get_query_key_value_tensors`)
+are never formed; `tests/test_model.py` checks the absorbed form against them.
 """
 
 from __future__ import annotations
@@ -41,13 +39,6 @@ class GLMSelfAttention(MLASelfAttention):
         if self.config.rope_type == "rope":
             return self.rotary_pos_emb(seq_len, packed_seq=False), 1.0
         return self.rotary_pos_emb(seq_len, packed_seq=False)
-
-    def uses_kernels(self, hidden_states, layout) -> bool:
-        """The latent path runs on GPUs (`dsa_backend: auto`), when asked (`kernels`), and
-        always under context parallelism or packed documents, which the per-head reference
-        path does not handle."""
-        backend = self.config.dsa_backend
-        return backend == "kernels" or layout is not None or (backend == "auto" and hidden_states.is_cuda)
 
     def rope_table(self, layout):
         """RoPE frequencies (and YaRN mscale) at each local token's position."""
@@ -97,31 +88,12 @@ class GLMSelfAttention(MLASelfAttention):
         **unused,
     ):
         """hidden_states: [s, b, hidden]. Returns (output, bias, top-k indices)."""
-        layout = getattr(packed_seq_params, "token_layout", None) or getattr(self, "external_layout", None)
-        if self.uses_kernels(hidden_states, layout):
-            query, key_value, q_compressed, w_uv, freqs, mscale = self.latent_qkv(hidden_states, layout)
-            out_latent, topk_indices = self.core_attention.forward_latent(
-                query, key_value, x=hidden_states, qr=q_compressed, freqs=freqs, mscale=mscale,
-                topk_indices=topk_indices, layout=layout,
-            )
-            out = torch.einsum("sbhc,hdc->sbhd", out_latent, w_uv)  # up-projection W_UV
-            output, bias = self.linear_proj(out.reshape(*out.shape[:2], -1))
-            return output, bias, topk_indices
-        query, key, value, q_compressed, _ = self.get_query_key_value_tensors(
-            hidden_states, None, None, packed_seq_params
+        layout = getattr(packed_seq_params, "token_layout", None)
+        query, key_value, q_compressed, w_uv, freqs, mscale = self.latent_qkv(hidden_states, layout)
+        out_latent, topk_indices = self.core_attention(
+            query, key_value, x=hidden_states, qr=q_compressed, freqs=freqs, mscale=mscale,
+            topk_indices=topk_indices, layout=layout,
         )
-        freqs, mscale = self.rope_frequencies(hidden_states, packed_seq_params)
-        core_out, topk_indices = self.core_attention(
-            query,
-            key,
-            value,
-            attention_mask,
-            x=hidden_states,
-            qr=q_compressed,
-            freqs=freqs,
-            mscale=mscale,
-            topk_indices=topk_indices,
-            packed_seq_params=packed_seq_params,
-        )
-        output, bias = self.linear_proj(core_out)
+        out = torch.einsum("sbhc,hdc->sbhd", out_latent, w_uv)  # up-projection W_UV
+        output, bias = self.linear_proj(out.reshape(*out.shape[:2], -1))
         return output, bias, topk_indices

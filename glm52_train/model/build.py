@@ -7,6 +7,7 @@ pipeline stage from the project's module specs.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -190,11 +191,8 @@ class GLM52Model(GPTModel):
     (`topk_relay`)."""
 
     def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if self.mtp_process:
-            # GPTModel constructs MultiTokenPredictionBlock by name; SharedMTPBlock adds no state,
-            # only a forward that reuses layers across steps.
-            self.mtp.__class__ = SharedMTPBlock
+        with _builds_mtp_block(SharedMTPBlock):
+            super().__init__(*args, **kwargs)
         self.relay_seq_length: int | None = None  # local queries per sample; set by the trainer
         self._incoming_topk = None
 
@@ -248,28 +246,20 @@ class GLM52Model(GPTModel):
         return output
 
     def _postprocess(self, hidden_states, *args, labels=None, **kwargs):
-        # The MTP block rolls labels and inputs by one token; with our token layout in
-        # packed_seq_params it would take Megatron-Core's THD path, so the layout reaches the MTP
-        # layers' attention directly and the rolls see plain (CP-aware) tensors.
-        params = kwargs.get("packed_seq_params")
-        layout = getattr(params, "token_layout", None)
-        if layout is not None:
-            kwargs["packed_seq_params"] = None
-        attentions = [l.transformer_layer.self_attention for l in self.mtp.layers] if self.mtp_process else []
-        for attention in attentions:
-            attention.external_layout = layout
-        try:
-            if labels is not None or not self.config.mtp_num_layers:
-                return super()._postprocess(hidden_states, *args, labels=labels, **kwargs)
-            steps, self.config.mtp_num_layers = self.config.mtp_num_layers, None
-            try:
-                kwargs["mtp_in_postprocess"] = False
-                return super()._postprocess(hidden_states, *args, labels=None, **kwargs)
-            finally:
-                self.config.mtp_num_layers = steps
-        finally:
-            for attention in attentions:
-                attention.external_layout = None
+        # Megatron-Core rolls the MTP labels with packed_seq_params read as THD boundaries; ours
+        # carry a token layout (sbhd), which goes to the MTP block as its own argument instead.
+        layout = getattr(kwargs.get("packed_seq_params"), "token_layout", None)
+        kwargs.update(packed_seq_params=None, extra_block_kwargs={"token_layout": layout})
+        if labels is None and self.post_process:
+            return self._logits(hidden_states, kwargs.get("runtime_gather_output"))
+        return super()._postprocess(hidden_states, *args, labels=labels, **kwargs)
+
+    def _logits(self, hidden_states, runtime_gather_output=None):
+        """Logits [b, s, vocab] without the MTP heads, which need labels (inference, evaluation
+        of logits, `glm52 verify-hf`); Megatron-Core 0.16.1 would run them and fail."""
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden_states, weight=weight, runtime_gather_output=runtime_gather_output)
+        return logits.transpose(0, 1).contiguous()
 
     def token_layout(self, position_ids):
         """Where this rank's tokens sit in the sample, when context parallelism or packed
@@ -282,6 +272,20 @@ class GLM52Model(GPTModel):
             position_ids.shape[1], position_ids.device, cp if cp.size() > 1 else None,
             position_ids if packed else None,
         )
+
+
+@contextlib.contextmanager
+def _builds_mtp_block(cls):
+    """GPTModel constructs its MTP block by the name `MultiTokenPredictionBlock`; during our
+    model's construction that name is `cls` (same parameters, same initialisation order)."""
+    from megatron.core.models.gpt import gpt_model
+
+    original = gpt_model.MultiTokenPredictionBlock
+    gpt_model.MultiTokenPredictionBlock = cls
+    try:
+        yield
+    finally:
+        gpt_model.MultiTokenPredictionBlock = original
 
 
 def build_model(

@@ -14,9 +14,15 @@ Training modes (`config.dsa_mode`):
   (the dense warm-up stage). Freezing everything but the indexer is the optimizer's job
   (`train.freeze` in the run config).
 
+Attention runs in MLA's absorbed form (MQA on the 576-channel latent, see attention.py), on
+the kernels of a `DSABackend` (the PyTorch references or the Triton kernels), chosen in the
+layer spec (spec.py). Where the local tokens sit in the sample (context parallelism, packed
+documents) comes in as a `TokenLayout`; None means one plain causal sequence.
+
 Departures from the HF reference: the reference computes the indexer under `no_grad` (it is an
 inference implementation); here it is trained. The attention result is identical: the HF model
-masks with causal & top-k exactly as `dsa_torch.masked_attention` does.
+masks with causal & top-k, which is what attending over the selected keys computes
+(`tests/test_hf_parity.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from megatron.core.models.common.embeddings import apply_rotary_pos_emb
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
-from glm52_train.model import dsa_torch
+from glm52_train.kernels.backend import DSABackend
 
 
 class DSALossScaler(torch.autograd.Function):
@@ -106,9 +112,10 @@ class LightningIndexer(MegatronModule):
 
 class DSACoreAttention(MegatronModule):
     """Core attention of a GLM-5.2 layer: lightning indexer (full layers), top-k selection,
-    sparse attention, and the indexer's KL loss. Built by MLA with the usual core-attention
-    arguments; `forward` also takes the layer input `x`, the compressed query `qr`, the RoPE
-    frequencies and, on shared layers, the top-k indices of the previous full layer."""
+    sparse attention on the latent, and the indexer's KL loss. Built by MLA with the usual
+    core-attention arguments plus `backend` (from the spec); `forward` takes the absorbed
+    query, the shared latent keys, the layer input `x`, the compressed query `qr`, the RoPE
+    frequencies, the token layout and, on shared layers, the previous full layer's top-k."""
 
     def __init__(
         self,
@@ -122,9 +129,11 @@ class DSACoreAttention(MegatronModule):
         v_channels: int | None = None,
         cp_comm_type: str | None = None,
         pg_collection=None,
+        backend: DSABackend | None = None,
     ) -> None:
         super().__init__(config=config)
         self.layer_number = layer_number
+        self.backend = backend or DSABackend("auto")
         # (Attention.__init__ builds a core attention without k_channels before MLA rebuilds it.)
         if softmax_scale is None:
             softmax_scale = (k_channels or config.qk_head_dim + config.qk_pos_emb_head_dim) ** -0.5
@@ -151,7 +160,7 @@ class DSACoreAttention(MegatronModule):
         qri = self._gather_sequence(qr.detach())
         return self.indexer(xi, qri, freqs, mscale)
 
-    def forward_latent(
+    def forward(
         self,
         query: torch.Tensor,
         key_value: torch.Tensor,
@@ -163,14 +172,12 @@ class DSACoreAttention(MegatronModule):
         topk_indices: torch.Tensor | None = None,
         layout=None,
     ):
-        """The kernel path (MQA on the latent, see attention.py). query [s, b, n, d] with the
-        up-projection absorbed; key_value [s, b, d] shared by the heads, its first
-        kv_lora_rank channels the values; `layout` (sequence.TokenLayout) places the local
-        tokens in the sample under context parallelism or packing. Keys from other CP ranks are
-        gathered (latent and indexer keys only). Returns the latent output
-        [s, b, n, kv_lora_rank] and the top-k indices (into the whole sample)."""
-        from glm52_train.kernels import api
-
+        """query [s, b, n, d] with the up-projection absorbed; key_value [s, b, d] shared by the
+        heads, its first kv_lora_rank channels the values; `layout` (sequence.TokenLayout)
+        places the local tokens in the sample under context parallelism or packing (None: one
+        causal sequence). Keys from other CP ranks are gathered (latent and indexer keys only).
+        Returns the latent output [s, b, n, kv_lora_rank] and the top-k indices (into the whole
+        sample)."""
         v_dim = self.config.kv_lora_rank
         visible = layout.visibility() if layout is not None else {}
         gather = layout.gather if layout is not None else (lambda t: t)
@@ -184,7 +191,7 @@ class DSACoreAttention(MegatronModule):
             with torch.set_grad_enabled(want_loss):
                 iq, ik, iw = self._indexer_inputs(x, qr, freqs, mscale)
                 ik = gather(ik)
-            topk_indices = api.indexer_topk(
+            topk_indices = self.backend.indexer_topk(
                 iq.detach(), ik.detach(), iw.detach(), self.config.dsa_index_topk, **visible
             )
         elif topk_indices is None:
@@ -194,35 +201,20 @@ class DSACoreAttention(MegatronModule):
             )
         lse = None
         if self.config.dsa_mode == "warmup":
-            out = self._dense_latent(query, kv_all, v_dim, layout)
+            out = self.backend.dense_mla(query, kv_all, self.softmax_scale, v_dim, **visible)
         else:
-            out, lse = api.sparse_mla(query, kv_all, topk_indices, self.softmax_scale, v_dim=v_dim,
-                                      return_lse=True)
+            out, lse = self.backend.sparse_mla(query, kv_all, topk_indices, self.softmax_scale, v_dim)
         if want_loss:
             q_all, lse_all = self._all_heads(query.detach(), lse)
-            loss = api.indexer_kl_loss(
+            loss = self.backend.indexer_kl_loss(
                 iq, ik, iw, q_all, kv_all.detach(),
                 None if self.config.dsa_mode == "warmup" else topk_indices,
-                self.softmax_scale, v_dim=v_dim, lse=lse_all, **visible,
+                self.softmax_scale, v_dim, lse=lse_all, **visible,
             )
             DSALossTracker.add(self.layer_number, loss)
             tokens = query.shape[0] * query.shape[1]
             out = DSALossScaler.apply(out, loss * (self.config.dsa_loss_coeff / self.num_indexer_layers * tokens))
         return out, topk_indices
-
-    def _dense_latent(self, query, kv_all, v_dim: int, layout):
-        """Dense attention on the latent (the DSA warm-up), every visible key."""
-        sq, b, n, _ = query.shape
-        if layout is not None:
-            mask = layout.allowed()
-        else:
-            pos = torch.arange(kv_all.shape[0], device=query.device)
-            mask = dsa_torch.allowed_keys(pos[-sq:], pos)
-        q = query.permute(1, 2, 0, 3)  # [b, n, sq, d]
-        k = kv_all.permute(1, 0, 2).unsqueeze(1).expand(b, n, -1, -1)
-        v = kv_all[..., :v_dim].permute(1, 0, 2).unsqueeze(1).expand(b, n, -1, -1)
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
-        return out.permute(2, 0, 1, 3)
 
     def _all_heads(self, query: torch.Tensor, lse: torch.Tensor | None):
         """The indexer's target averages the attention of *all* heads: gather the heads that
@@ -238,56 +230,3 @@ class DSACoreAttention(MegatronModule):
             torch.distributed.all_gather(lparts, lse.contiguous(), group=tp)
             lse = torch.cat(lparts, dim=1)
         return query, lse
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        *,
-        x: torch.Tensor,
-        qr: torch.Tensor,
-        freqs: torch.Tensor,
-        mscale: float = 1.0,
-        topk_indices: torch.Tensor | None = None,
-        packed_seq_params=None,
-        attn_mask_type=None,
-    ):
-        """query/key: [s, b, n, dk]; value: [s, b, n, dv]. Returns ([s, b, n * dv], top-k)."""
-        if packed_seq_params is not None:
-            raise NotImplementedError("packed sequences are not supported by DSA attention yet.")
-        sq, sk = query.shape[0], key.shape[0]
-        positions = torch.arange(sk, device=query.device)
-        causal = dsa_torch.allowed_keys(positions[-sq:], positions)
-
-        index_scores = None
-        if self.indexer is not None:
-            want_loss = self.training and torch.is_grad_enabled() and self.config.dsa_loss_coeff > 0
-            with torch.set_grad_enabled(want_loss):
-                iq, ik, iw = self._indexer_inputs(x, qr, freqs, mscale)
-                index_scores = dsa_torch.lightning_index_scores(iq, ik, iw)
-            topk_indices = dsa_torch.select_topk(
-                index_scores.detach(), causal.unsqueeze(0), self.config.dsa_index_topk
-            )
-        elif topk_indices is None:
-            raise RuntimeError(
-                f"layer {self.layer_number} shares the top-k of an earlier layer (IndexShare) but "
-                "received none: the previous full layer must run before it."
-            )
-
-        if self.config.dsa_mode == "warmup":
-            allowed = causal.unsqueeze(0)
-        else:
-            allowed = causal.unsqueeze(0) & dsa_torch.selection_mask(topk_indices, sk)
-        out = dsa_torch.masked_attention(query, key, value, allowed, self.softmax_scale)
-
-        if index_scores is not None and index_scores.requires_grad:
-            target = dsa_torch.head_summed_attention(
-                query.detach(), key.detach(), allowed, self.softmax_scale, self.tp_group
-            )
-            loss = dsa_torch.indexer_kl_loss(index_scores, target, allowed)
-            DSALossTracker.add(self.layer_number, loss)
-            weight = self.config.dsa_loss_coeff / self.num_indexer_layers * query.shape[0] * query.shape[1]
-            out = DSALossScaler.apply(out, loss * weight)
-        return out, topk_indices

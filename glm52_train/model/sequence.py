@@ -73,12 +73,6 @@ class TokenLayout:
         """Keyword arguments for the kernels API: which keys each local query sees."""
         return dict(q_pos=self.q_idx, k_pos=self.k_idx, q_doc=self.q_doc, k_doc=self.k_doc)
 
-    def allowed(self) -> torch.Tensor:
-        """[s_local, S] bool visibility (the reference path)."""
-        from glm52_train.model import dsa_torch
-
-        return dsa_torch.allowed_keys(self.q_idx, self.k_idx, self.q_doc, self.k_doc)
-
 
 @dataclass
 class GLMSequenceParams(PackedSeqParams):

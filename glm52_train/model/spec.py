@@ -3,7 +3,8 @@
 `glm52_layer_spec(config, moe=..., use_te=...)` returns the ModuleSpec of one decoder layer.
 With Transformer Engine (`use_te=True`) linears and norms are TE's (FP8 follows
 `config.fp8`); without it they are Megatron-Core's local layers. Attention core is always the
-project's DSA core attention; which kernel it runs is chosen at run time by `dsa_backend`.
+project's DSA core attention, running the kernels of the `DSABackend` named by
+`config.dsa_backend` (`torch` references, `triton` kernels, or `auto`: Triton on CUDA tensors).
 
 Column/row parallelism is decided here and nowhere else:
 - q/kv down projections: replicated on every tensor-parallel rank (TE's duplicated `TELinear`,
@@ -29,7 +30,6 @@ from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
 from megatron.core.transformer.multi_token_prediction import (
     MultiTokenPredictionBlockSubmodules,
-    MultiTokenPredictionLayer,
     MultiTokenPredictionLayerSubmodules,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -44,9 +44,11 @@ from megatron.core.transformer.transformer_layer import (
 
 from megatron.core.post_training.modelopt.layers import Linear as ReplicatedLinear
 
+from glm52_train.kernels.backend import DSABackend
 from glm52_train.model.attention import GLMSelfAttention
 from glm52_train.model.dsa import DSACoreAttention
 from glm52_train.model.layer import GLMTransformerLayer
+from glm52_train.model.mtp import GLMMTPLayer
 from glm52_train.model.norms import LatentRMSNorm, RMSNorm, latent_norm_for
 
 
@@ -101,7 +103,7 @@ def glm52_layer_spec(config, *, moe: bool, use_te: bool) -> ModuleSpec:
             linear_q_up_proj=b["column"],
             linear_kv_down_proj=b["down_proj"],
             linear_kv_up_proj=b["column"],
-            core_attention=DSACoreAttention,
+            core_attention=ModuleSpec(module=DSACoreAttention, params={"backend": DSABackend(config.dsa_backend)}),
             linear_proj=b["row"],
             q_layernorm=b["latent_norm"],
             kv_layernorm=b["latent_norm"],
@@ -151,7 +153,7 @@ def glm52_mtp_block_spec(config, *, use_te: bool) -> MultiTokenPredictionBlockSu
         return None
     b = _backend(use_te)
     layer = ModuleSpec(
-        module=MultiTokenPredictionLayer,
+        module=GLMMTPLayer,
         submodules=MultiTokenPredictionLayerSubmodules(
             enorm=b["norm"],
             hnorm=b["norm"],

@@ -1,0 +1,60 @@
+"""Which implementation the DSA core attention runs: one object, chosen in the layer spec.
+
+    backend = dsa_backend("auto")      # Triton on CUDA tensors, the PyTorch references elsewhere
+    idx = backend.indexer_topk(iq, ik, iw, topk, **visibility)
+    out, lse = backend.sparse_mla(q, kv, idx, scale, v_dim)
+
+- ``torch``: the PyTorch references (`reference.py`): any device, float64-capable; they
+  materialise [b, sq, sk] or [b, sq, topk, d] tensors, so they are for CPUs, tests and small runs;
+- ``triton``: the Triton kernels (`indexer.py`, `sparse_mla.py`, `indexer_loss.py`), memory
+  linear in the sequence; on CPU tensors they run in Triton's interpreter (tests, tiny sizes);
+- ``auto``: ``triton`` for CUDA tensors, ``torch`` otherwise.
+
+The dense warm-up attention has no Triton kernel: every backend runs the reference for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from glm52_train.kernels import api, reference
+
+BackendName = Literal["auto", "torch", "triton"]
+_IMPL = {"auto": "auto", "torch": "reference", "triton": "triton"}
+
+
+@dataclass(frozen=True)
+class DSABackend:
+    name: BackendName = "auto"
+
+    def __post_init__(self) -> None:
+        if self.name not in _IMPL:
+            raise ValueError(f"DSA backend {self.name!r} is not one of {', '.join(_IMPL)}")
+
+    @property
+    def impl(self) -> str:
+        return _IMPL[self.name]
+
+    def indexer_topk(self, q, k, w, topk: int, **visibility):
+        """[b, sq, topk] int32 indices of the highest-scoring visible keys (-1 padded)."""
+        return api.indexer_topk(q, k, w, topk, **visibility, impl=self.impl)
+
+    def sparse_mla(self, q, kv, idx, scale: float, v_dim: int):
+        """(out [sq, b, n, v_dim], lse [b, n, sq] fp32, no gradient) over the selected keys."""
+        return api.sparse_mla(q, kv, idx, scale, v_dim, return_lse=True, impl=self.impl)
+
+    def dense_mla(self, q, kv, scale: float, v_dim: int, **visibility):
+        """out [sq, b, n, v_dim] over every visible key (the warm-up stage)."""
+        return reference.dense_mla(q, kv, scale, v_dim, **visibility)
+
+    def indexer_kl_loss(self, iq, ik, iw, q, kv, idx, scale: float, v_dim: int, lse=None, **visibility):
+        """Mean KL(main attention || indexer) over queries; gradients reach iq, ik, iw only."""
+        return api.indexer_kl_loss(iq, ik, iw, q, kv, idx, scale, v_dim, **visibility, lse=lse, impl=self.impl)
+
+
+def dsa_backend(name: str) -> DSABackend:
+    return DSABackend(name)
+
+
+__all__ = ["BackendName", "DSABackend", "dsa_backend"]
