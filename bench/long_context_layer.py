@@ -28,12 +28,14 @@ warnings.filterwarnings("ignore")
 
 
 def build_layer(model_cfg, moe: bool, bf16: bool):
-    from glm52_train.model.build import RuntimeOptions, transformer_config
+    from glm52_train.model.build import transformer_config
     from glm52_train.model.spec import glm52_layer_spec
+    from glm52_train.run_config import RunConfig
     from megatron.core.transformer.spec_utils import build_module
 
-    run = RuntimeOptions(bf16=bf16, cpu_init=False, init=True)
-    config = transformer_config(model_cfg, run)
+    run = RunConfig()
+    run.train.precision = "bf16" if bf16 else "fp32"
+    config = transformer_config(model_cfg, run, cpu_init=False)
     spec = glm52_layer_spec(config, moe=moe, use_te=False)
     layer = build_module(spec, config=config, layer_number=1)
     return layer.to(torch.cuda.current_device() if torch.cuda.is_available() else "cpu"), config

@@ -50,12 +50,11 @@ def main(argv=None) -> int:
     cfg.train.recompute = "full"
     cfg.train.precision = "bf16" if cuda else "fp32"
     cfg.data.seq_length = args.seq_len
-    run = setup.runtime_options(cfg)
-    parallel.initialize(run, seed=1234)
+    parallel.initialize(cfg.parallel, seed=1234)
     model_cfg = get_model_config(args.model)
-    chunks, config = setup.build_model_chunks(model_cfg, run, args.seq_len)
-    chunks = setup.wrap_ddp(chunks, config, run.bf16)
-    optimizer, scheduler, _ = setup.build_optimizer(cfg, chunks, config, run.bf16)
+    chunks, config = setup.build_model_chunks(model_cfg, cfg, args.seq_len)
+    chunks = setup.wrap_ddp(chunks, config, cfg.use_bf16())
+    optimizer, scheduler, _ = setup.build_optimizer(cfg, chunks, config, cfg.use_bf16())
     device = compat.default_device()
 
     def batches():

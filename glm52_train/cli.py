@@ -90,11 +90,11 @@ def cmd_pretrain(args) -> int:
 def cmd_init_weights(args) -> int:
     from glm52_train import checkpoint, parallel
     from glm52_train.config import get_model_config
-    from glm52_train.model.build import RuntimeOptions, build_model
+    from glm52_train.model.build import build_model
 
     model_cfg = get_model_config(args.model)
-    parallel.initialize(RuntimeOptions(), seed=args.seed)
-    model = build_model(model_cfg, RuntimeOptions())
+    parallel.initialize(seed=args.seed)
+    model = build_model(model_cfg)
     out = checkpoint.save_checkpoint(
         args.out, 0, [model], meta={"kind": "weights", "model": model_cfg.to_dict(), "seed": args.seed}
     )

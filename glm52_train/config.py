@@ -8,6 +8,7 @@ width but is cut down in depth, experts and vocabulary so that training fits one
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -27,10 +28,10 @@ def index_share_pattern(num_layers: int, topk_freq: int, skip_topk_offset: int) 
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a GLM-5.2-family model. Field names follow the paper's vocabulary; the HF
-    names they map to are in `glm52_train/hf/mapping.py`."""
+    names they map to are in `glm52_train/hf/mapping.py`. Frozen: a variant is `replace(...)`."""
 
     name: str = "custom"
     vocab_size: int = 154880
@@ -206,8 +207,9 @@ MODELS: dict[str, ModelConfig] = {
 
 
 def get_model_config(name: str) -> ModelConfig:
+    """A copy of the named flavor (nested values too), so no caller can change the registry."""
     try:
-        return MODELS[name]
+        return copy.deepcopy(MODELS[name])
     except KeyError:
         raise ConfigError(
             f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}."

@@ -35,25 +35,26 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
         )
 
 
-def initialize(run=None, seed: int = 1234, timeout_minutes: float = 30.0) -> None:
-    """Process group + Megatron-Core model-parallel groups + the parallel RNG tracker. A collective
+def initialize(layout=None, seed: int = 1234, timeout_minutes: float = 30.0) -> None:
+    """Process group + Megatron-Core model-parallel groups (the run config's `parallel`
+    section; one process's defaults when None) + the parallel RNG tracker. A collective
     waiting longer than `timeout_minutes` fails (in every group)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from glm52_train.model.build import RuntimeOptions
+    from glm52_train.run_config import ParallelConfig
 
-    run = run or RuntimeOptions()
+    p = layout or ParallelConfig()
     init_distributed(timeout_minutes)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=run.tensor_parallel,
-        pipeline_model_parallel_size=run.pipeline_parallel,
-        virtual_pipeline_model_parallel_size=run.virtual_pipeline_parallel,
-        context_parallel_size=run.context_parallel,
-        expert_model_parallel_size=run.expert_parallel,
-        expert_tensor_parallel_size=run.expert_tensor_parallel,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+        context_parallel_size=p.cp,
+        expert_model_parallel_size=p.ep,
+        expert_tensor_parallel_size=p.etp,
         distributed_timeout_minutes=timeout_minutes,
     )
     model_parallel_cuda_manual_seed(seed)

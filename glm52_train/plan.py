@@ -29,34 +29,13 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from glm52_train.config import ConfigError, ModelConfig, needs_topk_relay
+from glm52_train.layout import Layout, layout_problems
 from glm52_train.model.info import _attention_params
 
 GiB = 1024**3
 BF16, FP32 = 2, 4
 FIXED_OVERHEAD = 2.5 * GiB  # CUDA context, NCCL buffers, workspace
 FRAGMENTATION = 1.10
-
-
-@dataclass(frozen=True)
-class Layout:
-    tp: int = 1
-    pp: int = 1
-    vpp: int = 1
-    ep: int = 1
-    etp: int = 1
-    cp: int = 1
-    dp: int = 1
-    sp: bool = True
-
-    def describe(self) -> str:
-        parts = [f"TP{self.tp}", f"PP{self.pp}"]
-        if self.vpp > 1:
-            parts.append(f"VPP{self.vpp}")
-        parts += [f"EP{self.ep}"]
-        if self.etp > 1:
-            parts.append(f"ETP{self.etp}")
-        parts += [f"CP{self.cp}", f"DP{self.dp}"]
-        return " ".join(parts)
 
 
 @dataclass
@@ -202,23 +181,14 @@ def estimate(
 
 
 def check_layout(m: ModelConfig, layout: Layout, gpus: int, seq_len: int) -> str | None:
-    """Why `layout` cannot run `m` on `gpus` GPUs (one sentence), or None."""
-    if layout.tp * layout.pp * layout.cp * layout.dp != gpus:
-        return f"TP x PP x CP x DP = {layout.tp * layout.pp * layout.cp * layout.dp}, not the {gpus} GPUs."
-    if m.num_heads % layout.tp:
-        return f"TP{layout.tp} does not divide the {m.num_heads} heads."
-    if m.num_moe_layers and m.num_experts % layout.ep:
-        return f"EP{layout.ep} does not divide the {m.num_experts} experts."
-    if (layout.tp * layout.cp * layout.dp) % (layout.ep * layout.etp):
-        return (f"EP x ETP = {layout.ep * layout.etp} does not divide the {layout.tp * layout.cp * layout.dp} "
-                "GPUs of a pipeline stage.")
-    if m.num_layers < layout.pp * layout.vpp:
-        return f"{m.num_layers} layers cannot fill {layout.pp * layout.vpp} (virtual) pipeline stages."
-    if m.num_layers % (layout.pp * layout.vpp):
-        return (f"{m.num_layers} layers do not split evenly into PP x VPP = {layout.pp * layout.vpp} chunks "
-                "(Megatron-Core then needs parallel.first_stage_layers / last_stage_layers).")
-    if seq_len % (2 * layout.cp) and layout.cp > 1:
-        return f"the sequence ({seq_len}) is not divisible by 2 x CP ({2 * layout.cp})."
+    """Why `layout` cannot run `m` on `gpus` GPUs (one sentence), or None: the run config's
+    rules (`layout_problems`) plus the planner's own (the layout uses every GPU; TP stays
+    inside one 8-GPU node)."""
+    if layout.gpus != gpus:
+        return f"TP x PP x CP x DP = {layout.gpus}, not the {gpus} GPUs."
+    problems = layout_problems(m, layout, seq_len)
+    if problems:
+        return problems[0]
     if layout.tp > 8:
         return f"TP{layout.tp} spans more than one 8-GPU node."
     return None

@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
 from glm52_train.config import ConfigError, ModelConfig, get_model_config
+from glm52_train.layout import Layout, layout_problems
 
 
 @dataclass
@@ -58,12 +59,12 @@ class TrainConfig:
     eval_interval: int = 100
     eval_iters: int = 8
     log_interval: int = 10
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    fp8: str | None = None  # with Transformer Engine: e4m3 | hybrid
-    transformer_engine: str = "auto"  # auto | on | off
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    fp8: Literal["e4m3", "hybrid"] | None = None  # with Transformer Engine
+    transformer_engine: Literal["auto", "on", "off"] = "auto"
     clip_grad: float = 1.0
-    recompute: str | None = None  # None | full
-    freeze: str | None = None  # None | all_but_indexer (DSA dense warm-up)
+    recompute: Literal["full"] | None = None
+    freeze: Literal["all_but_indexer"] | None = None  # the DSA dense warm-up
     max_skipped_steps: int = 10  # consecutive non-finite steps before the run stops
     exit_after_iters: int | None = None  # stop (with a checkpoint) after this many steps of this run
     collective_timeout_minutes: float = 30.0  # a collective waiting longer ends the run, naming the ranks that hung
@@ -71,14 +72,14 @@ class TrainConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"
+    name: Literal["adamw"] = "adamw"
     lr: float = 3e-4
     min_lr: float = 3e-5
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    schedule: str = "cosine"  # cosine | wsd | linear | constant
+    schedule: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
     warmup_iters: int = 100
     decay_iters: int | None = None  # default: train.iters
     wsd_decay_iters: int | None = None  # the final decay of WSD (default 10% of decay_iters)
@@ -86,9 +87,9 @@ class OptimizerConfig:
 
 @dataclass
 class DSAConfig:
-    mode: str = "sparse"  # sparse | warmup
+    mode: Literal["sparse", "warmup"] = "sparse"
     loss_coeff: float = 1.0
-    backend: str = "auto"  # auto (Triton kernels on GPU, PyTorch references on CPU) | torch | triton
+    backend: Literal["auto", "torch", "triton"] = "auto"  # auto: Triton on GPU, the PyTorch references on CPU
 
 
 @dataclass
@@ -116,7 +117,7 @@ class CheckpointConfig:
 class LoggingConfig:
     run_dir: str | None = None  # default runs/<run name>
     name: str | None = None
-    wandb: str = "offline"  # offline | online | disabled
+    wandb: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "glm52"
     wandb_entity: str | None = None
     tensorboard: bool = False
@@ -162,6 +163,29 @@ class RunConfig:
         out["model"] = self.model_config().to_dict()
         return out
 
+    def layout(self, world_size: int) -> Layout:
+        """The parallel degrees of this run on `world_size` processes."""
+        p = self.parallel
+        return Layout(tp=p.tp, pp=p.pp, vpp=p.vpp or 1, ep=p.ep, etp=p.etp or p.tp, cp=p.cp,
+                      dp=world_size // (p.tp * p.pp * p.cp), sp=p.sp)
+
+    def use_bf16(self) -> bool:
+        """`train.precision` resolved on this machine (auto: bf16 on a GPU, fp32 on a CPU)."""
+        if self.train.precision == "auto":
+            import torch
+
+            return torch.cuda.is_available()
+        return self.train.precision == "bf16"
+
+    def use_transformer_engine(self) -> bool:
+        """`train.transformer_engine` resolved on this machine (auto: when importable on a GPU)."""
+        import torch
+
+        from glm52_train import compat
+
+        available = torch.cuda.is_available() and compat.transformer_engine_available()
+        return available if self.train.transformer_engine == "auto" else self.train.transformer_engine == "on"
+
     # ---- validation ------------------------------------------------------------------------
     def validate(self, world_size: int | None = None) -> "RunConfig":
         model = self.model_config().validate()
@@ -179,64 +203,32 @@ class RunConfig:
         model_parallel = p.tp * p.pp * p.cp
         need(world % model_parallel == 0,
              f"the world size {world} is not divisible by tp x pp x cp = {p.tp} x {p.pp} x {p.cp}.")
-        dp = world // model_parallel
-        need(model.num_heads % p.tp == 0,
-             f"parallel.tp={p.tp} does not divide the {model.num_heads} attention heads.")
-        if model.num_moe_layers:
-            need(model.num_experts % p.ep == 0,
-                 f"parallel.ep={p.ep} does not divide the {model.num_experts} experts.")
-            etp = p.etp or p.tp
-            need((world // p.pp) % (p.ep * etp) == 0,
-                 f"expert parallelism ep x etp = {p.ep} x {etp} does not divide the "
-                 f"{world // p.pp} ranks of a pipeline stage.")
-        need(not p.sp or p.tp > 1, "parallel.sp (sequence parallel) needs parallel.tp > 1.")
-        need(p.sp or p.tp == 1 or not model.num_moe_layers,
-             "parallel.tp > 1 with MoE layers needs parallel.sp: true (Megatron-Core requires "
-             "sequence parallelism for MoE under tensor parallelism).")
-        need(p.vpp is None or p.pp > 1, "parallel.vpp (virtual pipeline stages) needs parallel.pp > 1.")
-        need(model.num_layers >= p.pp, f"{model.num_layers} layers cannot fill {p.pp} pipeline stages.")
+        layout = self.layout(world)
         need(t.micro_batch_size >= 1 and t.global_batch_size >= 1, "batch sizes must be positive.")
-        need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+        need(t.global_batch_size % (t.micro_batch_size * layout.dp) == 0,
              f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-             f"micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp}).")
-        microbatches = t.global_batch_size // max(t.micro_batch_size * dp, 1)
-        need(p.vpp is None or microbatches >= p.pp,
-             f"virtual pipeline stages need at least pp={p.pp} microbatches per step, got "
-             f"{microbatches} (global_batch_size / (micro_batch_size x data-parallel size)).")
+             f"micro_batch_size x data-parallel size ({t.micro_batch_size} x {layout.dp}).")
+        microbatches = t.global_batch_size // (t.micro_batch_size * layout.dp)
+        problems = layout_problems(model, layout, d.seq_length, first_stage_layers=p.first_stage_layers,
+                                   last_stage_layers=p.last_stage_layers, microbatches=microbatches)
+        need(not problems, f"parallel: {problems[0] if problems else ''}")
         need(d.seq_length >= 2, "data.seq_length must be at least 2.")
         need(not d.packed or t.micro_batch_size == 1,
              "data.packed needs train.micro_batch_size 1 (each microbatch is one packed sample).")
-        need(d.seq_length % (p.tp if p.sp else 1) == 0,
-             f"data.seq_length ({d.seq_length}) must be divisible by tp ({p.tp}) under sequence parallelism.")
-        need(d.seq_length % (2 * p.cp) == 0 or p.cp == 1,
-             f"data.seq_length ({d.seq_length}) must be divisible by 2 x cp ({2 * p.cp}).")
-        need(d.seq_length <= model.max_position_embeddings,
-             f"data.seq_length ({d.seq_length}) exceeds the model's {model.max_position_embeddings} positions.")
         need(bool(d.blend), "data.blend lists no datasets.")
         need(all(s.weight > 0 for s in d.blend), "data.blend weights must be positive.")
-        need(t.precision in ("auto", "bf16", "fp32"), f"train.precision {t.precision!r} is not auto, bf16 or fp32.")
-        need(t.transformer_engine in ("auto", "on", "off"),
-             f"train.transformer_engine {t.transformer_engine!r} is not auto, on or off.")
-        need(t.recompute in (None, "full"), f"train.recompute {t.recompute!r} is not null or full.")
-        need(t.freeze in (None, "all_but_indexer"), f"train.freeze {t.freeze!r} is not null or all_but_indexer.")
-        need(self.dsa.mode in ("sparse", "warmup"), f"dsa.mode {self.dsa.mode!r} is not sparse or warmup.")
-        need(self.dsa.backend in ("auto", "torch", "triton"),
-             f"dsa.backend {self.dsa.backend!r} is not auto, torch or triton.")
-        need(self.optimizer.name == "adamw",
-             f"optimizer.name {self.optimizer.name!r} is not available: Megatron-Core 0.16.1's Muon needs "
-             "the emerging_optimizers package, which is not installable here; use adamw.")
-        need(self.optimizer.schedule in ("cosine", "wsd", "linear", "constant"),
-             f"optimizer.schedule {self.optimizer.schedule!r} is not cosine, wsd, linear or constant.")
         decay = self.optimizer.decay_iters or t.iters
         need(0 <= self.optimizer.warmup_iters < decay,
              f"optimizer.warmup_iters ({self.optimizer.warmup_iters}) must be below the decay length "
              f"({decay}, optimizer.decay_iters or train.iters).")
-        need(self.logging.wandb in ("offline", "online", "disabled"),
-             f"logging.wandb {self.logging.wandb!r} is not offline, online or disabled.")
         need(self.checkpoint.resume in (None, "auto", "none") or Path(self.checkpoint.resume).exists(),
              f"checkpoint.resume {self.checkpoint.resume!r} is neither auto, none, nor an existing path.")
         need(t.log_interval >= 1 and t.eval_interval >= 1, "log and eval intervals must be at least 1.")
         need(t.collective_timeout_minutes > 0, "train.collective_timeout_minutes must be positive.")
+        te = self.use_transformer_engine()
+        need(t.transformer_engine != "on" or te,
+             "train.transformer_engine=on but Transformer Engine is not importable on a GPU here.")
+        need(not t.fp8 or te, "train.fp8 needs Transformer Engine, which is not available here.")
         need(self.logging.profile_at is None or self.logging.profile_at >= 1,
              "logging.profile_at must be a step number (1 or more) or null.")
         need(self.logging.profile_steps >= 1, "logging.profile_steps must be at least 1.")
@@ -249,6 +241,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = get_origin(hint)
     args = get_args(hint)
     if hint is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(str(a) for a in args)
+            raise ConfigError(f"{where} must be one of {choices}, got {value!r}.")
         return value
     if origin is list:
         if not isinstance(value, list):

@@ -1,6 +1,6 @@
-"""The model on a GPU: the latent DSA path on the Triton kernels against the per-head PyTorch
-path, and a short bf16 training run of proxy-h100. Skipped without CUDA; run by
-bench/gpu_model_check.sh, results in docs/benchmarks.md."""
+"""The model on a GPU: its DSA on the Triton kernels against the same model on the PyTorch
+references. Skipped without CUDA; run by bench/gpu_model_check.sh, results in
+docs/benchmarks.md."""
 
 import pytest
 import torch
@@ -10,11 +10,12 @@ pytestmark = pytest.mark.gpu
 
 def test_kernel_path_matches_reference_on_gpu(single_process):
     from glm52_train.config import get_model_config
-    from glm52_train.model.build import RuntimeOptions, build_model
+    from glm52_train.model.build import build_model
+    from glm52_train.run_config import load_run_config
 
     cfg = get_model_config("tiny").replace(kv_lora_rank=64, qk_rope_dim=16)
-    ref = build_model(cfg, RuntimeOptions(dsa_backend="torch", cpu_init=False)).cuda().eval()
-    fast = build_model(cfg, RuntimeOptions(dsa_backend="kernels", cpu_init=False)).cuda().eval()
+    ref = build_model(cfg, load_run_config(None, ["dsa.backend=torch"]), cpu_init=False).cuda().eval()
+    fast = build_model(cfg, load_run_config(None, ["dsa.backend=triton"]), cpu_init=False).cuda().eval()
     fast.load_state_dict(ref.state_dict())
     ids = torch.randint(0, cfg.vocab_size, (2, 512), device="cuda")
     pos = torch.arange(512, device="cuda").unsqueeze(0).expand(2, -1)

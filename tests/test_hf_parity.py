@@ -16,7 +16,7 @@ import torch
 from glm52_train import checkpoint
 from glm52_train.cli import main as glm52
 from glm52_train.hf.convert import HFCheckpoint
-from glm52_train.model.build import RuntimeOptions, build_model
+from glm52_train.model.build import build_model
 from tests.hf_helpers import hf_config, make_hf_model, mtp_tensors, save_hf_folder
 
 SEQ = 24
@@ -71,7 +71,7 @@ def test_import_matches_transformers_and_export_roundtrips(case, tmp_path):
     assert glm52(["import-hf", "--hf", str(hf_dir), "--out", str(tmp_path / "ckpt")]) == 0
     path = checkpoint.resolve(tmp_path / "ckpt")
     model_config = HFCheckpoint(hf_dir).model_config
-    model = build_model(model_config, RuntimeOptions(init=False)).eval()
+    model = build_model(model_config, init=False).eval()
     checkpoint.load_checkpoint(path, [model])
     ours = _our_logits(model, ids)
     assert ref_logits.abs().max() > 1.0, "weights too small for a meaningful comparison"

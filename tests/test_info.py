@@ -8,7 +8,8 @@ import torch
 
 from glm52_train.cli import main as glm52
 from glm52_train.config import MODELS, get_model_config
-from glm52_train.model.build import RuntimeOptions, build_model
+from glm52_train.model.build import build_model
+from glm52_train.run_config import load_run_config
 from glm52_train.model.info import model_info
 
 GLM52_TOTAL = 743_377_000_704
@@ -16,7 +17,7 @@ GLM52_TOTAL = 743_377_000_704
 
 def _meta_counts(model_cfg):
     with torch.device("meta"):
-        model = build_model(model_cfg, RuntimeOptions(init=False, bf16=True))
+        model = build_model(model_cfg, load_run_config(None, ["train.precision=bf16"]), init=False)
     total = sum(p.numel() for p in model.parameters())
     mtp = sum(p.numel() for n, p in model.named_parameters() if n.startswith("mtp."))
     assert next(model.parameters()).device.type == "meta"

@@ -26,15 +26,16 @@ def test_packed_documents_match_each_document_alone(single_process):
     """A packed sample of three documents gives every token the logits it gets when its
     document runs alone: attention, the DSA indexer and top-k never cross documents."""
     from glm52_train.config import get_model_config
-    from glm52_train.model.build import RuntimeOptions, build_model
+    from glm52_train.model.build import build_model
+    from glm52_train.run_config import load_run_config
 
     cfg = get_model_config("tiny")
     assert cfg.index_topk < 40  # every document is longer than top-k: selection is exercised
     lengths = [40, 52, 36]
     g = torch.Generator().manual_seed(0)
     docs = [torch.randint(1, cfg.vocab_size, (n,), generator=g) for n in lengths]
-    packed = build_model(cfg, RuntimeOptions(packed_sequences=True)).eval()
-    alone = build_model(cfg, RuntimeOptions()).eval()
+    packed = build_model(cfg, load_run_config(None, ["data.packed=true"])).eval()
+    alone = build_model(cfg).eval()
     alone.load_state_dict(packed.state_dict())
     ids = torch.cat(docs).unsqueeze(0)
     pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from glm52_train.config import get_model_config
-from glm52_train.model.build import RuntimeOptions, build_model
+from glm52_train.model.build import build_model
+from glm52_train.run_config import load_run_config
 from glm52_train.model.dsa import DSALossTracker
 from glm52_train.model.layer import GLMTransformerLayer
 
@@ -20,8 +21,9 @@ def _batch(vocab, b=2, s=SEQ, seed=0):
     return ids, pos
 
 
-def _build(model_cfg, reference=None, **run):
-    model = build_model(model_cfg, RuntimeOptions(**run))
+def _build(model_cfg, reference=None, *overrides):
+    """The model under a run config of `key=value` overrides (`dsa.mode=warmup`, ...)."""
+    model = build_model(model_cfg, load_run_config(None, list(overrides)))
     if reference is not None:
         model.load_state_dict(reference.state_dict())
     return model
@@ -62,7 +64,7 @@ def test_indexer_loss_trains_the_indexer_only(single_process):
     cfg = get_model_config("tiny")
     ids, pos = _batch(cfg.vocab_size)
     with_kl = _build(cfg).train()
-    without_kl = _build(cfg, reference=with_kl, dsa_loss_coeff=0.0).train()
+    without_kl = _build(cfg, with_kl, "dsa.loss_coeff=0").train()
     loss_a, grads_a = _loss_and_grads(with_kl, ids, pos)
     loss_b, grads_b = _loss_and_grads(without_kl, ids, pos)
     assert torch.equal(loss_a, loss_b)  # the KL is not part of the reported loss
@@ -78,7 +80,7 @@ def test_warmup_mode_attends_densely(single_process):
     cfg = get_model_config("tiny")
     ids, pos = _batch(cfg.vocab_size)
     sparse = _build(cfg).eval()
-    warmup = _build(cfg, reference=sparse, dsa_mode="warmup").eval()
+    warmup = _build(cfg, sparse, "dsa.mode=warmup").eval()
     all_keys = _build(cfg.replace(index_topk=SEQ), reference=sparse).eval()
     with torch.no_grad():
         out_sparse, out_warmup, out_all = (m(ids, pos, None) for m in (sparse, warmup, all_keys))
@@ -109,7 +111,7 @@ def test_full_recompute_matches(single_process):
     cfg = get_model_config("tiny")
     ids, pos = _batch(cfg.vocab_size)
     plain = _build(cfg).train()
-    recomputed = _build(cfg, reference=plain, recompute="full").train()
+    recomputed = _build(cfg, plain, "train.recompute=full").train()
     loss_a, grads_a = _loss_and_grads(plain, ids, pos)
     loss_b, grads_b = _loss_and_grads(recomputed, ids, pos)
     assert torch.equal(loss_a, loss_b)
@@ -135,10 +137,9 @@ def test_mtp_shares_one_layer_over_three_steps(single_process):
 
 def test_bad_dsa_mode_is_one_sentence():
     from glm52_train.config import ConfigError
-    from glm52_train.model.build import transformer_config
 
-    with pytest.raises(ConfigError, match="dsa mode 'dense'"):
-        transformer_config(get_model_config("tiny"), RuntimeOptions(dsa_mode="dense"))
+    with pytest.raises(ConfigError, match="dsa.mode must be one of sparse, warmup, got 'dense'"):
+        load_run_config(None, ["dsa.mode=dense"])
 
 
 @pytest.mark.parametrize("mode", ["sparse", "warmup"])
@@ -151,7 +152,7 @@ def test_absorbed_attention_matches_per_head_mla(mode, single_process):
     from tests import dsa_per_head as per_head
 
     cfg = get_model_config("tiny")
-    attn = _build(cfg, dsa_mode=mode).train().decoder.layers[0].self_attention
+    attn = _build(cfg, None, f"dsa.mode={mode}").train().decoder.layers[0].self_attention
     core = attn.core_attention
     assert core.indexer is not None
     g = torch.Generator().manual_seed(1)

@@ -19,12 +19,12 @@ from glm52_train import checkpoint, parallel
 from glm52_train.config import ConfigError, ModelConfig
 from glm52_train.hf import mapping
 from glm52_train.hf.convert import HFCheckpoint, finish_hf_folder, load_hf_weights, write_shards
-from glm52_train.model.build import RuntimeOptions, build_model
+from glm52_train.model.build import build_model
 
 
 def _single_process_model(model_config: ModelConfig, seed: int = 1234):
-    parallel.initialize(RuntimeOptions(), seed=seed)
-    return build_model(model_config, RuntimeOptions(init=False))
+    parallel.initialize(seed=seed)
+    return build_model(model_config, init=False)
 
 
 def import_hf(hf_dir: str, out_dir: str) -> Path:
@@ -62,9 +62,9 @@ def _my_entries(model_config: ModelConfig) -> dict:
     """This process's share of the model's sharded state (see `_my_share`), each entry marked as
     the one copy (replica 0; the other processes hold none). The model is built on the meta
     device, so nothing is allocated."""
-    parallel.initialize(RuntimeOptions())
+    parallel.initialize()
     with torch.device("meta"):
-        model = build_model(model_config, RuntimeOptions(init=False))
+        model = build_model(model_config, init=False)
     sharded = checkpoint.model_sharded_state([model])["model"]
     mine = {}
     for name in _my_share(sharded, torch.distributed.get_rank(), torch.distributed.get_world_size()):

@@ -15,14 +15,12 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from glm52_train import compat
-from glm52_train.config import ConfigError, ModelConfig
+from glm52_train.config import ModelConfig
 from glm52_train.model import topk_relay
 from glm52_train.model.mtp import SharedMTPBlock
 from glm52_train.model.sequence import GLMSequenceParams, TokenLayout
 from glm52_train.model.spec import glm52_block_spec, glm52_mtp_block_spec
-
-DSA_MODES = ("sparse", "warmup")
-
+from glm52_train.run_config import RunConfig
 
 @dataclass
 class GLMTransformerConfig(MLATransformerConfig):
@@ -42,41 +40,17 @@ class GLMTransformerConfig(MLATransformerConfig):
     packed_sequences: bool = False
 
 
-@dataclass
-class RuntimeOptions:
-    """The run's choices that shape the Megatron-Core config (not the architecture)."""
-
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    virtual_pipeline_parallel: int | None = None
-    expert_parallel: int = 1
-    expert_tensor_parallel: int | None = None
-    context_parallel: int = 1
-    sequence_parallel: bool = False
-    pipeline_first_stage_layers: int | None = None
-    pipeline_last_stage_layers: int | None = None
-    bf16: bool = False
-    fp8: str | None = None
-    use_te: bool = False
-    dsa_mode: str = "sparse"
-    dsa_loss_coeff: float = 1.0
-    dsa_backend: str = "auto"
-    moe_aux_loss_coeff: float = 1e-4
-    moe_bias_update_rate: float = 1e-3
-    mtp_loss_scale: float = 0.3
-    packed_sequences: bool = False
-    recompute: str | None = None  # None | "full" | "selective"
-    cpu_init: bool = True
-    init: bool = True
-
-
-def transformer_config(model: ModelConfig, run: RuntimeOptions | None = None) -> GLMTransformerConfig:
-    """The Megatron-Core config of `model` under the run options `run`."""
+def transformer_config(model: ModelConfig, run: RunConfig | None = None, *, cpu_init: bool = True,
+                       init: bool = True) -> GLMTransformerConfig:
+    """The Megatron-Core config of `model` under the run config `run` (its parallel layout,
+    precision, DSA, MoE, MTP and recomputation choices; defaults when None). `cpu_init`
+    initialises weights on the CPU (identical under every layout); `init=False` skips
+    initialisation (weights about to be loaded)."""
     model.validate()
-    run = run or RuntimeOptions()
-    if run.dsa_mode not in DSA_MODES:
-        raise ConfigError(f"dsa mode {run.dsa_mode!r} is not one of {', '.join(DSA_MODES)}.")
-    params_dtype = torch.bfloat16 if run.bf16 else torch.float32
+    run = run or RunConfig()
+    p, t = run.parallel, run.train
+    bf16, use_te = run.use_bf16(), run.use_transformer_engine()
+    params_dtype = torch.bfloat16 if bf16 else torch.float32
     moe = model.num_moe_layers > 0
     rope = dict(rope_type="rope")
     if model.rope_scaling and model.rope_scaling.get("rope_type", model.rope_scaling.get("type")) == "yarn":
@@ -118,33 +92,33 @@ def transformer_config(model: ModelConfig, run: RuntimeOptions | None = None) ->
         dsa_index_head_dim=model.index_head_dim,
         dsa_index_topk=model.index_topk,
         dsa_index_pattern=model.layer_index_pattern,
-        dsa_mode=run.dsa_mode,
-        dsa_loss_coeff=run.dsa_loss_coeff,
-        dsa_backend=run.dsa_backend,
+        dsa_mode=run.dsa.mode,
+        dsa_loss_coeff=run.dsa.loss_coeff,
+        dsa_backend=run.dsa.backend,
         mtp_num_layers=model.mtp_steps if model.mtp_layers else None,
         mtp_distinct_layers=model.mtp_layers,
-        mtp_loss_scaling_factor=run.mtp_loss_scale,
+        mtp_loss_scaling_factor=run.mtp.loss_scale,
         # Losses are sums over tokens, divided once by the global token count (all
         # microbatches, data- and context-parallel ranks): the same mean under every layout.
         calculate_per_token_loss=True,
-        packed_sequences=run.packed_sequences,
+        packed_sequences=run.data.packed,
         # parallelism
-        tensor_model_parallel_size=run.tensor_parallel,
-        pipeline_model_parallel_size=run.pipeline_parallel,
-        virtual_pipeline_model_parallel_size=run.virtual_pipeline_parallel,
-        expert_model_parallel_size=run.expert_parallel,
-        expert_tensor_parallel_size=run.expert_tensor_parallel,
-        context_parallel_size=run.context_parallel,
-        sequence_parallel=run.sequence_parallel,
-        num_layers_in_first_pipeline_stage=run.pipeline_first_stage_layers,
-        num_layers_in_last_pipeline_stage=run.pipeline_last_stage_layers,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+        expert_model_parallel_size=p.ep,
+        expert_tensor_parallel_size=p.etp,
+        context_parallel_size=p.cp,
+        sequence_parallel=p.sp,
+        num_layers_in_first_pipeline_stage=p.first_stage_layers,
+        num_layers_in_last_pipeline_stage=p.last_stage_layers,
         # precision and kernels
         params_dtype=params_dtype,
-        bf16=run.bf16,
+        bf16=bf16,
         pipeline_dtype=params_dtype,
-        fp8=run.fp8,
-        use_cpu_initialization=run.cpu_init,
-        perform_initialization=run.init,
+        fp8=t.fp8,
+        use_cpu_initialization=cpu_init,
+        perform_initialization=init,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
@@ -152,10 +126,8 @@ def transformer_config(model: ModelConfig, run: RuntimeOptions | None = None) ->
         persist_layer_norm=False,
         **rope,
     )
-    if run.recompute == "full":
+    if t.recompute == "full":
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    elif run.recompute is not None:
-        raise ConfigError(f"recompute {run.recompute!r} is not supported (use 'full' or none).")
     if moe:
         kwargs.update(
             num_moe_experts=model.num_experts,
@@ -168,15 +140,15 @@ def transformer_config(model: ModelConfig, run: RuntimeOptions | None = None) ->
             moe_router_score_function="sigmoid",
             moe_router_pre_softmax=False,
             moe_router_enable_expert_bias=True,
-            moe_router_bias_update_rate=run.moe_bias_update_rate,
+            moe_router_bias_update_rate=run.moe.bias_update_rate,
             moe_router_topk_scaling_factor=model.routed_scaling_factor,
             moe_router_num_groups=model.moe_groups if model.moe_groups > 1 else None,
             moe_router_group_topk=model.moe_topk_groups if model.moe_groups > 1 else None,
             moe_router_dtype="fp32",
-            moe_router_load_balancing_type="seq_aux_loss" if run.moe_aux_loss_coeff > 0 else "none",
-            moe_aux_loss_coeff=run.moe_aux_loss_coeff,
+            moe_router_load_balancing_type="seq_aux_loss" if run.moe.aux_loss_coeff > 0 else "none",
+            moe_aux_loss_coeff=run.moe.aux_loss_coeff,
             moe_token_dispatcher_type="alltoall",
-            moe_grouped_gemm=run.use_te,
+            moe_grouped_gemm=use_te,
             moe_permute_fusion=False,
         )
     return GLMTransformerConfig(**kwargs)
@@ -290,20 +262,24 @@ def _builds_mtp_block(cls):
 
 def build_model(
     model: ModelConfig,
-    run: RuntimeOptions | None = None,
+    run: RunConfig | None = None,
     *,
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
     config: GLMTransformerConfig | None = None,
+    cpu_init: bool = True,
+    init: bool = True,
 ) -> GLM52Model:
-    """The GLM-5.2 model of this pipeline stage. Megatron-Core's parallel state must be
+    """The GLM-5.2 model of this pipeline stage under the run config `run` (defaults when
+    None; `config` when already built from it). Megatron-Core's parallel state must be
     initialised (`glm52_train.parallel.initialize`)."""
     compat.apply()
-    run = run or RuntimeOptions()
-    config = config or transformer_config(model, run)
-    block = glm52_block_spec(config, use_te=run.use_te, vp_stage=vp_stage)
-    mtp = glm52_mtp_block_spec(config, use_te=run.use_te) if post_process else None
+    run = run or RunConfig()
+    config = config or transformer_config(model, run, cpu_init=cpu_init, init=init)
+    use_te = run.use_transformer_engine()
+    block = glm52_block_spec(config, use_te=use_te, vp_stage=vp_stage)
+    mtp = glm52_mtp_block_spec(config, use_te=use_te) if post_process else None
     return GLM52Model(
         config=config,
         transformer_layer_spec=block,

@@ -105,16 +105,15 @@ def pretrain(cfg: RunConfig) -> int:
     world = parallel.world_size_from_env()
     cfg.validate(world)
     signals = StopSignals()  # from the start: a signal during setup stops after the first step
-    run = setup.runtime_options(cfg)
-    parallel.initialize(run, seed=cfg.train.seed, timeout_minutes=cfg.train.collective_timeout_minutes)
+    parallel.initialize(cfg.parallel, seed=cfg.train.seed, timeout_minutes=cfg.train.collective_timeout_minutes)
     model_cfg = cfg.model_config()
     tokenizer = Tokenizer(cfg.data.tokenizer)
     check_data(cfg, model_cfg, tokenizer)
 
-    chunks, config = setup.build_model_chunks(model_cfg, run, cfg.data.seq_length)
+    chunks, config = setup.build_model_chunks(model_cfg, cfg, cfg.data.seq_length)
     if cfg.train.freeze == "all_but_indexer":
         setup.freeze_all_but_indexer(chunks)
-    bf16 = setup.use_bf16(cfg)
+    bf16 = cfg.use_bf16()
     chunks = setup.wrap_ddp(chunks, config, bf16)
     optimizer, scheduler, _ = setup.build_optimizer(cfg, chunks, config, bf16)
     expert_load = ExpertLoad(chunks, config)

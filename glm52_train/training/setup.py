@@ -13,56 +13,11 @@ from megatron.core.transformer.module import Float16Module
 
 from glm52_train import compat
 from glm52_train.config import ConfigError, ModelConfig
-from glm52_train.model.build import RuntimeOptions, build_model, transformer_config
+from glm52_train.model.build import build_model, transformer_config
 from glm52_train.run_config import RunConfig
 
 
-def use_bf16(cfg: RunConfig) -> bool:
-    if cfg.train.precision == "auto":
-        return torch.cuda.is_available()
-    return cfg.train.precision == "bf16"
-
-
-def use_transformer_engine(cfg: RunConfig) -> bool:
-    choice = cfg.train.transformer_engine
-    available = torch.cuda.is_available() and compat.transformer_engine_available()
-    if choice == "on" and not available:
-        raise ConfigError("train.transformer_engine=on but Transformer Engine is not importable on a GPU here.")
-    return available if choice == "auto" else choice == "on"
-
-
-def runtime_options(cfg: RunConfig) -> RuntimeOptions:
-    p = cfg.parallel
-    te = use_transformer_engine(cfg)
-    if cfg.train.fp8 and not te:
-        raise ConfigError("train.fp8 needs Transformer Engine, which is not available here.")
-    return RuntimeOptions(
-        tensor_parallel=p.tp,
-        pipeline_parallel=p.pp,
-        virtual_pipeline_parallel=p.vpp,
-        expert_parallel=p.ep,
-        expert_tensor_parallel=p.etp,
-        context_parallel=p.cp,
-        sequence_parallel=p.sp,
-        pipeline_first_stage_layers=p.first_stage_layers,
-        pipeline_last_stage_layers=p.last_stage_layers,
-        bf16=use_bf16(cfg),
-        fp8=cfg.train.fp8,
-        use_te=te,
-        dsa_mode=cfg.dsa.mode,
-        dsa_loss_coeff=cfg.dsa.loss_coeff,
-        dsa_backend=cfg.dsa.backend,
-        moe_aux_loss_coeff=cfg.moe.aux_loss_coeff,
-        moe_bias_update_rate=cfg.moe.bias_update_rate,
-        mtp_loss_scale=cfg.mtp.loss_scale,
-        packed_sequences=cfg.data.packed,
-        recompute=cfg.train.recompute,
-        cpu_init=True,
-        init=True,
-    )
-
-
-def build_model_chunks(model_cfg: ModelConfig, run: RuntimeOptions, run_seq_length: int | None = None):
+def build_model_chunks(model_cfg: ModelConfig, run: RunConfig, run_seq_length: int | None = None):
     """The model chunks of this rank (one per virtual pipeline stage), on its device, unwrapped."""
     config = transformer_config(model_cfg, run)
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
