@@ -259,15 +259,3 @@ def check_hf_names(model: ModelConfig, available: set[str]) -> list[Pair]:
             f"{', '.join(unexpected[:3])} (does config.json match the weights?)."
         )
     return pairs
-
-
-def megatron_tensor(pair: Pair, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    """The Megatron tensor (TP1 view) of one pair, read from HF with `get(name)`."""
-    return pair.from_hf(get)
-
-
-def from_hf(
-    model: ModelConfig, get: Callable[[str], torch.Tensor], available: set[str]
-) -> dict[str, torch.Tensor]:
-    """Build the whole Megatron state (TP1 view) from HF tensors (see `check_hf_names`)."""
-    return {pair.megatron: pair.from_hf(get) for pair in check_hf_names(model, available)}
