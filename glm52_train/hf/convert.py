@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -123,19 +123,33 @@ def megatron_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 
+def hf_weights(
+    model_config: ModelConfig, ckpt: HFCheckpoint, targets: dict[str, torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The one way HF weights enter our model. For each Megatron name in `targets` (TP1 view;
+    the tensors give shape and dtype and may be on the meta device), yield the tensor the table
+    makes from `ckpt`, in the target's dtype. Tensors are read one row at a time.
+
+    Raises ConfigError, before reading any tensor, if the checkpoint's names are not exactly
+    the ones `model_config` needs or the table has no row for a target; and if a tensor's shape
+    differs from its target's."""
+    pairs = {p.megatron: p for p in mapping.check_hf_names(model_config, ckpt.names)}
+    unset = sorted(set(targets) - set(pairs))
+    if unset:
+        raise ConfigError(f"the conversion table leaves {len(unset)} model tensor(s) unset, e.g. {unset[:3]}.")
+    for name, target in targets.items():
+        source = pairs[name].from_hf(ckpt.get)
+        if tuple(source.shape) != tuple(target.shape):
+            raise ConfigError(
+                f"{name} has shape {tuple(source.shape)} in the HF checkpoint but "
+                f"{tuple(target.shape)} in the model."
+            )
+        yield name, source.to(target.dtype)
+
+
 def load_hf_weights(model: torch.nn.Module, model_config: ModelConfig, ckpt: HFCheckpoint) -> None:
     """Copy a HF checkpoint's weights into a single-process (TP=PP=EP=1) GLM-5.2 model."""
-    state = mapping.from_hf(model_config, ckpt.get, ckpt.names)
     own = megatron_state(model)
-    missing = sorted(set(own) - set(state))
-    if missing:
-        raise ConfigError(f"the conversion table leaves {len(missing)} model tensor(s) unset, e.g. {missing[:3]}.")
     with torch.no_grad():
-        for name, target in own.items():
-            source = state[name]
-            if tuple(source.shape) != tuple(target.shape):
-                raise ConfigError(
-                    f"{name} has shape {tuple(source.shape)} in the HF checkpoint but "
-                    f"{tuple(target.shape)} in the model."
-                )
-            target.copy_(source.to(target.dtype))
+        for name, source in hf_weights(model_config, ckpt, own):
+            own[name].copy_(source)

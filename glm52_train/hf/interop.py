@@ -18,7 +18,7 @@ import torch
 from glm52_train import checkpoint, parallel
 from glm52_train.config import ConfigError, ModelConfig
 from glm52_train.hf import mapping
-from glm52_train.hf.convert import HFCheckpoint, finish_hf_folder, load_hf_weights, write_shards
+from glm52_train.hf.convert import HFCheckpoint, finish_hf_folder, hf_weights, load_hf_weights, write_shards
 from glm52_train.model.build import build_model
 
 
@@ -37,19 +37,11 @@ def import_hf(hf_dir: str, out_dir: str) -> Path:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     ckpt = HFCheckpoint(hf_dir)
-    pairs = {p.megatron: p for p in mapping.check_hf_names(ckpt.model_config, ckpt.names)}
     state = _my_entries(ckpt.model_config)
-    for name, entry in state.items():
-        if not isinstance(entry, ShardedObject):  # tensors; objects are empty layer extra states
-            if name not in pairs:
-                raise ConfigError(f"the conversion table has no HF source for model tensor {name}.")
-            source = mapping.megatron_tensor(pairs[name], ckpt.get)
-            if tuple(source.shape) != tuple(entry.data.shape):
-                raise ConfigError(
-                    f"{name} has shape {tuple(source.shape)} in the HF checkpoint but "
-                    f"{tuple(entry.data.shape)} in the model."
-                )
-            entry.data = source.to(entry.data.dtype)
+    # tensors (on the meta device); the objects are the layers' empty extra states
+    tensors = {name: entry.data for name, entry in state.items() if not isinstance(entry, ShardedObject)}
+    for name, source in hf_weights(ckpt.model_config, ckpt, tensors):
+        state[name].data = source
     meta = {
         "kind": "weights",
         "source": str(Path(hf_dir).resolve()),

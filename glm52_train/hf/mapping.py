@@ -1,12 +1,11 @@
 """Megatron <-> Hugging Face names for GLM-5.2, as one declarative table used both ways.
 
 Each entry names a Megatron-Core parameter (the unsharded, tensor-parallel-1 view of
-`GPTModel.state_dict()`) and the HF tensor(s) it corresponds to in a `glm_moe_dsa` checkpoint
-as released (per-expert tensors; transformers fuses them on load). Placeholders:
-`{layer}` a decoder layer, `{expert}` a routed expert. Transforms:
-- ``copy``: the same tensor;
-- ``fuse``: several HF tensors concatenated along dim 0 make one Megatron tensor (SwiGLU gate and
-  up projections -> `linear_fc1`); export splits it back.
+`GPTModel.state_dict()`), the HF tensor(s) it corresponds to in a `glm_moe_dsa` checkpoint
+as released (per-expert tensors; transformers fuses them on load), and a transform: a small
+object that turns the HF tensors into the Megatron one (`from_hf`) and back (`to_hf`), so that
+import and export share one description of each layout. Placeholders: `{layer}` a decoder
+layer, `{expert}` a routed expert (each expert is its own row, so no transform stacks experts).
 
 `when` restricts an entry to some layers: dense FFN or MoE layers, and layers that own an
 indexer (IndexShare "shared" layers carry no indexer weights, as in the released checkpoint).
@@ -15,8 +14,9 @@ The MTP layer reuses the layer table under its own prefixes, plus `MTP_TABLE`.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -25,24 +25,89 @@ from glm52_train.config import ConfigError, ModelConfig
 DENSE, MOE, INDEXER, ALWAYS = "dense", "moe", "indexer", "always"
 
 
+class Transform(ABC):
+    """How the `hf_count` HF tensors of one row hold the numbers of its Megatron tensor (TP1
+    view), in both directions: `to_hf(from_hf(parts))` gives `parts` back and
+    `from_hf(to_hf(tensor))` gives `tensor` back."""
+
+    @property
+    @abstractmethod
+    def hf_count(self) -> int: ...
+
+    @abstractmethod
+    def from_hf(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The Megatron tensor made from the row's HF tensors, in the row's order."""
+
+    @abstractmethod
+    def to_hf(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The row's HF tensors, in the row's order, made from the Megatron tensor."""
+
+
+@dataclass(frozen=True)
+class Copy(Transform):
+    """One HF tensor, the same numbers in the same layout under another name."""
+
+    @property
+    def hf_count(self) -> int:
+        return 1
+
+    def from_hf(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        (tensor,) = parts
+        return tensor
+
+    def to_hf(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (tensor,)
+
+
+@dataclass(frozen=True)
+class Fuse(Transform):
+    """`parts` HF tensors of equal size, concatenated along `dim` in the row's order, make the
+    Megatron tensor; export cuts it back into `parts` equal pieces. Used for the SwiGLU gate and
+    up projections -> `linear_fc1` (gate first, as Megatron-Core's gated MLP splits it)."""
+
+    parts: int = 2
+    dim: int = 0
+
+    def __post_init__(self):
+        assert self.parts >= 2, "a fuse of one tensor is a Copy"
+
+    @property
+    def hf_count(self) -> int:
+        return self.parts
+
+    def from_hf(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        assert len(parts) == self.parts
+        return torch.cat(list(parts), dim=self.dim)
+
+    def to_hf(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        size = tensor.shape[self.dim]
+        if size % self.parts:
+            raise ConfigError(
+                f"a tensor of size {size} along dim {self.dim} cannot be cut in {self.parts} equal parts."
+            )
+        return tuple(tensor.split(size // self.parts, dim=self.dim))
+
+
+COPY = Copy()
+
+
 @dataclass(frozen=True)
 class Entry:
     megatron: str
     hf: tuple[str, ...]
-    transform: str = "copy"  # copy | fuse
+    transform: Transform = COPY
     when: str = ALWAYS
 
     def __post_init__(self):
-        assert self.transform in ("copy", "fuse")
-        assert (self.transform == "fuse") == (len(self.hf) > 1)
+        assert len(self.hf) == self.transform.hf_count, (self.megatron, self.hf, self.transform)
 
 
 def _copy(megatron: str, hf: str, when: str = ALWAYS) -> Entry:
-    return Entry(megatron, (hf,), "copy", when)
+    return Entry(megatron, (hf,), COPY, when)
 
 
 def _fuse(megatron: str, hf: list[str], when: str = ALWAYS) -> Entry:
-    return Entry(megatron, tuple(hf), "fuse", when)
+    return Entry(megatron, tuple(hf), Fuse(parts=len(hf), dim=0), when)
 
 
 MODEL_TABLE = [
@@ -97,11 +162,20 @@ MTP_SHARED_COPIES = [
 
 @dataclass(frozen=True)
 class Pair:
-    """One resolved row: a Megatron name and the HF name(s) that hold the same numbers."""
+    """One resolved row: a Megatron name, the HF name(s) that hold the same numbers, and the
+    transform between them."""
 
     megatron: str
     hf: tuple[str, ...]
-    transform: str
+    transform: Transform
+
+    def from_hf(self, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """The Megatron tensor (TP1 view), read from HF with `get(name)`."""
+        return self.transform.from_hf([get(h) for h in self.hf])
+
+    def to_hf(self, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """(HF name, tensor) for each HF tensor made from the Megatron tensor."""
+        return list(zip(self.hf, self.transform.to_hf(tensor), strict=True))
 
 
 def _layer_kind(model: ModelConfig, layer: int, is_mtp: bool) -> set[str]:
@@ -160,12 +234,7 @@ def to_hf(
     for pair in resolved_pairs(model):
         if partial and pair.megatron not in megatron_state:
             continue
-        tensor = megatron_state[pair.megatron]
-        if pair.transform == "copy":
-            yield pair.hf[0], tensor
-        else:
-            for name, part in zip(pair.hf, tensor.chunk(len(pair.hf), dim=0)):
-                yield name, part
+        yield from pair.to_hf(megatron_state[pair.megatron])
     for mname, hname in mtp_copy_names(model):
         if not partial or mname in megatron_state:
             yield hname, megatron_state[mname]
@@ -190,16 +259,3 @@ def check_hf_names(model: ModelConfig, available: set[str]) -> list[Pair]:
             f"{', '.join(unexpected[:3])} (does config.json match the weights?)."
         )
     return pairs
-
-
-def megatron_tensor(pair: Pair, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    """The Megatron tensor (TP1 view) of one pair, read from HF with `get(name)`."""
-    parts = [get(h) for h in pair.hf]
-    return parts[0] if pair.transform == "copy" else torch.cat(parts, dim=0)
-
-
-def from_hf(
-    model: ModelConfig, get: Callable[[str], torch.Tensor], available: set[str]
-) -> dict[str, torch.Tensor]:
-    """Build the whole Megatron state (TP1 view) from HF tensors (see `check_hf_names`)."""
-    return {pair.megatron: megatron_tensor(pair, get) for pair in check_hf_names(model, available)}
