@@ -10,7 +10,7 @@ import torch
 from glm52_train.config import ConfigError, get_model_config
 from glm52_train.hf import mapping
 from glm52_train.hf.convert import megatron_state
-from glm52_train.model.build import RuntimeOptions, build_model
+from glm52_train.model.build import build_model
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def tiny_rows():
     parallel.initialize(seed=0)
     try:
         with torch.device("meta"):
-            model = build_model(model_config, RuntimeOptions(init=False))
+            model = build_model(model_config, init=False)
         shapes = {name: tuple(t.shape) for name, t in megatron_state(model).items()}
     finally:
         parallel_state.destroy_model_parallel()
