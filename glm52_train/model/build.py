@@ -13,7 +13,6 @@ import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-from glm52_train import compat
 from glm52_train.config import ConfigError, ModelConfig
 from glm52_train.model import topk_relay
 from glm52_train.model.mtp import SharedMTPBlock
@@ -294,8 +293,7 @@ def build_model(
     config: GLMTransformerConfig | None = None,
 ) -> GLM52Model:
     """The GLM-5.2 model of this pipeline stage. Megatron-Core's parallel state must be
-    initialised (`glm52_train.parallel.initialize`)."""
-    compat.apply()
+    initialised (`glm52_train.parallel.initialize`, which installs `compat` first)."""
     run = run or RuntimeOptions()
     config = config or transformer_config(model, run)
     block = glm52_block_spec(config, use_te=run.use_te, vp_stage=vp_stage)
