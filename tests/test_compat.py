@@ -23,12 +23,6 @@ from tests.train_helpers import ROOT, env
 CUDA_ERRORS = (AssertionError, RuntimeError)  # what torch raises for CUDA calls without CUDA
 
 
-@pytest.fixture
-def megatron(single_process):
-    """One process's parallel state, with every item that applies here installed."""
-    return compat
-
-
 def needs(name: str) -> None:
     if name not in {i.name for i in compat.installed()}:
         pytest.skip(f"compatibility item {name} does not apply on this machine")
@@ -49,7 +43,7 @@ def test_every_item_has_its_own_test():
     assert len({i.number for i in compat.ITEMS}) == len({i.name for i in compat.ITEMS}) == len(compat.ITEMS)
 
 
-def test_apply_installs_what_applies_here_once(megatron):
+def test_apply_installs_what_applies_here_once(single_process):
     expected = [i for i in compat.ITEMS if compat.applies(i)]
     assert compat.installed() == expected
     compat.apply()
@@ -59,7 +53,7 @@ def test_apply_installs_what_applies_here_once(megatron):
         assert compat.installed() == list(compat.ITEMS)  # on the CPU, every one
 
 
-def test_another_megatron_version_warns_naming_the_items(megatron, monkeypatch):
+def test_another_megatron_version_warns_naming_the_items(single_process, monkeypatch):
     import megatron.core
 
     monkeypatch.setattr(megatron.core, "__version__", "0.17.0")
@@ -73,16 +67,25 @@ def test_another_megatron_version_warns_naming_the_items(megatron, monkeypatch):
     assert compat.check_version("0.16.1") == []
 
 
-def test_the_pinned_version_does_not_warn(megatron):
+def test_the_pinned_version_does_not_warn(single_process):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert compat.megatron_version() == compat.PINNED
         assert compat.check_version() == []
 
 
+def test_the_cli_does_not_silence_the_version_warning():
+    from glm52_train.cli import _quiet
+
+    with warnings.catch_warnings(record=True) as record:
+        _quiet()  # ignores Megatron-Core's warnings about TE and Apex, and so every message with "te"
+        compat.check_version("0.17.0")
+    assert [w.category for w in record] == [compat.VersionWarning]
+
+
 # ---- platform shims: no CUDA -------------------------------------------------------------------
 
-def test_item_01_cuda_current_device(megatron):
+def test_item_01_cuda_current_device(single_process):
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     needs("cuda_current_device")
@@ -95,7 +98,7 @@ def test_item_01_cuda_current_device(megatron):
     MTPLossLoggingHelper.tracker.clear()
 
 
-def test_item_02_host_streams(megatron, monkeypatch):
+def test_item_02_host_streams(single_process, monkeypatch):
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
@@ -119,7 +122,7 @@ def test_item_02_host_streams(megatron, monkeypatch):
     assert torch.allclose(out, hidden * k)  # every token back, once per expert it went to
 
 
-def test_item_03_host_rng_tracker(megatron):
+def test_item_03_host_rng_tracker(single_process):
     from megatron.core.tensor_parallel import random as mrandom
 
     needs("host_rng_tracker")
@@ -145,7 +148,7 @@ def test_item_03_host_rng_tracker(megatron):
     mrandom.model_parallel_cuda_manual_seed(1234)
 
 
-def test_item_06_cuda_tensor_factories(megatron):
+def test_item_06_cuda_tensor_factories(single_process):
     from megatron.core.optimizer import clip_grads
 
     needs("cuda_tensor_factories")
@@ -158,16 +161,6 @@ def test_item_06_cuda_tensor_factories(megatron):
     assert torch.ones(2).cuda().device.type == "cpu"
 
 
-class Toy(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = torch.nn.Linear(4, 4, bias=False)
-        self.b = torch.nn.Linear(4, 2, bias=False)
-
-    def forward(self, x):
-        return self.b(self.a(x))
-
-
 def toy_training():
     """A two-parameter Megatron-Core module in DDP with the distributed optimizer (torch AdamW
     here), and its LR schedule: what the optimizer-state items need, in a second."""
@@ -177,17 +170,18 @@ def toy_training():
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.module import MegatronModule
 
-    class ToyModule(MegatronModule):
+    class Toy(MegatronModule):
         def __init__(self, config) -> None:
             super().__init__(config)
-            self.toy = Toy()
+            self.a = torch.nn.Linear(4, 4, bias=False)
+            self.b = torch.nn.Linear(4, 2, bias=False)
 
         def forward(self, x):
-            return self.toy(x)
+            return self.b(self.a(x))
 
     config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1)
     ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True, bucket_size=None)
-    model = DistributedDataParallel(config, ddp, ToyModule(config))
+    model = DistributedDataParallel(config, ddp, Toy(config))
     optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=True), [model])
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=1e-2, max_lr=1e-2, min_lr=1e-2, lr_warmup_steps=0, lr_decay_steps=10,
@@ -199,7 +193,7 @@ def toy_training():
 def train_step(model, optimizer) -> None:
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    model(torch.arange(8.0).reshape(2, 4)).pow(2).sum().backward()
+    model(torch.arange(8.0, device=compat.default_device()).reshape(2, 4)).pow(2).sum().backward()
     model.finish_grad_sync()
     assert optimizer.step()[0]
 
@@ -209,7 +203,7 @@ def adam_states(optimizer) -> list[dict]:
     return list(sub.optimizer.state.values())
 
 
-def test_item_08_cuda_type_names(megatron):
+def test_item_08_cuda_type_names(single_process):
     needs("cuda_type_names")
     with compat.removed("cuda_type_names"), pytest.raises(TypeError, match="torch.cuda.FloatTensor"):
         toy_training()  # the distributed optimizer sorts parameters by param.type()
@@ -272,7 +266,7 @@ def two_ranks(tmp_path_factory) -> list[dict]:
 
 # ---- upstream fixes ----------------------------------------------------------------------------
 
-def test_item_04_router_gemm_symbol(megatron):
+def test_item_04_router_gemm_symbol(single_process):
     from megatron.core.transformer.moe import moe_utils
 
     needs("router_gemm_symbol")
@@ -284,7 +278,7 @@ def test_item_04_router_gemm_symbol(megatron):
     assert torch.allclose(out, x @ w.t())
 
 
-def test_item_05_mla_have_te(megatron):
+def test_item_05_mla_have_te(single_process):
     from megatron.core.transformer.multi_latent_attention import MLASelfAttention
     from megatron.core.transformer.spec_utils import build_module
 
@@ -303,7 +297,7 @@ class ProcessStart(Exception):
     pass
 
 
-def test_item_07_in_process_checkpoint_writer(megatron, tmp_path, monkeypatch):
+def test_item_07_in_process_checkpoint_writer(single_process, tmp_path, monkeypatch):
     """Upstream starts a spawn Manager and forks a writer per file at every save (which
     deadlocked here with threads running); with the item no process is started."""
     import os
@@ -337,7 +331,7 @@ def test_item_07_in_process_checkpoint_writer(megatron, tmp_path, monkeypatch):
     assert checkpoint.verify_checkpoint(path)["iteration"] == 1
 
 
-def test_item_09_fresh_adam_state(megatron):
+def test_item_09_fresh_adam_state(single_process):
     needs("fresh_adam_state")
     _, optimizer, _ = toy_training()
     (sub,) = optimizer.chained_optimizers
@@ -357,7 +351,7 @@ def saved_training(tmp_path):
     return path, adam_states(optimizer)
 
 
-def test_item_10_checkpoint_keys_only(megatron, tmp_path):
+def test_item_10_checkpoint_keys_only(single_process, tmp_path):
     from glm52_train.training.state import load_training_checkpoint
 
     needs("checkpoint_keys_only")
@@ -372,11 +366,11 @@ def test_item_10_checkpoint_keys_only(megatron, tmp_path):
         assert float(after["step"]) == 1.0
 
 
-def test_item_11_fp64_grad_norm(megatron):
+def test_item_11_fp64_grad_norm(single_process):
     from megatron.core.optimizer import clip_grads
 
     needs("fp64_grad_norm")
-    grad = torch.randn(1 << 20, generator=torch.Generator().manual_seed(0))
+    grad = torch.randn(1 << 20, generator=torch.Generator().manual_seed(0)).to(compat.default_device())
     exact = grad.double().norm().item()
 
     def whole_and_sharded():
@@ -389,7 +383,7 @@ def test_item_11_fp64_grad_norm(megatron):
     assert whole == pytest.approx(exact, rel=2e-7) and sharded == pytest.approx(exact, rel=2e-7)
 
 
-def test_item_14_aux_loss_token_count(megatron):
+def test_item_14_aux_loss_token_count(single_process):
     """A micro-batch of two copies of a sequence has the same sequence aux loss as the sequence
     alone, over twice the tokens: before the per-token division its gradient is twice as large.
     (The tensor-parallel half of the item: the next test.)"""
@@ -426,7 +420,7 @@ def test_aux_loss_token_count_over_tensor_parallel(two_ranks):
         assert result["with"]["value"] == pytest.approx(1.0, rel=1e-5), result
 
 
-def test_item_15_untied_adam_steps(megatron, tmp_path):
+def test_item_15_untied_adam_steps(single_process, tmp_path):
     from glm52_train.training.state import load_training_checkpoint
 
     needs("untied_adam_steps")

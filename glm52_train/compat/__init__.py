@@ -21,6 +21,9 @@ What applies where:
   platform shims, so torch.cuda and every tensor factory are Megatron-Core's own.
 - GPU with TE: 7 and 14.
 
+(With Apex but no TE, Megatron-Core's optimizer and norm are Apex's: 9, 11 and 15 are installed
+and find nothing to change.)
+
 `apply()` installs the items that apply, once per process; `parallel.init_distributed()` calls
 it, which every process does before it builds a model, so nothing else does. A Megatron-Core
 other than `PINNED` warns once, naming the items to re-check. `installed()` lists what was
