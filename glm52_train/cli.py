@@ -14,9 +14,12 @@ from glm52_train.config import ConfigError
 
 def _quiet() -> None:
     # Megatron-Core warns at import about missing Apex/TE on every CPU run; say it once in the
-    # README instead of on every command.
+    # README instead of on every command. A Megatron-Core other than the pinned one still warns.
+    from glm52_train.compat import VersionWarning
+
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|TE).*")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("default", category=VersionWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

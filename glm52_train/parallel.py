@@ -17,8 +17,9 @@ def world_size_from_env() -> int:
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> None:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT), or make a
-    one-process group when run directly. NCCL on GPUs, gloo on CPUs."""
+    """Install the compatibility items (`compat.apply`: every process comes through here before
+    it builds anything), then join the process group torchrun describes (RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT), or make a one-process group when run directly. NCCL on GPUs, gloo on CPUs."""
     compat.apply()
     if torch.distributed.is_initialized():
         return

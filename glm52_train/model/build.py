@@ -14,7 +14,6 @@ import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-from glm52_train import compat
 from glm52_train.config import ModelConfig
 from glm52_train.model import topk_relay
 from glm52_train.model.mtp import SharedMTPBlock
@@ -273,8 +272,7 @@ def build_model(
 ) -> GLM52Model:
     """The GLM-5.2 model of this pipeline stage under the run config `run` (defaults when
     None; `config` when already built from it). Megatron-Core's parallel state must be
-    initialised (`glm52_train.parallel.initialize`)."""
-    compat.apply()
+    initialised (`glm52_train.parallel.initialize`, which installs `compat` first)."""
     run = run or RunConfig()
     config = config or transformer_config(model, run, cpu_init=cpu_init, init=init)
     use_te = run.use_transformer_engine()

@@ -18,7 +18,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.router import TopKRouter
 
-from glm52_train import parallel
+from glm52_train import compat, parallel
 from glm52_train.config import ConfigError
 from glm52_train.data.loader import build_datasets, check_data, dataloader
 from glm52_train.data.tokenizer import Tokenizer
@@ -64,8 +64,6 @@ class StopSignals:
 
 
 def _device():
-    from glm52_train import compat
-
     return compat.default_device()
 
 
@@ -146,6 +144,7 @@ def pretrain(cfg: RunConfig) -> int:
     rank = torch.distributed.get_rank()
     logger = RunLogger(cfg, run_dir, active=(rank == torch.distributed.get_world_size() - 1),
                        start_step=state.iteration, config_dict=config_dict)
+    logger.message(compat.describe())
     if start is not None:
         logger.message(f"resumed from {start} at step {state.iteration}")
     if state.iteration >= cfg.train.iters:

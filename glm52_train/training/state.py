@@ -146,7 +146,6 @@ def load_training_checkpoint(path: Path, chunks, optimizer, scheduler) -> TrainS
         raise CheckpointError(
             f"{path} holds weights only ({meta.get('kind')}); start from it with checkpoint.init_from."
         )
-    compat.init_adam_state(optimizer)
     model_sd = checkpoint.model_sharded_state(chunks)
     same_layout = meta.get("layout") == _layout()
     extra = {"optimizer": _optimizer_sharded_state(optimizer, model_sd, is_loading=True)}
@@ -154,7 +153,6 @@ def load_training_checkpoint(path: Path, chunks, optimizer, scheduler) -> TrainS
         extra["rng_state"] = _rng_sharded(None)
     meta, loaded = checkpoint.load_checkpoint(path, chunks, extra_sharded_state=extra)
     _load_optimizer(optimizer, loaded["optimizer"], meta["optimizer_step"])
-    compat.untie_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if same_layout and loaded.get("rng_state") is not None:
         _set_rng_state(loaded["rng_state"])
