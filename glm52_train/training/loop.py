@@ -161,6 +161,7 @@ def pretrain(cfg: RunConfig) -> int:
         logger.message(f"saved checkpoint {ckpt_dir}/iter_{state.iteration:07d}")
 
     profiler = StepProfiler(cfg.logging.profile_at, cfg.logging.profile_steps, run_dir, chunks, optimizer, rank)
+    faults.poison_losses(chunks)  # GLM52_FAULT_NAN_AT_STEP (tests); nothing when unset
     consecutive_skips = 0
     window_start, window_steps = time.time(), 0
     while state.iteration < cfg.train.iters:
