@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.transformer.moe.router import TopKRouter
 
 from glm52_train import parallel
 from glm52_train.config import ConfigError
@@ -27,6 +26,7 @@ from glm52_train.model.info import model_info
 from glm52_train.run_config import RunConfig
 from glm52_train.training import faults, setup
 from glm52_train.training.logs import RunLogger, peak_tflops
+from glm52_train.training.metrics import ExpertLoad
 from glm52_train.training.profile import StepProfiler, format_breakdown
 from glm52_train.training.state import (
     TrainState,
@@ -69,38 +69,6 @@ def _device():
     return compat.default_device()
 
 
-class ExpertLoad:
-    """Snapshots each router's token counts before Megatron-Core's expert-bias update consumes
-    them (the update runs inside finalize_model_grads), for per-layer load logging."""
-
-    def __init__(self, chunks, config) -> None:
-        self.routers = [(n, m) for c in chunks for n, m in c.named_modules() if isinstance(m, TopKRouter)]
-        self.last: torch.Tensor | None = None
-        inner = config.finalize_model_grads_func
-
-        def finalize(*args, **kwargs):
-            counts = [r.local_tokens_per_expert for _, r in self.routers if r.local_tokens_per_expert is not None]
-            if counts:
-                self.last = torch.stack([c.detach().clone().float() for c in counts])
-            return inner(*args, **kwargs)
-
-        config.finalize_model_grads_func = finalize
-
-    def metrics(self) -> tuple[dict, dict]:
-        if self.last is None:
-            return {}, {}
-        load = self.last.clone()
-        torch.distributed.all_reduce(load, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        share = load / load.sum(dim=1, keepdim=True).clamp_min(1)
-        imbalance = (share.max(dim=1).values * share.shape[1])  # max / mean per layer
-        per_layer = {}
-        for (name, _), row, imb in zip(self.routers, share, imbalance):
-            label = name.replace(".mlp.router", "").replace("module.", "")
-            per_layer[f"expert_load/{label}/max_over_mean"] = imb.item()
-            per_layer[f"expert_load/{label}/min_share"] = row.min().item()
-        return {"expert_load_max_over_mean": imbalance.mean().item()}, per_layer
-
-
 def pretrain(cfg: RunConfig) -> int:
     world = parallel.world_size_from_env()
     cfg.validate(world)
@@ -116,8 +84,8 @@ def pretrain(cfg: RunConfig) -> int:
         setup.freeze_all_but_indexer(chunks)
     bf16 = setup.use_bf16(cfg)
     chunks = setup.wrap_ddp(chunks, config, bf16)
-    optimizer, scheduler, _ = setup.build_optimizer(cfg, chunks, config, bf16)
-    expert_load = ExpertLoad(chunks, config)
+    expert_load = ExpertLoad(chunks)
+    optimizer, scheduler, _ = setup.build_optimizer(cfg, chunks, config, bf16, expert_load)
 
     name = cfg.name
     ckpt_dir = Path(cfg.checkpoint.dir or f"checkpoints/{name}")

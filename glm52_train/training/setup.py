@@ -15,6 +15,7 @@ from glm52_train import compat
 from glm52_train.config import ConfigError, ModelConfig
 from glm52_train.model.build import RuntimeOptions, build_model, transformer_config
 from glm52_train.run_config import RunConfig
+from glm52_train.training.metrics import ExpertLoad
 
 
 def use_bf16(cfg: RunConfig) -> bool:
@@ -111,7 +112,7 @@ def wrap_ddp(chunks, config, bf16: bool):
     return wrapped
 
 
-def build_optimizer(cfg: RunConfig, chunks, config, bf16: bool):
+def build_optimizer(cfg: RunConfig, chunks, config, bf16: bool, expert_load: ExpertLoad | None = None):
     o = cfg.optimizer
     opt_config = OptimizerConfig(
         optimizer="adam",
@@ -146,7 +147,8 @@ def build_optimizer(cfg: RunConfig, chunks, config, bf16: bool):
         lr_wsd_decay_style="linear" if o.schedule == "wsd" else None,
     )
     # Megatron-Core's schedules call these through the model config.
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = (finalize_model_grads if expert_load is None
+                                        else expert_load.around(finalize_model_grads))
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
     if len(chunks) == 1:
