@@ -38,6 +38,28 @@ def test_step_lists_of_the_fault_variables():
     assert faults._ranks([7, 0, 1, 2, 5, 8]) == "0-2, 5, 7-8"
 
 
+def test_nan_fault_poisons_the_training_losses_of_its_steps_only(monkeypatch):
+    """The hook that GLM52_FAULT_NAN_AT_STEP installs: NaN losses on the listed steps while
+    training, untouched in evaluation, on other steps and on chunks that compute no loss."""
+    import torch
+
+    last, first = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    last.post_process, first.post_process = True, False
+    monkeypatch.setattr(faults, "_step", 0)
+    faults.poison_losses([first, last])
+    assert not last._forward_hooks  # unset: nothing installed
+    monkeypatch.setenv("GLM52_FAULT_NAN_AT_STEP", "2")
+    faults.poison_losses([first, last])
+    x = torch.ones(1, 2)
+    for step, expect_nan in ((1, False), (2, True), (3, False)):
+        faults.at_step(step)
+        assert bool(last(x).isnan().all()) == expect_nan, step
+        assert torch.isfinite(first(x)).all()
+    faults.at_step(2)
+    with torch.no_grad():
+        assert torch.isfinite(last(x)).all()
+
+
 @pytest.mark.slow
 def test_sigterm_saves_exits_0_and_resume_matches(golden_data, tmp_path, reference):
     cfg = run_config(tmp_path, golden_data)

@@ -11,7 +11,7 @@ without its need for a healthy gloo group after the failure. Tested with gloo. W
 timeout reaches Python only under TORCH_NCCL_BLOCKING_WAIT=1; otherwise NCCL's watchdog ends the
 process first, with its own message.
 
-Fault injection, for tests only: environment variables read at each step, all off when unset.
+Fault injection, for tests only: environment variables, all off when unset.
 
     GLM52_FAULT_NAN_AT_STEP=2,5-          the training loss of these steps is NaN on every rank
                                           ("4-6" a range, "5-" from step 5 on), so the loss and
@@ -20,7 +20,8 @@ Fault injection, for tests only: environment variables read at each step, all of
                                           SIGTERM ends it, as torchrun's teardown sends)
 
 (`GLM52_FAULT_PAUSE_IN_SAVE`, which holds a save before its commit, lives in checkpoint.py.)
-The driver calls `at_step` at the start of every step and `nan_loss` on every training loss.
+The driver calls `at_step` at the start of every step and `poison_losses` once on its model
+chunks; the loss function itself knows nothing of faults.
 """
 
 from __future__ import annotations
@@ -69,11 +70,23 @@ def at_step(step: int) -> None:
                 time.sleep(60)
 
 
-def nan_loss(loss: torch.Tensor) -> torch.Tensor:
-    """The training loss, or NaN times it on a step listed in GLM52_FAULT_NAN_AT_STEP."""
-    if torch.is_grad_enabled() and _in_steps(os.environ.get("GLM52_FAULT_NAN_AT_STEP"), _step):
-        return loss * float("nan")
-    return loss
+def poison_losses(chunks) -> None:
+    """GLM52_FAULT_NAN_AT_STEP: on the listed steps, while training (not in evaluation), the
+    chunks that compute the loss return NaN times their per-token losses, through a forward
+    hook. Installs nothing when the variable is unset."""
+    steps = os.environ.get("GLM52_FAULT_NAN_AT_STEP")
+    if not steps:
+        return
+    from glm52_train.checkpoint import unwrap
+
+    def poison(module, args, output):
+        if torch.is_grad_enabled() and _in_steps(steps, _step):
+            return output * float("nan")
+        return None
+
+    for chunk in chunks:
+        if unwrap(chunk).post_process:
+            chunk.register_forward_hook(poison)
 
 
 # ---- naming the ranks behind a collective timeout ----------------------------------------------

@@ -24,25 +24,31 @@ def _jsonable(value):
 
 
 class RunLogger:
-    def __init__(self, cfg, run_dir: Path, active: bool, start_step: int, config_dict: dict) -> None:
+    """Messages print from construction on; metrics are logged once `start` has opened the run
+    directory at the step the run starts from (known after resuming)."""
+
+    def __init__(self, cfg, active: bool) -> None:
+        self.cfg = cfg
         self.active = active
-        self.run_dir = run_dir
+        self.run_dir = Path(cfg.logging.run_dir or f"runs/{cfg.name}")
+        self.metrics_path = self.run_dir / "metrics.jsonl"
         self.wandb = None
         self.tb = None
+
+    def start(self, start_step: int, config_dict: dict) -> None:
         self.start_time = time.time()
         self.start_step = start_step
-        if not active:
+        if not self.active:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self._truncate_after(start_step)
-        (run_dir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str) + "\n")
-        if cfg.logging.wandb != "disabled":
-            self.wandb = self._init_wandb(cfg, run_dir, config_dict)
-        if cfg.logging.tensorboard:
+        (self.run_dir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str) + "\n")
+        if self.cfg.logging.wandb != "disabled":
+            self.wandb = self._init_wandb(self.cfg, self.run_dir, config_dict)
+        if self.cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 
     def _truncate_after(self, step: int) -> None:
         if not self.metrics_path.exists():

@@ -1,7 +1,9 @@
 """Build what a run trains: model chunks wrapped in Megatron-Core DDP, the distributed
-optimizer, and the learning-rate schedule, from a validated RunConfig."""
+optimizer, the learning-rate schedule and the data, from a validated RunConfig."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
@@ -11,10 +13,66 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
-from glm52_train import compat
+from glm52_train import compat, parallel
 from glm52_train.config import ConfigError, ModelConfig
+from glm52_train.data.loader import build_datasets, check_data, dataloader
+from glm52_train.data.tokenizer import Tokenizer
 from glm52_train.model.build import build_model, transformer_config
 from glm52_train.run_config import RunConfig
+from glm52_train.training.metrics import ExpertLoad
+
+
+@dataclass
+class TrainingParts:
+    """What `build` makes for a run: this rank's model chunks (one per virtual pipeline stage)
+    in DDP, their optimizer and LR schedule, and the expert-load record the grad hook fills."""
+
+    model_cfg: ModelConfig
+    tokenizer: Tokenizer
+    chunks: list
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+    expert_load: ExpertLoad
+    num_microbatches: int
+
+
+def build(cfg: RunConfig) -> TrainingParts:
+    """Process groups, then the model, optimizer and schedule of this rank (the data's files are
+    checked against the model first)."""
+    parallel.initialize(cfg.parallel, seed=cfg.train.seed, timeout_minutes=cfg.train.collective_timeout_minutes)
+    model_cfg = cfg.model_config()
+    tokenizer = Tokenizer(cfg.data.tokenizer)
+    check_data(cfg, model_cfg, tokenizer)
+    chunks, config = build_model_chunks(model_cfg, cfg, cfg.data.seq_length)
+    if cfg.train.freeze == "all_but_indexer":
+        freeze_all_but_indexer(chunks)
+    bf16 = cfg.use_bf16()
+    chunks = wrap_ddp(chunks, config, bf16)
+    expert_load = ExpertLoad(chunks)
+    optimizer, scheduler, _ = build_optimizer(cfg, chunks, config, bf16, expert_load)
+    dp = parallel_state.get_data_parallel_world_size()
+    num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+    return TrainingParts(model_cfg, tokenizer, chunks, optimizer, scheduler, expert_load, num_microbatches)
+
+
+class Data:
+    """The training batches from `consumed_samples` on, and the validation split (sized for every
+    evaluation of the run), each read from its start by `validation()`."""
+
+    def __init__(self, cfg: RunConfig, parts: TrainingParts, consumed_samples: int) -> None:
+        gbs = cfg.train.global_batch_size
+        evals = cfg.train.iters // cfg.train.eval_interval + 1
+        self.micro_batch_size, self.num_chunks = cfg.train.micro_batch_size, len(parts.chunks)
+        train, self.valid = build_datasets(cfg, parts.tokenizer, cfg.train.iters * gbs, evals * cfg.train.eval_iters * gbs)
+        self.train = self._iterators(train, consumed_samples, cfg.data.num_workers)
+
+    def validation(self):
+        return self._iterators(self.valid, 0)
+
+    def _iterators(self, dataset, consumed: int, workers: int = 0):
+        """One iterator per model chunk: each virtual pipeline stage reads every microbatch."""
+        its = [iter(dataloader(dataset, consumed, self.micro_batch_size, workers)) for _ in range(self.num_chunks)]
+        return its[0] if len(its) == 1 else its
 
 
 def build_model_chunks(model_cfg: ModelConfig, run: RunConfig, run_seq_length: int | None = None):
@@ -66,7 +124,7 @@ def wrap_ddp(chunks, config, bf16: bool):
     return wrapped
 
 
-def build_optimizer(cfg: RunConfig, chunks, config, bf16: bool):
+def build_optimizer(cfg: RunConfig, chunks, config, bf16: bool, expert_load: ExpertLoad | None = None):
     o = cfg.optimizer
     opt_config = OptimizerConfig(
         optimizer="adam",
@@ -101,7 +159,8 @@ def build_optimizer(cfg: RunConfig, chunks, config, bf16: bool):
         lr_wsd_decay_style="linear" if o.schedule == "wsd" else None,
     )
     # Megatron-Core's schedules call these through the model config.
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = (finalize_model_grads if expert_load is None
+                                        else expert_load.around(finalize_model_grads))
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
     return optimizer, scheduler, opt_config
