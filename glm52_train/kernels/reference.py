@@ -89,10 +89,12 @@ def indexer_topk(q, k, w, topk: int, q_pos=None, k_pos=None, q_doc=None, k_doc=N
 
 def _gather_kv(kv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """kv [sk, b, d], idx [b, sq, topk] -> [b, sq, topk, d] (rows of -1 entries are row 0)."""
-    b = kv.shape[1]
+    b, d = kv.shape[1], kv.shape[2]
     safe = idx.clamp_min(0).long()
     kv_b = kv.permute(1, 0, 2)  # [b, sk, d]
-    return torch.stack([kv_b[bi][safe[bi]] for bi in range(b)])
+    # index_select, not advanced indexing: its backward (index_add_) sums repeated keys in a
+    # fixed order on CPU, so training on this path is bitwise reproducible (resume is exact)
+    return torch.stack([kv_b[bi].index_select(0, safe[bi].reshape(-1)).view(*safe.shape[1:], d) for bi in range(b)])
 
 
 def sparse_mla(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: float, v_dim: int = 512):
