@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test train data clean
+.PHONY: setup test test-fast train data clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ train: data
 
 test: setup
 	$(PY) -m pytest -q --durations=15 tests
+
+# The edit-test loop: everything not marked slow (a few minutes on 2 cores). CI runs `make test`.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" --durations=5 tests
 
 clean:
 	rm -rf $(VENV) runs checkpoints/tiny data/cache

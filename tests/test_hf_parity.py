@@ -147,6 +147,7 @@ def test_glm52_layout_with_mtp_roundtrip(tmp_path):
         assert torch.equal(loaded(ids).logits, ref(ids).logits)
 
 
+@pytest.mark.slow
 def test_import_and_export_under_torchrun_share_the_work(tmp_path):
     """3 processes each convert and write about a third of the tensors (the way a 744B model
     fits in memory); the checkpoint and the HF folder hold exactly what one process makes."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch.autograd.profiler import record_function
 
@@ -31,6 +32,7 @@ def test_backward_time_goes_to_the_part_of_its_forward():
     assert b["parts_share"]["experts"] > 0.7, b["parts_share"]
 
 
+@pytest.mark.slow
 def test_pretrain_profile_and_no_checkpoint(golden_data, tmp_path):
     """`logging.profile_at` writes the breakdown and the op table; `checkpoint.enable: false`
     neither resumes nor saves."""

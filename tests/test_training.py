@@ -43,6 +43,7 @@ def test_golden_loss_curve_and_wandb_run(golden_data, tmp_path):
     assert checkpoint.find_latest_good(tmp_path / "ckpt").name == "iter_0000012"
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_losses(golden_data, tmp_path):
     straight = tmp_path / "straight"
     straight.mkdir()
@@ -62,6 +63,7 @@ def test_resume_gives_the_same_losses(golden_data, tmp_path):
     assert list((halves / "run" / "tensorboard").glob("events.out.tfevents.*"))  # logging.tensorboard
 
 
+@pytest.mark.slow
 def test_kill_during_save_keeps_the_previous_checkpoint(golden_data, tmp_path):
     cfg = tiny_run_config(tmp_path, golden_data, train={"iters": 8}, checkpoint={"interval": 4})
     mark = tmp_path / "in-save"
@@ -109,6 +111,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(golden_data, tmp_path):
     assert not (ckpt / "iter_0000008.incomplete").exists()
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_falls_back_and_is_reported(golden_data, tmp_path):
     cfg = tiny_run_config(tmp_path, golden_data, train={"iters": 8}, checkpoint={"interval": 4})
     pretrain(cfg)
@@ -123,6 +126,7 @@ def test_truncated_checkpoint_falls_back_and_is_reported(golden_data, tmp_path):
     assert "resumed from" in proc.stdout and "iter_0000004" in proc.stdout
 
 
+@pytest.mark.slow
 def test_bad_run_config_is_one_sentence(golden_data, tmp_path):
     cfg = tiny_run_config(tmp_path, golden_data)
     proc = pretrain(cfg, "train.global_batch_size=3", check=False)
@@ -134,6 +138,7 @@ def test_bad_run_config_is_one_sentence(golden_data, tmp_path):
     assert proc.returncode == 2 and "unknown key(s) itres" in proc.stderr
 
 
+@pytest.mark.slow
 def test_init_from_imported_weights(golden_data, tmp_path):
     """Weights-only start (the HF import path): a fresh schedule from step 0 on loaded weights."""
     first = tmp_path / "first"
