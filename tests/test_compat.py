@@ -226,6 +226,29 @@ def test_item_13_uneven_gloo_all_gather(two_ranks):
         assert result["with"] == {"error": None, "value": True}, result
 
 
+_FUSED = ("import {first}; from megatron.core.fusions import fused_bias_swiglu as f; "
+          "from glm52_train.compat.early import is_compiled; print(is_compiled(f.bias_swiglu))")
+
+
+def test_item_16_eager_fusions_on_host():
+    """Megatron-Core alone wraps its fusions in torch.compile at import; imported after
+    glm52_train (as every process here does), the same functions are plain."""
+    compat.apply()
+    needs("eager_fusions_on_host")
+
+    def fused_compiled(first: str) -> str:
+        proc = subprocess.run([sys.executable, "-W", "ignore", "-c", _FUSED.format(first=first)],
+                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout.split()[0]
+
+    assert fused_compiled("megatron.core") == "True"  # upstream: torch.compile
+    assert fused_compiled("glm52_train") == "False"
+    from megatron.core import jit
+
+    assert jit.jit_fuser is jit.noop_decorator
+
+
 def test_uneven_reduce_scatter_on_gloo_needs_no_item(two_ranks):
     """Megatron-Core's uneven reduce-scatter (expert tensor parallelism's other half) works on
     gloo as it is; were that to change, this fails before the layout tests do."""

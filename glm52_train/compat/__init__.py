@@ -8,7 +8,8 @@ against, the upstream behaviour it works around, and the function that installs 
 
 - Platform shims (`platform.py`) stand in for what a machine without CUDA lacks; they apply only
   there: 1 cuda_current_device, 2 host_streams, 3 host_rng_tracker, 6 cuda_tensor_factories,
-  8 cuda_type_names, 12 host_split_sizes, 13 uneven_gloo_all_gather.
+  8 cuda_type_names, 12 host_split_sizes, 13 uneven_gloo_all_gather,
+  16 eager_fusions_on_host (acts at `import glm52_train`, before Megatron-Core's import).
 - Upstream fixes (`upstream.py`) correct Megatron-Core itself. Without TE (Megatron-Core then
   runs its local layers and torch AdamW): 4 router_gemm_symbol, 5 mla_have_te,
   9 fresh_adam_state, 10 checkpoint_keys_only, 11 fp64_grad_norm, 15 untied_adam_steps.
@@ -16,7 +17,7 @@ against, the upstream behaviour it works around, and the function that installs 
 
 What applies where:
 
-- CPU (no CUDA, no TE): all 15.
+- CPU (no CUDA, no TE): all 16.
 - GPU without TE (CUDA present, as on the H100 runs): 4, 5, 7, 9, 10, 11, 14, 15; none of the
   platform shims, so torch.cuda and every tensor factory are Megatron-Core's own.
 - GPU with TE: 7 and 14.

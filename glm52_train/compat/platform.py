@@ -219,6 +219,14 @@ def install_uneven_gloo_all_gather(patch) -> None:
     patch(mappings, "_gather_along_first_dim", gather_uneven)
 
 
+def install_eager_fusions_on_host(patch) -> None:
+    """The work is done before Megatron-Core's import (`compat/early.py`); here the decorator is
+    also kept off for anything imported from now on, should Megatron-Core have come first."""
+    from megatron.core import jit
+
+    patch(jit, "jit_fuser", jit.noop_decorator)
+
+
 ITEMS = (
     Item(1, "cuda_current_device", PLATFORM, NO_CUDA,
          "torch.cuda.current_device() places tensors in the router, experts, layers, mappings and "
@@ -248,4 +256,9 @@ ITEMS = (
          "expert tensor parallelism all-gathers uneven token counts, which gloo rejects (here: "
          "pad every piece to the longest, gather, trim)",
          install_uneven_gloo_all_gather),
+    Item(16, "eager_fusions_on_host", PLATFORM, NO_CUDA,
+         "jit_fuser is torch.compile: 38 decorations at import (~5 s per process) and Dynamo "
+         "tracing at the first routing, for no gain on a CPU (here: Megatron-Core's own "
+         "noop_decorator, set as megatron.core.jit is imported; see compat/early.py)",
+         install_eager_fusions_on_host),
 )
