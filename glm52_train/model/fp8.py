@@ -49,6 +49,8 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -244,5 +246,54 @@ class FP8RowParallelLinear(RowParallelLinear):
         return _fp8_forward_impl(input, weight, *args, **kwargs)
 
 
+# ---- the experts -----------------------------------------------------------------------------
+
+class FP8SequentialMLP(SequentialMLP):
+    """The routed experts with blockwise FP8 linears, one expert after another (the loop path:
+    torch has no blockwise-scaled grouped GEMM we could check on the GPUs we have).
+
+    Each expert runs once per source chunk (the tokens one rank's microbatch sent it), so the
+    weight-gradient GEMM's 128-token tiles never mix tokens of two microbatches: the tiles one
+    process forms for each microbatch are the tiles any expert-parallel layout forms, and EP
+    runs equal the one-process run. Forward and input-gradient GEMMs tile per token, so chunking
+    does not change them."""
+
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs, source_chunks=None):
+        if source_chunks is None or self.config.moe_apply_probs_on_input:
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        sizes = [n for row in source_chunks for n in row]
+        hidden = torch.split(permuted_local_hidden_states, sizes)
+        probs = torch.split(permuted_probs, sizes)
+        outputs, i = [], 0
+        for expert, row in zip(self.local_experts, source_chunks):
+            for _ in row:
+                out, _bias = expert(hidden[i], probs[i])
+                outputs.append(out)
+                i += 1
+        return torch.cat(outputs, dim=0), None
+
+
+class FP8MoELayer(MoELayer):
+    """Megatron-Core's MoE layer handing its FP8 experts the token count of each (local expert,
+    source rank) chunk, as its all-to-all dispatcher laid them out."""
+
+    def routed_experts_compute(self, hidden_states, probs):
+        dispatched, tokens_per_expert, permuted_probs = self.token_dispatcher.dispatch_postprocess(hidden_states, probs)
+        output, bias = self.experts(dispatched, tokens_per_expert, permuted_probs,
+                                    source_chunks=self._source_chunks(tokens_per_expert))
+        return self.token_dispatcher.combine_preprocess(output), bias
+
+    def _source_chunks(self, tokens_per_expert) -> list[list[int]]:
+        """[local expert][source rank] token counts, in the order the dispatcher sorted them.
+        One chunk per expert when the dispatcher keeps no per-source counts (a single local
+        expert under EP/TP: its tiles may then span sources)."""
+        d = self.token_dispatcher
+        per_source = getattr(d, "num_global_tokens_per_local_expert", None)
+        if self.num_local_experts > 1 and per_source is not None and (d.ep_size > 1 or d.tp_size > 1):
+            return per_source.view(-1, self.num_local_experts).t().tolist()
+        return [[n] for n in torch.as_tensor(tokens_per_expert).tolist()]
+
+
 __all__ = ["Quantized", "quantize", "power_of_two_scale", "scaled_gemm", "fp8_linear",
-           "FP8ColumnParallelLinear", "FP8RowParallelLinear", "blockwise_support_problem"]
+           "FP8ColumnParallelLinear", "FP8RowParallelLinear", "FP8SequentialMLP", "FP8MoELayer",
+           "blockwise_support_problem"]

@@ -50,7 +50,12 @@ from megatron.core.post_training.modelopt.layers import Linear as ReplicatedLine
 from glm52_train.kernels.backend import DSABackend
 from glm52_train.model.attention import GLMSelfAttention
 from glm52_train.model.dsa import DSACoreAttention
-from glm52_train.model.fp8 import FP8ColumnParallelLinear, FP8RowParallelLinear
+from glm52_train.model.fp8 import (
+    FP8ColumnParallelLinear,
+    FP8MoELayer,
+    FP8RowParallelLinear,
+    FP8SequentialMLP,
+)
 from glm52_train.model.layer import GLMTransformerLayer
 from glm52_train.model.mtp import GLMMTPLayer
 from glm52_train.model.norms import LatentRMSNorm, RMSNorm, latent_norm_for
@@ -76,6 +81,7 @@ def _backend(use_te: bool, fp8_blockwise: bool = False) -> dict:
             row=TERowParallelLinear,
             norm=TENorm,
             latent_norm=latent_norm_for(TENorm),
+            moe_layer=MoELayer,
             experts=ModuleSpec(
                 module=TEGroupedMLP,
                 submodules=MLPSubmodules(
@@ -91,8 +97,9 @@ def _backend(use_te: bool, fp8_blockwise: bool = False) -> dict:
         row=row,
         norm=RMSNorm,
         latent_norm=LatentRMSNorm,
+        moe_layer=FP8MoELayer if fp8_blockwise else MoELayer,
         experts=ModuleSpec(
-            module=SequentialMLP,
+            module=FP8SequentialMLP if fp8_blockwise else SequentialMLP,
             submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row),
         ),
     )
@@ -118,7 +125,7 @@ def glm52_layer_spec(config, *, moe: bool, use_te: bool) -> ModuleSpec:
     )
     if moe:
         mlp = ModuleSpec(
-            module=MoELayer,
+            module=b["moe_layer"],
             submodules=MoESubmodules(
                 experts=b["experts"],
                 shared_experts=ModuleSpec(
