@@ -49,20 +49,20 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value run-config overrides for both runs")
     args = ap.parse_args(argv)
     extra = list(args.overrides)
-    base, base_wall = run("bf16", args.steps, args.out_dir, extra)
+    base, base_wall = run("base", args.steps, args.out_dir, extra)
     fp8, fp8_wall = run("fp8", args.steps, args.out_dir, extra + ["train.fp8=blockwise"])
     print(f"{'step':>6} {'base loss':>10} {'fp8 loss':>10} {'rel diff':>9}")
     table = []
     for step in sorted(base):
         rel = (fp8[step] - base[step]) / base[step]
-        table.append(dict(step=step, bf16=base[step], fp8=fp8[step], rel_diff=rel))
+        table.append(dict(step=step, base=base[step], fp8=fp8[step], rel_diff=rel))
         print(f"{step:>6} {base[step]:>10.4f} {fp8[step]:>10.4f} {rel:>+9.2%}")
     last = table[-1]
-    print(f"after {last['step']} steps: FP8 loss {last['fp8']:.4f} vs {last['bf16']:.4f} ({last['rel_diff']:+.2%}); "
+    print(f"after {last['step']} steps: FP8 loss {last['fp8']:.4f} vs {last['base']:.4f} ({last['rel_diff']:+.2%}); "
           f"wall {fp8_wall:.0f} s vs {base_wall:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(steps=args.steps, overrides=extra, table=table, wall_seconds=dict(bf16=base_wall, fp8=fp8_wall)),
+            json.dump(dict(steps=args.steps, overrides=extra, table=table, wall_seconds=dict(base=base_wall, fp8=fp8_wall)),
                       f, indent=1)
     return 0
 
