@@ -22,7 +22,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(name: str, steps: int, out_dir: str, extra: list[str]) -> tuple[dict[int, float], float]:
+def start(name: str, steps: int, out_dir: str, extra: list[str]):
+    """Launch one run; returns (process, metrics path, start time)."""
     run_dir = os.path.join(out_dir, name)
     overrides = [f"train.iters={steps}", "optimizer.warmup_iters=10", "train.log_interval=10",
                  f"train.eval_interval={steps}", "checkpoint.enable=false", "logging.wandb=disabled",
@@ -32,10 +33,15 @@ def run(name: str, steps: int, out_dir: str, extra: list[str]) -> tuple[dict[int
         os.remove(metrics)
     cmd = [sys.executable, "-m", "glm52_train.cli", "pretrain", "--config", "configs/tiny.yaml", *overrides]
     print("$", " ".join(cmd[1:]), flush=True)
-    start = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True, env=dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1"),
-                   stdout=subprocess.DEVNULL)
-    wall = time.time() - start
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.DEVNULL)
+    return proc, metrics, time.time()
+
+
+def finish(proc, metrics: str, began: float) -> tuple[dict[int, float], float]:
+    if proc.wait() != 0:
+        raise SystemExit(f"a run failed (exit {proc.returncode}); its metrics: {metrics}")
+    wall = time.time() - began
     with open(metrics) as f:
         rows = [json.loads(line) for line in f]
     return {r["step"]: r["loss"] for r in rows if r.get("loss") is not None}, wall
@@ -49,8 +55,10 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value run-config overrides for both runs")
     args = ap.parse_args(argv)
     extra = list(args.overrides)
-    base, base_wall = run("base", args.steps, args.out_dir, extra)
-    fp8, fp8_wall = run("fp8", args.steps, args.out_dir, extra + ["train.fp8=blockwise"])
+    # the two runs side by side (their losses do not depend on each other; the walls do)
+    runs = [start("base", args.steps, args.out_dir, extra),
+            start("fp8", args.steps, args.out_dir, extra + ["train.fp8=blockwise"])]
+    (base, base_wall), (fp8, fp8_wall) = [finish(*r) for r in runs]
     print(f"{'step':>6} {'base loss':>10} {'fp8 loss':>10} {'rel diff':>9}")
     table = []
     for step in sorted(base):
