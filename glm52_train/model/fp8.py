@@ -121,11 +121,8 @@ def _kernel_scale(q: Quantized) -> torch.Tensor:
     128x128 as [L4, rows/128] (K-blocks padded to a multiple of 4, K-major)."""
     if q.tile == ROW_TILE:
         return q.scale.t().contiguous().t()
-    scale = q.scale
-    pad = (-scale.shape[1]) % 4
-    if pad:
-        scale = torch.nn.functional.pad(scale, (0, pad), value=1.0)
-    return scale.t()
+    pad = (-q.scale.shape[1]) % 4
+    return torch.nn.functional.pad(q.scale, (0, pad), value=1.0).contiguous().t()
 
 
 def _kernel_fits(a: Quantized, b: Quantized) -> bool:
