@@ -60,7 +60,9 @@ class TrainConfig:
     eval_iters: int = 8
     log_interval: int = 10
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    fp8: Literal["e4m3", "hybrid"] | None = None  # with Transformer Engine
+    # blockwise: DeepSeek-V3's FP8 recipe on torch (glm52_train/model/fp8.py), emulated on CPUs;
+    # te-e4m3 / te-hybrid: Transformer Engine's recipes (TE importable on a GPU); null: no FP8
+    fp8: Literal["blockwise", "te-e4m3", "te-hybrid"] | None = None
     transformer_engine: Literal["auto", "on", "off"] = "auto"
     clip_grad: float = 1.0
     recompute: Literal["full"] | None = None
@@ -183,8 +185,11 @@ class RunConfig:
 
         from glm52_train import compat
 
-        available = torch.cuda.is_available() and compat.transformer_engine_available()
-        return available if self.train.transformer_engine == "auto" else self.train.transformer_engine == "on"
+        if self.train.transformer_engine == "auto":
+            # blockwise FP8 is the project's own linear: auto then means Megatron-Core's local layers
+            return (torch.cuda.is_available() and compat.transformer_engine_available()
+                    and self.train.fp8 != "blockwise")
+        return self.train.transformer_engine == "on"
 
     # ---- validation ------------------------------------------------------------------------
     def validate(self, world_size: int | None = None) -> "RunConfig":
@@ -228,7 +233,23 @@ class RunConfig:
         te = self.use_transformer_engine()
         need(t.transformer_engine != "on" or te,
              "train.transformer_engine=on but Transformer Engine is not importable on a GPU here.")
-        need(not t.fp8 or te, "train.fp8 needs Transformer Engine, which is not available here.")
+        need(not (t.fp8 or "").startswith("te-") or te,
+             f"train.fp8={t.fp8} is Transformer Engine's recipe, and Transformer Engine is not importable "
+             "on a GPU here (train.fp8=blockwise runs without it).")
+        need(t.fp8 != "blockwise" or not te,
+             "train.fp8=blockwise uses the project's FP8 linears, not Transformer Engine's: set "
+             "train.transformer_engine=off or auto, or pick train.fp8=te-e4m3 / te-hybrid.")
+        if t.fp8 == "blockwise":
+            import torch
+
+            if torch.cuda.is_available():
+                from glm52_train.model.fp8 import blockwise_support_problem
+
+                problem = blockwise_support_problem()
+                need(problem is None,
+                     f"train.fp8=blockwise on a GPU needs torch's blockwise-scaled FP8 matmul "
+                     f"(torch.nn.functional.scaled_mm with 1x128/128x128 scales: a torch built with "
+                     f"CUDA >= 12.9, e.g. 2.11+cu130, on an sm90 GPU), but {problem}.")
         need(self.logging.profile_at is None or self.logging.profile_at >= 1,
              "logging.profile_at must be a step number (1 or more) or null.")
         need(self.logging.profile_steps >= 1, "logging.profile_steps must be at least 1.")

@@ -37,6 +37,7 @@ class GLMTransformerConfig(MLATransformerConfig):
     latent_layernorm_epsilon: float = 1e-6
     mtp_distinct_layers: int = 0
     packed_sequences: bool = False
+    fp8_blockwise: bool = False  # train.fp8=blockwise: the project's FP8 linears (spec.py)
 
 
 def transformer_config(model: ModelConfig, run: RunConfig | None = None, *, cpu_init: bool = True,
@@ -115,7 +116,8 @@ def transformer_config(model: ModelConfig, run: RunConfig | None = None, *, cpu_
         params_dtype=params_dtype,
         bf16=bf16,
         pipeline_dtype=params_dtype,
-        fp8=t.fp8,
+        fp8=t.fp8.removeprefix("te-") if t.fp8 and t.fp8.startswith("te-") else None,  # TE's recipes
+        fp8_blockwise=t.fp8 == "blockwise",
         use_cpu_initialization=cpu_init,
         perform_initialization=init,
         bias_dropout_fusion=False,

@@ -2,7 +2,10 @@
 
 `glm52_layer_spec(config, moe=..., use_te=...)` returns the ModuleSpec of one decoder layer.
 With Transformer Engine (`use_te=True`) linears and norms are TE's (FP8 follows
-`config.fp8`); without it they are Megatron-Core's local layers. Attention core is always the
+`config.fp8`, the `train.fp8: te-*` recipes); without it they are Megatron-Core's local layers,
+and with `config.fp8_blockwise` (`train.fp8: blockwise`) the column/row-parallel linears and
+the experts' linears are the project's blockwise FP8 linears (`fp8.py`; the rest stays in the
+run's precision, see there why). Attention core is always the
 project's DSA core attention, running the kernels of the `DSABackend` named by
 `config.dsa_backend` (`torch` references, `triton` kernels, or `auto`: Triton on CUDA tensors).
 
@@ -47,13 +50,20 @@ from megatron.core.post_training.modelopt.layers import Linear as ReplicatedLine
 from glm52_train.kernels.backend import DSABackend
 from glm52_train.model.attention import GLMSelfAttention
 from glm52_train.model.dsa import DSACoreAttention
+from glm52_train.model.fp8 import (
+    FP8ColumnParallelLinear,
+    FP8MoELayer,
+    FP8RowParallelLinear,
+    FP8SequentialMLP,
+)
 from glm52_train.model.layer import GLMTransformerLayer
 from glm52_train.model.mtp import GLMMTPLayer
 from glm52_train.model.norms import LatentRMSNorm, RMSNorm, latent_norm_for
 
 
-def _backend(use_te: bool) -> dict:
-    """The classes each role uses, for Transformer Engine or for Megatron-Core's local layers."""
+def _backend(use_te: bool, fp8_blockwise: bool = False) -> dict:
+    """The classes each role uses, for Transformer Engine or for Megatron-Core's local layers
+    (column/row-parallel and expert linears in blockwise FP8 with `fp8_blockwise`)."""
     if use_te:
         from megatron.core.extensions.transformer_engine import (
             TEColumnParallelGroupedLinear,
@@ -71,6 +81,7 @@ def _backend(use_te: bool) -> dict:
             row=TERowParallelLinear,
             norm=TENorm,
             latent_norm=latent_norm_for(TENorm),
+            moe_layer=MoELayer,
             experts=ModuleSpec(
                 module=TEGroupedMLP,
                 submodules=MLPSubmodules(
@@ -78,22 +89,25 @@ def _backend(use_te: bool) -> dict:
                 ),
             ),
         )
+    column, row = (FP8ColumnParallelLinear, FP8RowParallelLinear) if fp8_blockwise else (
+        ColumnParallelLinear, RowParallelLinear)
     return dict(
         down_proj=ReplicatedLinear,
-        column=ColumnParallelLinear,
-        row=RowParallelLinear,
+        column=column,
+        row=row,
         norm=RMSNorm,
         latent_norm=LatentRMSNorm,
+        moe_layer=FP8MoELayer if fp8_blockwise else MoELayer,
         experts=ModuleSpec(
-            module=SequentialMLP,
-            submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+            module=FP8SequentialMLP if fp8_blockwise else SequentialMLP,
+            submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row),
         ),
     )
 
 
 def glm52_layer_spec(config, *, moe: bool, use_te: bool) -> ModuleSpec:
     """ModuleSpec of one GLM-5.2 decoder layer (dense FFN or MoE with a shared expert)."""
-    b = _backend(use_te)
+    b = _backend(use_te, config.fp8_blockwise)
     attention = ModuleSpec(
         module=GLMSelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
@@ -111,7 +125,7 @@ def glm52_layer_spec(config, *, moe: bool, use_te: bool) -> ModuleSpec:
     )
     if moe:
         mlp = ModuleSpec(
-            module=MoELayer,
+            module=b["moe_layer"],
             submodules=MoESubmodules(
                 experts=b["experts"],
                 shared_experts=ModuleSpec(
@@ -142,7 +156,7 @@ def glm52_block_spec(config, *, use_te: bool, vp_stage=None, pp_rank=None) -> Tr
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(
-        layer_specs=specs[offset : offset + count], layer_norm=_backend(use_te)["norm"]
+        layer_specs=specs[offset : offset + count], layer_norm=_backend(use_te, config.fp8_blockwise)["norm"]
     )
 
 
@@ -151,7 +165,7 @@ def glm52_mtp_block_spec(config, *, use_te: bool) -> MultiTokenPredictionBlockSu
     and projection (DeepSeek-V3 layout)."""
     if not config.mtp_num_layers:
         return None
-    b = _backend(use_te)
+    b = _backend(use_te, config.fp8_blockwise)
     layer = ModuleSpec(
         module=GLMMTPLayer,
         submodules=MultiTokenPredictionLayerSubmodules(

@@ -1,0 +1,296 @@
+"""Blockwise FP8 linears (`train.fp8: blockwise`): DeepSeek-V3's recipe on torch, without
+Transformer Engine.
+
+Every GEMM of a linear `y = x @ W^T` (x: [M tokens, K], W: [N, K]) runs on e4m3 operands, each
+with one fp32 scale per tile:
+
+| GEMM | A (rows x contraction), tiles | B, tiles |
+|---|---|---|
+| forward `y = x W^T` | x [M, K], 1x128 along K | W [N, K], 128x128 |
+| input grad `dx = dy W` | dy [M, N], 1x128 along N | W^T [K, N], the same 128x128 blocks, transposed |
+| weight grad `dW = dy^T x` | dy^T [N, M], 1x128 along M | x^T [K, M], 1x128 along M |
+
+The weight's 128x128 blocks are the same blocks read either way, so the input-gradient GEMM
+reuses the forward's quantization of W (only its layout is transposed, no new rounding). The
+weight-gradient GEMM contracts over tokens: it needs dy and x quantized again along the token
+dimension (128x1 tiles, "transposed quantization"), from their unquantized values.
+
+Scales are powers of two: `s = 2^ceil(log2(amax / 448))` per tile (DeepSeek-V3 used amax/448;
+its later UE8M0 kernels round to powers of two as here). Dividing by a power of two is exact,
+so the only rounding is e4m3's own (relative 2^-4 for normal values, absolute 2^-10 * s below
+e4m3's smallest normal), and dequantising (q * s) is exact in fp32: the CPU path's dequantised
+operands are exactly the numbers the GPU's tensor cores multiply. The cost is at most one bit
+of range at the top of a tile (amax lands in (224, 448]), which e4m3's flat relative precision
+does not notice.
+
+Where the GEMM runs: on CUDA with torch's blockwise-scaled matmul
+(`torch.nn.functional.scaled_mm`, BlockWise1x128 / BlockWise128x128: a torch built with CUDA
+>= 12.9 on sm90), checked once per process against the dequantised product
+(`blockwise_mm_supported`); shapes the kernel refuses (a contraction not a multiple of 128,
+tiny dims) and every CPU GEMM use the same quantised operands, dequantised, in an fp32 matmul.
+The accumulation is fp32 either way, the output in the input's dtype.
+
+What stays in bf16 (or the run's precision) is decided in `spec.py`: embedding and output head
+(DeepSeek-V3 keeps both in higher precision: the head's logits feed a softmax over 154,880
+classes), the router (a [hidden x 256] GEMM whose scores pick experts: FP8 noise changes
+routing and costs little to avoid), norms (not GEMMs), the DSA indexer (its own scores pick the
+top-k; DeepSeek-V3.2 runs it in FP8 only for inference), the q/kv down projections (replicated
+linears, not column/row-parallel) and MLA's absorbed kv up-projection (used as a weight inside
+the attention core, which DeepSeek-V3 keeps in bf16).
+
+The weights themselves stay in the run's dtype (fp32 master weights in the optimizer, as
+always): quantisation happens per GEMM, so checkpoints hold no FP8 tensor and no scale.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+BLOCK = 128
+ROW_TILE = (1, BLOCK)  # activations and gradients along the contraction
+TOKEN_TILE = (BLOCK, 1)  # activations and gradients along tokens (weight-gradient GEMM)
+WEIGHT_TILE = (BLOCK, BLOCK)
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """An e4m3 tensor [R, C] and its decode scales, one per `tile` ([ceil(R/tr), ceil(C/tc)]):
+    value ~= data * scale of its tile."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    tile: tuple[int, int]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        tr, tc = self.tile
+        rows, cols = self.data.shape
+        scale = self.scale.to(dtype).repeat_interleave(tr, 0)[:rows].repeat_interleave(tc, 1)[:, :cols]
+        return self.data.to(dtype) * scale
+
+    def t(self) -> "Quantized":
+        """The transposed matrix, same tiles read the other way (no new rounding)."""
+        return Quantized(self.data.t(), self.scale.t(), (self.tile[1], self.tile[0]))
+
+
+def power_of_two_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two s with amax / s <= 448 (1 for an all-zero tile)."""
+    amax = amax.float()
+    _, exponent = torch.frexp(amax / E4M3_MAX)  # amax/448 = m * 2^e, m in [0.5, 1)
+    scale = torch.ldexp(torch.ones_like(amax), exponent)
+    half = scale * 0.5
+    scale = torch.where(amax <= half * E4M3_MAX, half, scale)  # exact: 448 * 2^k; guards rounding of amax/448
+    return torch.where(amax > 0, scale, torch.ones_like(scale))
+
+
+def quantize(x: torch.Tensor, tile: tuple[int, int]) -> Quantized:
+    """e4m3 with one power-of-two scale per `tile` of the 2-D `x`; tiles start at (0, 0), the
+    last ones in each dimension may be partial (tails smaller than the tile)."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize takes a 2-D tensor, got shape {tuple(x.shape)}")
+    tr, tc = tile
+    rows, cols = x.shape
+    gr, gc = -(-rows // tr), -(-cols // tc)
+    padded = torch.nn.functional.pad(x.float(), (0, gc * tc - cols, 0, gr * tr - rows))
+    blocks = padded.view(gr, tr, gc, tc)
+    scale = power_of_two_scale(blocks.abs().amax(dim=(1, 3)) if x.numel() else torch.zeros(gr, gc, device=x.device))
+    q = (blocks / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return Quantized(q.view(gr * tr, gc * tc)[:rows, :cols], scale, tile)
+
+
+# ---- the GEMM: a @ b^T on quantised operands ---------------------------------------------------
+
+def _recipe(tile: tuple[int, int]):
+    F = torch.nn.functional
+    return F.ScalingType.BlockWise128x128 if tile == WEIGHT_TILE else F.ScalingType.BlockWise1x128
+
+
+def _kernel_scale(q: Quantized) -> torch.Tensor:
+    """Scales in the layout torch's blockwise kernel reads: 1x128 outer-dim-major [rows, C/128];
+    128x128 as [L4, rows/128] (K-blocks padded to a multiple of 4, K-major)."""
+    if q.tile == ROW_TILE:
+        return q.scale.t().contiguous().t()
+    pad = (-q.scale.shape[1]) % 4
+    return torch.nn.functional.pad(q.scale, (0, pad), value=1.0).contiguous().t()
+
+
+def _kernel_fits(a: Quantized, b: Quantized) -> bool:
+    (m, k), n = a.data.shape, b.data.shape[0]
+    return k % BLOCK == 0 and m % 16 == 0 and n % BLOCK == 0 and min(m, n, k) > 0
+
+
+def scaled_gemm(a: Quantized, b: Quantized, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b^T for a [M, K] with 1x128 tiles along K and b [N, K] with 1x128 or 128x128 tiles,
+    accumulated in fp32. torch's blockwise FP8 kernel on a GPU that has it; otherwise the
+    dequantised operands (exact) in an fp32 matmul."""
+    if a.data.is_cuda and _kernel_fits(a, b) and blockwise_mm_supported(a.data.device):
+        return _kernel_gemm(a, b, out_dtype)
+    return (a.dequantize() @ b.dequantize().t()).to(out_dtype)
+
+
+def _kernel_gemm(a: Quantized, b: Quantized, out_dtype: torch.dtype) -> torch.Tensor:
+    F = torch.nn.functional
+    return F.scaled_mm(a.data.contiguous(), b.data.contiguous().t(), _kernel_scale(a), _recipe(a.tile),
+                       _kernel_scale(b), _recipe(b.tile), output_dtype=out_dtype)
+
+
+def blockwise_support_problem(device: torch.device | str | None = None) -> str | None:
+    """None when this torch runs blockwise-scaled FP8 GEMMs on `device` (a CUDA GPU) and they
+    agree with the dequantised product; otherwise what is missing, in a few words."""
+    F = torch.nn.functional
+    if not hasattr(F, "scaled_mm") or not hasattr(getattr(F, "ScalingType", None), "BlockWise128x128"):
+        return f"torch {torch.__version__} has no torch.nn.functional.scaled_mm with blockwise scales"
+    device = torch.device(device or "cuda")
+    cap = torch.cuda.get_device_capability(device)
+    where = f"torch {torch.__version__} with CUDA {torch.version.cuda} on sm{cap[0]}{cap[1]}"
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(256, 384, device=device, generator=gen)
+    w = torch.randn(256, 384, device=device, generator=gen)
+    dy = torch.randn(256, 256, device=device, generator=gen)
+    try:
+        cases = [
+            (quantize(x, ROW_TILE), quantize(w, WEIGHT_TILE)),  # forward
+            (quantize(dy, ROW_TILE), quantize(w, WEIGHT_TILE).t()),  # input grad
+            (quantize(dy, TOKEN_TILE).t(), quantize(x, TOKEN_TILE).t()),  # weight grad
+        ]
+        for a, b in cases:
+            got = _kernel_gemm(a, b, torch.float32)
+            want = a.dequantize() @ b.dequantize().t()
+            if not torch.allclose(got, want, rtol=1e-4, atol=1e-3):
+                return f"{where} computes blockwise FP8 GEMMs that disagree with the dequantised product"
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
+        return f"{where} refuses blockwise FP8 GEMMs ({str(e).splitlines()[0][:120]})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _supported(device: str) -> bool:
+    return blockwise_support_problem(device) is None
+
+
+def blockwise_mm_supported(device: torch.device) -> bool:
+    return _supported(str(device))
+
+
+# ---- the linear ----------------------------------------------------------------------------------
+
+class _FP8Linear(torch.autograd.Function):
+    """y = x W^T with the forward, input-gradient and weight-gradient GEMMs in FP8 (see the
+    module docstring). Saves the unquantised input (as the bf16 linear does) and re-quantises
+    W in the backward (the same numbers as the forward's, no copy kept alive)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return scaled_gemm(quantize(x, ROW_TILE), quantize(weight, WEIGHT_TILE), x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = scaled_gemm(quantize(dy, ROW_TILE), quantize(weight, WEIGHT_TILE).t(), x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = scaled_gemm(quantize(dy, TOKEN_TILE).t(), quantize(x, TOKEN_TILE).t(), weight.dtype)
+        return dx, dw
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ W^T in blockwise FP8: tokens are the flattened leading dimensions."""
+    out = _FP8Linear.apply(x.reshape(-1, x.shape[-1]), weight)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _fp8_forward_impl(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
+                      grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None, **_):
+    """Megatron-Core's linear (communication as in `linear_with_grad_accumulation_and_async_allreduce`:
+    sequence-parallel all-gather / input-gradient all-reduce) with the GEMMs in FP8."""
+    if gradient_accumulation_fusion:
+        raise ValueError("train.fp8=blockwise does not fuse gradient accumulation into the GEMM.")
+    if sequence_parallel:
+        input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=tp_group)
+    elif allreduce_dgrad:
+        input = copy_to_tensor_model_parallel_region(input, group=tp_group)
+    output = fp8_linear(input, weight)
+    return output + bias if bias is not None else output
+
+
+class FP8ColumnParallelLinear(ColumnParallelLinear):
+    """Megatron-Core's column-parallel linear with blockwise FP8 GEMMs; parameters, sharding and
+    checkpoints unchanged."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        return _fp8_forward_impl(input, weight, *args, **kwargs)
+
+
+class FP8RowParallelLinear(RowParallelLinear):
+    """Megatron-Core's row-parallel linear with blockwise FP8 GEMMs; parameters, sharding and
+    checkpoints unchanged."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        return _fp8_forward_impl(input, weight, *args, **kwargs)
+
+
+# ---- the experts -----------------------------------------------------------------------------
+
+class FP8SequentialMLP(SequentialMLP):
+    """The routed experts with blockwise FP8 linears, one expert after another (the loop path:
+    torch has no blockwise-scaled grouped GEMM we could check on the GPUs we have).
+
+    Each expert runs once per source chunk (the tokens one rank's microbatch sent it), so the
+    weight-gradient GEMM's 128-token tiles never mix tokens of two microbatches: the tiles one
+    process forms for each microbatch are the tiles any expert-parallel layout forms, and EP
+    runs equal the one-process run. Forward and input-gradient GEMMs tile per token, so chunking
+    does not change them."""
+
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs, source_chunks=None):
+        if source_chunks is None or self.config.moe_apply_probs_on_input:
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        sizes = [n for row in source_chunks for n in row]
+        hidden = torch.split(permuted_local_hidden_states, sizes)
+        probs = torch.split(permuted_probs, sizes)
+        outputs, i = [], 0
+        for expert, row in zip(self.local_experts, source_chunks):
+            for _ in row:
+                out, _bias = expert(hidden[i], probs[i])
+                outputs.append(out)
+                i += 1
+        return torch.cat(outputs, dim=0), None
+
+
+class FP8MoELayer(MoELayer):
+    """Megatron-Core's MoE layer handing its FP8 experts the token count of each (local expert,
+    source rank) chunk, as its all-to-all dispatcher laid them out."""
+
+    def routed_experts_compute(self, hidden_states, probs):
+        dispatched, tokens_per_expert, permuted_probs = self.token_dispatcher.dispatch_postprocess(hidden_states, probs)
+        output, bias = self.experts(dispatched, tokens_per_expert, permuted_probs,
+                                    source_chunks=self._source_chunks(tokens_per_expert))
+        return self.token_dispatcher.combine_preprocess(output), bias
+
+    def _source_chunks(self, tokens_per_expert) -> list[list[int]]:
+        """[local expert][source rank] token counts, in the order the dispatcher sorted them.
+        One chunk per expert when the dispatcher keeps no per-source counts (a single local
+        expert under EP/TP: its tiles may then span sources)."""
+        d = self.token_dispatcher
+        per_source = getattr(d, "num_global_tokens_per_local_expert", None)
+        if self.num_local_experts > 1 and per_source is not None and (d.ep_size > 1 or d.tp_size > 1):
+            return per_source.view(-1, self.num_local_experts).t().tolist()
+        return [[n] for n in torch.as_tensor(tokens_per_expert).tolist()]
+
+
+__all__ = ["Quantized", "quantize", "power_of_two_scale", "scaled_gemm", "fp8_linear",
+           "FP8ColumnParallelLinear", "FP8RowParallelLinear", "FP8SequentialMLP", "FP8MoELayer",
+           "blockwise_support_problem"]

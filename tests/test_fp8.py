@@ -1,0 +1,209 @@
+"""Blockwise FP8 (`train.fp8: blockwise`, glm52_train/model/fp8.py) on the CPU: the quantisation
+against e4m3's error bound and against an independent float64 rounding, the linear's three
+GEMMs against a float64 quantise-then-matmul reference, what tensor-parallel sharding does to
+it, where the spec puts FP8, and the run config's sentences."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from glm52_train.config import ConfigError
+from glm52_train.model.fp8 import (
+    ROW_TILE,
+    TOKEN_TILE,
+    WEIGHT_TILE,
+    fp8_linear,
+    power_of_two_scale,
+    quantize,
+)
+
+TILES = {"1x128": ROW_TILE, "128x1": TOKEN_TILE, "128x128": WEIGHT_TILE}
+# full tiles, tails smaller than 128 in either dimension, a single element, fewer rows than a tile
+SHAPES = [(256, 384), (300, 200), (1, 1), (7, 129), (129, 7), (128, 127)]
+
+
+def wide_range(shape, seed):
+    """Values over ten decades, so tiles hold both normal and subnormal e4m3 values."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64) * 10.0 ** (torch.rand(shape, generator=g, dtype=torch.float64) * 10 - 6)
+
+
+def tiles(x: torch.Tensor, tile) -> torch.Tensor:
+    """x in float64, zero-padded to whole tiles, viewed [row tiles, tr, column tiles, tc]."""
+    tr, tc = tile
+    rows, cols = x.shape
+    gr, gc = -(-rows // tr), -(-cols // tc)
+    blocks = torch.zeros(gr * tr, gc * tc, dtype=torch.float64)
+    blocks[:rows, :cols] = x.double()
+    return blocks.view(gr, tr, gc, tc)
+
+
+def reference_quantize(x: torch.Tensor, tile) -> torch.Tensor:
+    """Independent float64 quantise-dequantise: per tile, s = 2^ceil(log2(amax/448)) from Python
+    floats, then round-to-nearest-even onto e4m3's grid (3 mantissa bits, smallest normal
+    2^-6, subnormal spacing 2^-9) without torch's float8 cast."""
+    blocks = tiles(x, tile)
+    amax = blocks.abs().amax(dim=(1, 3)).flatten().tolist()
+    s = torch.tensor([1.0 if a == 0 else 2.0 ** math.ceil(math.log2(a / 448.0)) for a in amax],
+                     dtype=torch.float64).view(blocks.shape[0], 1, blocks.shape[2], 1)
+    rows, cols = x.shape
+    tr, tc = tile
+    gr, gc = blocks.shape[0], blocks.shape[2]
+    v = blocks / s
+    ulp = 2.0 ** (torch.floor(torch.log2(v.abs().clamp_min(2.0 ** -6))) - 3)
+    return (torch.round(v / ulp) * ulp * s).view(gr * tr, gc * tc)[:rows, :cols]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("tile", list(TILES), ids=str)
+def test_round_trip_within_e4m3_bound(tile, shape):
+    x = wide_range(shape, seed=shape[0] * 1000 + shape[1]).float()
+    q = quantize(x, TILES[tile])
+    tr, tc = TILES[tile]
+    assert q.data.dtype == torch.float8_e4m3fn and q.data.shape == x.shape
+    assert q.scale.shape == (-(-shape[0] // tr), -(-shape[1] // tc))
+    # power-of-two scales that put each tile's amax in (224, 448]
+    mantissa, _ = torch.frexp(q.scale)
+    assert torch.all(mantissa == 0.5)
+    scale = q.scale.repeat_interleave(tr, 0)[: shape[0]].repeat_interleave(tc, 1)[:, : shape[1]]
+    amax = tiles(x, TILES[tile]).abs().amax(dim=(1, 3))
+    assert torch.all((amax / q.scale > 224) & (amax / q.scale <= 448))
+    # e4m3's bound: half a unit in the last place, 2^-4 relative for normal values, 2^-10 * s below
+    error = (q.dequantize().double() - x.double()).abs()
+    bound = torch.maximum(x.double().abs() * 2.0 ** -4, scale.double() * 2.0 ** -10)
+    assert torch.all(error <= bound)
+    # and exactly the independent float64 rounding
+    assert torch.equal(q.dequantize().double(), reference_quantize(x, TILES[tile]))
+
+
+def test_zero_tiles_and_empty_tensors():
+    x = torch.zeros(3, 200)
+    x[1, 150] = 5.0
+    q = quantize(x, ROW_TILE)
+    assert q.scale.tolist() == [[1.0, 1.0], [1.0, 2.0 ** -6], [1.0, 1.0]]
+    assert torch.equal(q.dequantize(), x)
+    assert quantize(torch.zeros(0, 64), ROW_TILE).dequantize().shape == (0, 64)
+    assert power_of_two_scale(torch.tensor([448.0, 448.5, 224.0, 1e-30])).tolist() == [1.0, 2.0, 0.5, 2.0 ** -108]
+
+
+def reference_linear(x, w, dy):
+    """float64 quantise-then-matmul: y = q(x) q(W)^T, dx = q(dy) q(W), dW = q_t(dy)^T q_t(x)
+    with q along the contraction (1x128; W 128x128) and q_t along tokens (128x1)."""
+    w_q = reference_quantize(w, WEIGHT_TILE)
+    y = reference_quantize(x, ROW_TILE) @ w_q.t()
+    dx = reference_quantize(dy, ROW_TILE) @ w_q
+    dw = reference_quantize(dy, TOKEN_TILE).t() @ reference_quantize(x, TOKEN_TILE)
+    return y, dx, dw
+
+
+def test_fp8_linear_forward_and_gradients_match_float64_reference():
+    tokens, k, n = 200, 300, 160  # tails in every dimension
+    x = wide_range((tokens, k), 1).float().requires_grad_()
+    w = (torch.randn(n, k, generator=torch.Generator().manual_seed(2)) * 0.05).requires_grad_()
+    dy = torch.randn(tokens, n, generator=torch.Generator().manual_seed(3))
+    y = fp8_linear(x.view(10, 20, k), w).view(tokens, n)
+    y.backward(dy)
+    ref_y, ref_dx, ref_dw = reference_linear(x.detach().double(), w.detach().double(), dy.double())
+    for got, want in ((y, ref_y), (x.grad, ref_dx), (w.grad, ref_dw)):
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    # the reference is not the unquantised product: the test sees the quantisation
+    exact = x.detach().double() @ w.detach().double().t()
+    assert (ref_y - exact).abs().max() > 1e-3 * exact.abs().max()
+
+
+def test_tensor_parallel_shards_on_and_off_tile_boundaries():
+    """Column-parallel (W split by output rows) and row-parallel (split along the contraction),
+    emulated in one process. Shards on 128 boundaries form the same tiles as the whole matrix:
+    outputs and weight gradients are bitwise those of one process, the summed partial products
+    equal up to fp32 summation order. A shard cut inside a tile (at 64) gives each half its own
+    amax; with power-of-two scales that moves the scale by a power of two, which rounds every
+    value in e4m3's normal range identically: only values below 2^-6 of the larger scale (e4m3
+    subnormals, 2^15 under the tile's amax) round differently, by at most 2^-9 of that scale."""
+    tokens, k, n = 128, 256, 256
+    g = torch.Generator().manual_seed(4)
+    # rows of W and columns of x over five decades, so that half a tile has its own amax
+    x = (torch.randn(tokens, k, generator=g) * 10 ** (5 * torch.rand(k, generator=g))).requires_grad_()
+    w = (torch.randn(n, k, generator=g) * 10 ** (5 * torch.rand(n, 1, generator=g))).requires_grad_()
+    dy = torch.randn(tokens, n, generator=torch.Generator().manual_seed(6))
+    y = fp8_linear(x, w)
+    y.backward(dy)
+    full = (y.detach(), x.grad.clone(), w.grad.clone())
+
+    def column(split):
+        xs = x.detach().clone().requires_grad_()
+        parts = [w.detach()[:split].clone().requires_grad_(), w.detach()[split:].clone().requires_grad_()]
+        outs = [fp8_linear(xs, p) for p in parts]
+        torch.autograd.backward(outs, [dy[:, :split], dy[:, split:]])
+        return torch.cat([o.detach() for o in outs], 1), xs.grad, torch.cat([p.grad for p in parts], 0)
+
+    def row(split):
+        xs = [x.detach()[:, :split].clone().requires_grad_(), x.detach()[:, split:].clone().requires_grad_()]
+        ws = [w.detach()[:, :split].clone().requires_grad_(), w.detach()[:, split:].clone().requires_grad_()]
+        out = fp8_linear(xs[0], ws[0]) + fp8_linear(xs[1], ws[1])
+        out.backward(dy)
+        return out.detach(), torch.cat([a.grad for a in xs], 1), torch.cat([a.grad for a in ws], 1)
+
+    y_c, dx_c, dw_c = column(128)
+    assert torch.equal(y_c, full[0]) and torch.equal(dw_c, full[2])
+    assert torch.allclose(dx_c, full[1], rtol=1e-5, atol=1e-5)
+    y_r, dx_r, dw_r = row(128)
+    assert torch.equal(dx_r, full[1]) and torch.equal(dw_r, full[2])
+    assert torch.allclose(y_r, full[0], rtol=1e-5, atol=1e-4)
+
+    # off tile boundaries: per element, only e4m3 subnormals of the whole tile's scale move
+    w_big = w.detach().clone()
+    w_big[64:128] *= 2.0 ** 12  # the tile's amax in its second half: the first half's scale drops
+    whole = quantize(w_big, WEIGHT_TILE)
+    half = quantize(w_big[:64], WEIGHT_TILE)
+    s = whole.scale.repeat_interleave(128, 0)[:64].repeat_interleave(128, 1)
+    moved = half.dequantize() != whole.dequantize()[:64]
+    assert moved.any() and torch.all(w_big[:64].abs()[moved] < 2.0 ** -6 * s[moved])
+    assert torch.all((half.dequantize() - whole.dequantize()[:64]).abs() <= 2.0 ** -9 * s)
+    # and so the GEMMs differ, slightly (here the row-parallel y, whose x tiles are cut); the
+    # column-parallel dW cannot change (its tiles run along tokens)
+    diffs = [((got - want).abs().max() / want.abs().max()).item() for got, want in zip(column(64) + row(64), full + full)]
+    assert diffs[2] == 0 and diffs[3] > 0 and max(diffs) < 1e-4, diffs
+
+
+def test_spec_puts_fp8_in_the_parallel_and_expert_linears_only(single_process):
+    from glm52_train.config import get_model_config
+    from glm52_train.model import fp8
+    from glm52_train.model.build import build_model
+    from glm52_train.run_config import RunConfig
+
+    run = RunConfig()
+    run.train.fp8 = "blockwise"
+    model = build_model(get_model_config("tiny"), run)
+    kinds = {name: type(m) for name, m in model.named_modules()}
+    fp8_names = {n for n, t in kinds.items() if t in (fp8.FP8ColumnParallelLinear, fp8.FP8RowParallelLinear)}
+    layer = "decoder.layers.1."
+    for part in ("self_attention.linear_q_up_proj", "self_attention.linear_proj", "mlp.experts.local_experts.0.linear_fc1",
+                 "mlp.experts.local_experts.7.linear_fc2", "mlp.shared_experts.linear_fc1"):
+        assert layer + part in fp8_names
+    assert "decoder.layers.0.mlp.linear_fc2" in fp8_names and kinds[layer + "mlp.experts"] is fp8.FP8SequentialMLP
+    for name in fp8_names:  # never the embedding, output head, router, norms, indexer or down projections
+        assert not any(k in name for k in ("embedding", "output_layer", "router", "norm", "indexer", "down_proj"))
+    assert "output_layer" in kinds and kinds["output_layer"].__name__ == "ColumnParallelLinear"
+    # the parameters (and so checkpoints) are the bf16 model's
+    plain = build_model(get_model_config("tiny"), RunConfig())
+    def shapes(m):
+        return {k: getattr(v, "shape", None) for k, v in m.state_dict().items()}
+
+    assert shapes(model) == shapes(plain)
+
+
+@pytest.mark.parametrize("overrides, sentence", [
+    (["train.fp8=te-e4m3"], "train.fp8=te-e4m3 is Transformer Engine's recipe, and Transformer Engine is not importable"),
+    (["train.fp8=e4m3"], "train.fp8 must be one of blockwise, te-e4m3, te-hybrid"),
+])
+def test_fp8_choices_are_validated_in_one_sentence(golden_data, overrides, sentence):
+    from glm52_train.run_config import load_run_config
+
+    with pytest.raises(ConfigError, match=sentence.replace("(", r"\(").replace(")", r"\)")):
+        load_run_config(None, [f"data.blend=[{{path: {golden_data}}}]", *overrides]).validate(world_size=1)
+    # blockwise validates on a CPU (emulated) and leaves Transformer Engine off
+    cfg = load_run_config(None, [f"data.blend=[{{path: {golden_data}}}]", "train.fp8=blockwise"]).validate(world_size=1)
+    assert not cfg.use_transformer_engine()
