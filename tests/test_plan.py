@@ -189,7 +189,7 @@ def test_saved_bytes_per_layer_kind_match_the_formula(tmp_path):
 def test_pipeline_keeps_the_planned_micro_batches_alive(golden_data, tmp_path, name, nproc, parallel):
     """A real step of `tiny` under PP2 and PP2 x VPP2: after every forward, the micro-batches
     whose saved tensors each chunk still holds equal `schedule_in_flight`'s, on every rank."""
-    train = {"micro_batch_size": 1, "global_batch_size": 4, "iters": 1}
+    train = {"micro_batch_size": 1, "global_batch_size": 4, "iters": 4}
     if "selective" in name:
         train.update(recompute="selective", recompute_modules=["mla_up_proj"])
     cfg = tiny_run_config(tmp_path, golden_data, parallel=parallel, train=train,
