@@ -45,7 +45,7 @@ def measure(modules: list[str], batch: int, seq: int) -> dict:
     for i, layer in enumerate(model.decoder.layers):
         layer.register_forward_pre_hook(enter(str(i)))
         layer.register_forward_hook(leave)
-    layer = model.mtp.layers[0].transformer_layer
+    layer = model.mtp.layers[0]  # the whole MTP layer: its norms, projection, decoder layer, final norm
     layer.register_forward_pre_hook(enter("None"))
     layer.register_forward_hook(leave)
     tokens = torch.randint(0, m.vocab_size, (batch, seq))
