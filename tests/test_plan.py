@@ -14,7 +14,7 @@ import pytest
 from glm52_train.cli import main as glm52
 from glm52_train.config import ConfigError, get_model_config
 from glm52_train.layout import Layout, pipeline_chunks
-from glm52_train.plan import GiB, _layer_params, estimate, layer_saved_bytes, schedule_in_flight
+from glm52_train.plan import _layer_params, estimate, layer_saved_bytes, schedule_in_flight
 from glm52_train.run_config import load_run_config
 from tests.train_helpers import ROOT, env, tiny_run_config
 
