@@ -266,6 +266,7 @@ def estimate(
     worst: Estimate | None = None
     for rank, rank_chunks in enumerate(chunks):
         muon = adam = expert = 0.0
+        mtp_weights = 0
         saved = []
         largest = 0.0
         for items in rank_chunks:
@@ -274,15 +275,15 @@ def estimate(
                     adam += m.vocab_size * m.hidden_size / tp
                 elif item == "L":
                     adam += (0 if m.tie_embeddings else m.vocab_size * m.hidden_size / tp) + m.hidden_size
-                elif item == "m" and items.index("m") != items.index(item):
-                    continue  # MTP steps beyond the first reuse its weights
+                elif item == "m" and mtp_weights >= m.mtp_layers:
+                    continue  # MTP steps beyond the distinct MTP layers reuse their weights
                 else:
+                    mtp_weights += item == "m"
                     p = _layer_params(m, None if item == "m" else item, tp)
                     muon, adam, expert = muon + p["muon"], adam + p["adam"], expert + p["expert"]
             chunk = _chunk_saved_bytes(m, items, tp, layout.sp, tokens, recompute, recompute_modules, micro_batch)
             saved.append(chunk)
             largest = max(largest, chunk[3])
-        # MTP steps share one layer's weights: count the layer once per distinct MTP layer
         expert /= ep * etp
         dense = muon + adam
         weights = BF16 * (dense + expert)

@@ -100,6 +100,12 @@ def test_optimizer_groups_match_the_built_model(single_process):
     assert planned == groups
 
 
+def test_mtp_steps_share_one_layers_weights():
+    three = TINY.replace(mtp_steps=3)  # GLM-5: one MTP layer trained over three steps
+    one_step, three_steps = estimate(TINY, Layout(), 64, 80), estimate(three, Layout(), 64, 80)
+    assert three_steps.weights == one_step.weights and three_steps.activations > one_step.activations
+
+
 def test_muon_keeps_one_buffer_where_adamw_keeps_two():
     layout = Layout(pp=2, ep=2, dp=2)
     adamw = estimate(TINY, layout, 64, 80, optimizer="adamw")
