@@ -113,14 +113,17 @@ def _throughput(records: list[dict], cfg, warmup: int) -> dict:
 
 
 def _memory(records: list[dict], cfg) -> dict:
-    from glm52_train.plan import GiB, Layout, estimate
+    from glm52_train.plan import GiB, estimate
 
     model = cfg.model_config()
     p = cfg.parallel
-    layout = Layout(tp=p.tp, pp=p.pp, vpp=p.vpp or 1, ep=p.ep, etp=p.etp or p.tp, cp=p.cp, dp=1, sp=p.sp)
+    layout = cfg.layout(p.tp * p.pp * p.cp)  # one data-parallel replica, as on the one GPU
     micro = cfg.train.global_batch_size // cfg.train.micro_batch_size
+    selective = cfg.train.recompute == "selective"
     est = estimate(model, layout, cfg.data.seq_length, 80.0, cfg.train.micro_batch_size,
-                   num_microbatches=micro, recompute=cfg.train.recompute == "full")
+                   num_microbatches=micro, recompute=cfg.train.recompute or "none",
+                   recompute_modules=cfg.train.recompute_modules if selective else (), optimizer=cfg.optimizer.name,
+                   first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers)
     out = dict(plan_estimate_gib=est.total / GiB,
                plan_parts_gib={k: v / GiB for k, v in est.to_dict().items() if isinstance(v, float)})
     peaks = [r["peak_reserved_gib"] for r in records if r.get("peak_reserved_gib") is not None]

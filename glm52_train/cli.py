@@ -105,44 +105,119 @@ def cmd_init_weights(args) -> int:
     return 0
 
 
-def cmd_plan(args) -> int:
+def _plan_inputs(args) -> dict:
+    """What `glm52 plan` evaluates: the command line, or a run config (`--config`) whose model,
+    parallel layout, sequence, batch, recomputation and optimizer the flags may override."""
     from glm52_train.config import get_model_config
-    from glm52_train.plan import GiB, Layout, check_layout, estimate, format_estimate, plan
 
-    model = get_model_config(args.model)
-    recompute = args.recompute == "full"
-    explicit = [args.tp, args.pp, args.ep, args.cp]
-    if any(v is not None for v in explicit):
-        tp, pp, cp = args.tp or 1, args.pp or 1, args.cp or 1
+    if args.gpus < 1:
+        raise ConfigError(f"--gpus must be at least 1, got {args.gpus}: give the number of GPUs to plan for.")
+    given = {k: getattr(args, k) for k in ("tp", "pp", "vpp", "ep", "etp", "cp", "layout")}
+    q = dict(seq_len=args.seq_len or 4096, micro_batch=args.micro_batch or 1, global_batch=args.global_batch,
+             recompute=args.recompute or "full", modules=_modules(args.recompute_modules),
+             optimizer=args.optimizer or "adamw", first=None, last=None)
+    if args.config:
+        from glm52_train.run_config import load_run_config
+
+        cfg = load_run_config(args.config, [])
+        p, t = cfg.parallel, cfg.train
+        model = get_model_config(args.model) if args.model else cfg.model_config()
+        for k in ("tp", "pp", "vpp", "ep", "etp", "cp"):
+            given[k] = given[k] or getattr(p, k)
+        given["layout"] = given["layout"] or p.layout
+        q.update(seq_len=args.seq_len or cfg.data.seq_length, micro_batch=args.micro_batch or t.micro_batch_size,
+                 global_batch=args.global_batch or t.global_batch_size,
+                 recompute=args.recompute or t.recompute or "none",
+                 modules=_modules(args.recompute_modules) if args.recompute_modules else tuple(t.recompute_modules or ()),
+                 optimizer=args.optimizer or cfg.optimizer.name,
+                 first=p.first_stage_layers, last=p.last_stage_layers, sp=p.sp)
+        if q["recompute"] != "selective":
+            q["modules"] = ()
+    elif not args.model:
+        raise ConfigError("give --model NAME or --config FILE.")
+    else:
+        model = get_model_config(args.model)
+    if q["recompute"] == "selective" and not q["modules"]:
+        q["modules"] = ("mla_up_proj",)
+    q["model"], q["given"] = model, given
+    q["explicit"] = any(given[k] is not None for k in ("tp", "pp", "ep", "cp", "layout")) or bool(args.config)
+    return q
+
+
+def _modules(text) -> tuple:
+    return tuple(x for x in (text or "").replace(" ", "").split(",") if x)
+
+
+def cmd_plan(args) -> int:
+    from glm52_train.plan import GiB, Layout, check_layout, estimate, format_estimate, format_header, plan
+
+    q = _plan_inputs(args)
+    model, given = q["model"], q["given"]
+    recompute = q["recompute"] + (f" ({', '.join(q['modules'])})" if q["modules"] else "")
+    if q["explicit"]:
+        tp, pp, cp = given["tp"] or 1, given["pp"] or 1, given["cp"] or 1
         if args.gpus % (tp * pp * cp):
             raise ConfigError(f"TP x PP x CP = {tp * pp * cp} does not divide the {args.gpus} GPUs.")
-        layout = Layout(tp=tp, pp=pp, vpp=args.vpp or 1, ep=args.ep or 1, etp=args.etp or 1, cp=cp,
-                        dp=args.gpus // (tp * pp * cp), sp=tp > 1)
-        why = check_layout(model, layout, args.gpus, args.seq_len)
+        dp = args.gpus // (tp * pp * cp)
+        vpp = given["vpp"] or 1
+        if given["layout"] and not given["vpp"]:
+            from glm52_train.layout import parse_pipeline
+
+            try:
+                vpp = parse_pipeline(model, given["layout"], pp).virtual_pipeline_model_parallel_size
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        layout = Layout(tp=tp, pp=pp, vpp=vpp, ep=given["ep"] or 1, etp=given["etp"] or 1, cp=cp, dp=dp,
+                        sp=q.get("sp", tp > 1), pipeline=given["layout"])
+        stages = dict(first_stage_layers=q["first"], last_stage_layers=q["last"])
+        why = check_layout(model, layout, args.gpus, q["seq_len"], **stages)
+        microbatches = None
+        if q["global_batch"] is not None:
+            if q["global_batch"] % (q["micro_batch"] * dp):
+                why = why or (f"the global batch {q['global_batch']} is not a multiple of micro-batch x DP = "
+                              f"{q['micro_batch']} x {dp}.")
+            else:
+                microbatches = q["global_batch"] // (q["micro_batch"] * dp)
         if why:
             print(f"refused: {layout.describe()}: {why}")
             return 1
-        est = estimate(model, layout, args.seq_len, args.gpu_mem, args.micro_batch, recompute=recompute)
+        est = estimate(model, layout, q["seq_len"], args.gpu_mem, q["micro_batch"], microbatches, q["recompute"],
+                       q["modules"], q["optimizer"], **stages)
         if args.json:
-            print(json.dumps(est.to_dict(), indent=2))
+            out = est.to_dict()
+            out["total_mib"] = est.total / 2**20
+            print(json.dumps(out, indent=2))
         else:
+            print(f"{model.name} on {args.gpus} GPUs x {args.gpu_mem:g} GiB, sequence {q['seq_len']}, micro-batch "
+                  f"{q['micro_batch']}, {microbatches or 'steady-state'} micro-batches per step, recompute "
+                  f"{recompute}, optimizer {q['optimizer']}")
+            print(format_header())
             print(format_estimate(est))
+            print(f"busiest: pipeline rank {est.pp_rank} ({'+'.join(map(str, est.stage_layers))} layers), "
+                  f"micro-batches in flight per chunk at its peak: {', '.join(map(str, est.in_flight))}")
             if not est.fits:
                 print(f"refused: {layout.describe()}: {est.reason}")
         return 0 if est.fits else 1
-    fitting, refused = plan(model, args.gpus, args.gpu_mem, args.seq_len, args.micro_batch, recompute)
+    fitting, refused = plan(model, args.gpus, args.gpu_mem, q["seq_len"], q["micro_batch"], q["recompute"],
+                            recompute_modules=q["modules"], optimizer=q["optimizer"], global_batch=q["global_batch"])
     if args.json:
         print(json.dumps({"fitting": [e.to_dict() for e in fitting],
                           "refused": [e.to_dict() for e in refused]}, indent=2))
         return 0 if fitting else 1
-    print(f"{model.name} on {args.gpus} GPUs x {args.gpu_mem:g} GiB, sequence {args.seq_len}, "
-          f"micro-batch {args.micro_batch}, recompute {args.recompute}")
+    print(f"{model.name} on {args.gpus} GPUs x {args.gpu_mem:g} GiB, sequence {q['seq_len']}, "
+          f"micro-batch {q['micro_batch']}, recompute {recompute}, optimizer {q['optimizer']}")
+    if not fitting and not refused:
+        print(f"no layout of {model.name} can use exactly {args.gpus} GPUs (none passes the layout rules at "
+              f"sequence {q['seq_len']}); try a multiple of 8 GPUs.")
+        return 1
     if not fitting:
         print("no layout fits; the smallest need:")
+        print("  " + format_header())
         for est in refused:
             print("  " + format_estimate(est))
         return 1
     print("suggested (best first):")
+    print("  " + format_header())
     for est in fitting:
         print("  " + format_estimate(est))
     best = fitting[0]
@@ -163,12 +238,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("plan", help="suggest a parallel layout and estimate memory per GPU")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=None, help="a model name (or take it from --config)")
+    p.add_argument("--config", default=None,
+                   help="plan this run config (model, parallel layout, batch, recompute, optimizer); flags override it")
     p.add_argument("--gpus", type=int, required=True)
     p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--recompute", choices=["full", "none"], default="full")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default 4096, or the config's)")
+    p.add_argument("--micro-batch", type=int, default=None, help="micro-batch size (default 1)")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="samples per step: sets the micro-batches per step (default: enough for the steady state)")
+    p.add_argument("--recompute", choices=["full", "none", "selective"], default=None,
+                   help="activation recomputation (default full, or the config's)")
+    p.add_argument("--recompute-modules", default=None,
+                   help="comma-separated Megatron-Core modules for --recompute selective: mla_up_proj, mlp, moe, "
+                        "shared_experts (default mla_up_proj)")
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default=None,
+                   help="optimizer state to count (default adamw, or the config's optimizer.name)")
+    p.add_argument("--layout", default=None,
+                   help="Megatron-Core pipeline_model_parallel_layout, e.g. 'Ett|tt|ttmL' (E embedding, t layer, "
+                        "m MTP, L loss)")
     for name in ("tp", "pp", "vpp", "ep", "etp", "cp"):
         p.add_argument(f"--{name}", type=int, default=None, help=f"evaluate this {name.upper()} instead of searching")
     p.add_argument("--json", action="store_true")

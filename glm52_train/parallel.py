@@ -43,6 +43,7 @@ def initialize(layout=None, seed: int = 1234, timeout_minutes: float = 30.0) -> 
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    from glm52_train.layout import virtual_stages
     from glm52_train.run_config import ParallelConfig
 
     p = layout or ParallelConfig()
@@ -52,7 +53,7 @@ def initialize(layout=None, seed: int = 1234, timeout_minutes: float = 30.0) -> 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
-        virtual_pipeline_model_parallel_size=p.vpp,
+        virtual_pipeline_model_parallel_size=virtual_stages(p),
         context_parallel_size=p.cp,
         expert_model_parallel_size=p.ep,
         expert_tensor_parallel_size=p.etp,

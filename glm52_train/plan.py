@@ -1,25 +1,40 @@
 """`glm52 plan`: choose a parallel layout and estimate the memory it needs per GPU.
 
     glm52 plan --model glm52-744b --gpus 256 --gpu-mem 80 --seq-len 32768
-    glm52 plan --model glm52-744b --gpus 256 --seq-len 4096 --tp 4 --pp 8 --cp 8 --ep 32
+    glm52 plan --model glm52-744b --gpus 352 --seq-len 2048 --global-batch 1024 --pp 11 --ep 32 \\
+        --layout 'Etttttt|(tttttttt|)*8,tttt|ttttmL' --recompute selective --recompute-modules mla_up_proj
+    glm52 plan --config configs/FILE.yaml --gpus 64
 
-The estimate is per GPU of the most loaded pipeline stage, in bytes, for BF16 training with
-Megatron-Core's distributed optimizer (fp32 main gradients, fp32 master weights and Adam
-moments sharded over data parallelism):
+The estimate is per GPU of the most loaded pipeline rank, in bytes, for BF16 training with
+Megatron-Core's distributed optimizer:
 
-- weights (bf16) and gradients (fp32) of the stage's share: attention and dense MLPs split by
+- weights (bf16) and gradients (fp32) of the rank's chunks: attention and dense MLPs split by
   TP, experts by EP x ETP, replicated pieces (norms, latent down projections, the indexer,
-  routers) whole; the embedding on the first stage, output head and MTP layer on the last;
-- optimizer state: 12 bytes per parameter over the data-parallel replicas of that parameter;
-- activations: what one microbatch saves per layer (MLA, DSA indexer and top-k, MoE dispatch
-  and experts; sequence-parallel pieces divided by TP, the sequence by CP), times the
-  microbatches a 1F1B (or interleaved) schedule keeps in flight on the first stage; with full
-  recomputation only each layer's input is kept, plus one layer's working set;
-- logits: fp32 logits and their gradient for the main head and each MTP step (last stage);
-- fixed: CUDA context, communication buffers and allocator slack.
+  routers) whole; the embedding where the layout puts "E", output head where it puts "L",
+  the MTP layer where it puts "m";
+- optimizer state over the data-parallel replicas of each parameter: AdamW keeps an fp32 master
+  copy and two moments (12 bytes per parameter); Muon (`--optimizer muon`) keeps the master
+  copy and one momentum buffer (8 bytes) for the 2-D matrices of attention (MLA projections,
+  the indexer's query and key projections), dense MLP, shared and routed experts and the MTP
+  projection, and AdamW's 12 bytes for embeddings, output head, norms, routers and the
+  indexer's head-weight projection (the split of `training/muon.py`);
+- activations: what one micro-batch saves for backward in each chunk, per layer kind
+  (`layer_saved_bytes`: the tensors our layers hand to autograd, counted tensor by tensor and
+  checked against a real run of `tiny` with saved-tensor hooks in tests/test_plan.py), times
+  the micro-batches each chunk has in flight at the schedule's worst moment
+  (`schedule_in_flight`, which replays Megatron-Core's 1F1B or interleaved order); with full
+  recomputation each layer keeps its input (and the top-k it passes on) and one layer's
+  working set is rebuilt at a time; selective recomputation drops what its modules rebuild;
+- dsa: the part of those activations that DSA adds (top-k indices, log-sum-exp, the indexer's
+  gradients, computed in the forward pass by the fused KL kernel);
+- logits: fp32 logits saved by the loss for the main head and each MTP step, for the
+  micro-batches in flight on the chunk with "L", plus one transient gradient of them;
+- slack: 10% of the above for allocator fragmentation; fixed: 2.5 GiB of CUDA context, NCCL
+  and workspace buffers. Both constants were set once against a measured run of `proxy-h100`
+  (docs/benchmarks.md) and are not tuned to any other point.
 
-DSA is assumed to run on the memory-linear kernels (no S x S buffer). The terms are a model,
-calibrated against a measured run of the `proxy-h100` flavor (see docs/benchmarks.md).
+DSA is assumed to run on the memory-linear kernels (no S x S buffer), MoE on Megatron-Core's
+local SequentialMLP experts (no Transformer Engine), as this stack runs on its GPU machine.
 """
 
 from __future__ import annotations
@@ -29,13 +44,14 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from glm52_train.config import ConfigError, ModelConfig, needs_topk_relay
-from glm52_train.layout import Layout, layout_problems
-from glm52_train.model.info import _attention_params
+from glm52_train.layout import Layout, layout_problems, pipeline_chunks, recompute_problem
 
 GiB = 1024**3
+MiB = 1024**2
 BF16, FP32 = 2, 4
 FIXED_OVERHEAD = 2.5 * GiB  # CUDA context, NCCL buffers, workspace
 FRAGMENTATION = 1.10
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -47,11 +63,16 @@ class Estimate:
     activations: float
     dsa_buffers: float
     logits: float
+    slack: float
     fixed: float
     total: float
     fits: bool
     reason: str = ""
     stage_layers: list = field(default_factory=list)
+    pp_rank: int = 0
+    in_flight: list = field(default_factory=list)  # micro-batches per chunk at the peak
+    recompute: str = "full"
+    optimizer_name: str = "adamw"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -59,64 +80,159 @@ class Estimate:
         return d
 
 
-def _dense_and_expert_params(m: ModelConfig, layer: int | None, tp: int) -> tuple[float, float]:
-    """(per-GPU non-expert params before DP sharding, routed-expert params before EP) of one
-    layer; `layer=None` is the MTP layer."""
-    moe = m.num_moe_layers > 0 if layer is None else m.is_moe_layer(layer)
-    indexer = layer is None or m.layer_index_pattern[layer] == "F"
-    h = m.hidden_size
-    full = _attention_params(m, indexer)
-    replicated = (h * m.q_lora_rank + m.q_lora_rank + h * (m.kv_lora_rank + m.qk_rope_dim)
-                  + m.kv_lora_rank)
-    if indexer:
-        replicated += (m.q_lora_rank * m.index_heads * m.index_head_dim + h * m.index_head_dim
-                       + 2 * m.index_head_dim + h * m.index_heads)
-    dense = replicated + (full - replicated) / tp + 2 * h
-    expert = 0.0
-    if moe:
-        mlp = 3 * h * m.moe_ffn_size
-        dense += m.num_experts * h + m.num_shared_experts * mlp / tp
-        expert = m.num_experts * mlp
-    else:
-        dense += 3 * h * m.dense_ffn_size / tp
-    if layer is None:
-        dense += 2 * h * h / tp + 3 * h
-    return dense, expert
+# ---- parameters -----------------------------------------------------------------------------
 
-
-def _activation_bytes_per_token(m: ModelConfig, layer: int | None, tp: int, sp: bool) -> tuple[float, float]:
-    """(saved activation bytes, DSA bytes) per token for one layer without recomputation."""
+def _layer_params(m: ModelConfig, layer: int | None, tp: int) -> dict[str, float]:
+    """Per-GPU parameters of one decoder layer (`layer=None`: the MTP layer) before DP/EP
+    sharding: {"muon": non-expert 2-D matrices, "adam": the AdamW groups, "expert": routed
+    experts (before EP x ETP)}."""
     moe = m.num_moe_layers > 0 if layer is None else m.is_moe_layer(layer)
     indexer = layer is None or m.layer_index_pattern[layer] == "F"
     h, n = m.hidden_size, m.num_heads
-    seq_split = tp if sp else 1
-    a = 4 * h * BF16 / seq_split  # layer input, norm outputs, residual
-    # MLA: latent projections (replicated), per-head q/k/v and output (split over heads)
-    a += BF16 * (2 * m.q_lora_rank + 2 * (m.kv_lora_rank + m.qk_rope_dim))
-    a += BF16 * n * (2 * m.qk_head_dim + 2 * m.v_head_dim) / tp
-    a += BF16 * n * (m.kv_lora_rank + m.qk_rope_dim) / tp  # absorbed query on the latent
-    dsa = FP32 * n / tp  # log-sum-exp per head
-    dsa += 4 * m.index_topk  # int32 top-k (kept by full layers, reused by shared ones)
+    muon = (h * m.q_lora_rank + h * (m.kv_lora_rank + m.qk_rope_dim)  # replicated down projections
+            + (m.q_lora_rank * n * m.qk_head_dim + m.kv_lora_rank * n * (m.qk_nope_dim + m.v_head_dim)
+               + n * m.v_head_dim * h) / tp)
+    adam = m.q_lora_rank + m.kv_lora_rank + 2 * h  # latent norms, input and pre-MLP norms
     if indexer:
-        dsa += BF16 * (m.index_heads * m.index_head_dim + m.index_head_dim) + FP32 * m.index_heads
+        muon += m.q_lora_rank * m.index_heads * m.index_head_dim + h * m.index_head_dim
+        adam += 2 * m.index_head_dim + h * m.index_heads  # key LayerNorm, head-weight projection
+    expert = 0.0
     if moe:
-        k = m.moe_topk
-        a += FP32 * m.num_experts * 2  # router logits and probabilities
-        a += BF16 * k * (2 * h + 3 * m.moe_ffn_size)  # dispatched tokens, fc1, activation, fc2
-        a += BF16 * m.num_shared_experts * 3 * m.moe_ffn_size / tp
+        mlp = 3 * h * m.moe_ffn_size
+        adam += m.num_experts * h  # router (its expert bias is a buffer)
+        muon += m.num_shared_experts * mlp / tp
+        expert = m.num_experts * mlp
     else:
-        a += BF16 * 3 * m.dense_ffn_size / tp
-    return a, dsa
+        muon += 3 * h * m.dense_ffn_size / tp
+    if layer is None:
+        muon += 2 * h * h / tp  # eh_proj
+        adam += 3 * h  # enorm, hnorm, final norm
+    return {"muon": muon, "adam": adam, "expert": expert}
 
 
-def stage_layers(num_layers: int, pp: int) -> list[list[int]]:
-    base, extra = divmod(num_layers, pp)
-    out, start = [], 0
-    for stage in range(pp):
-        count = base + (1 if stage >= pp - extra else 0)
-        out.append(list(range(start, start + count)))
-        start += count
+# ---- activations ----------------------------------------------------------------------------
+
+def layer_saved_bytes(m: ModelConfig, layer: int | None, tp: int = 1, sp: bool = False, act: int = BF16,
+                      recompute_modules=(), micro_batch: int = 1) -> tuple[float, float]:
+    """(bytes, of which DSA) one token of one decoder layer (`layer=None`: the MTP layer, which
+    runs its own indexer) saves for backward, tensor by tensor as our layers save them; `act`
+    is the activation dtype's size (fp32 pieces stay 4 bytes). Sequence-parallel tensors are
+    divided by TP, per-head ones by TP; the rope tables are per position (divided by the
+    micro-batch). `recompute_modules` removes what selective recomputation rebuilds."""
+    moe = m.num_moe_layers > 0 if layer is None else m.is_moe_layer(layer)
+    full = layer is None or m.layer_index_pattern[layer] == "F"
+    h, n, ql, kvl, rope = m.hidden_size, m.num_heads, m.q_lora_rank, m.kv_lora_rank, m.qk_rope_dim
+    mods = set(recompute_modules)
+    seq = tp if sp else 1
+    f32 = FP32
+    # input norm (input, rstd, output) and the replicated down projections' flattened input
+    a = (2 * h * act + f32 + h * act) / seq
+    # q and kv latents: q_a norm (input, rstd, output), kv_a norm (the down projection's
+    # [c_kv | k_rope] output, rstd, normalised c_kv); RoPE tables (4 per attention)
+    a += (2 * ql + (kvl + rope) + kvl) * act + 2 * f32 + 4 * rope * f32 / micro_batch
+    a += ql * act  # q_up's input (under mla_up_proj: the checkpoint's saved input)
+    if "mla_up_proj" not in mods:
+        # q_up's per-head output (q_nope | q_rope), and the absorbed query and the shared
+        # latent key/value the sparse attention saves (freed and rebuilt under mla_up_proj)
+        a += n * m.qk_head_dim * act / tp + n * (kvl + rope) * act / tp + (kvl + rope) * act
+    a += n * kvl * act / tp + n * m.v_head_dim * act / tp  # attention output on the latent, W_UV output
+    dsa = f32 * n / tp  # log-sum-exp per head
+    if full:
+        dsa += 4 * m.index_topk  # int32 top-k (shared layers reuse the full layer's tensor)
+        dsa += 4 * rope * f32 / micro_batch + (m.index_head_dim * act + 2 * f32)  # indexer rope, key norm
+        dsa += m.index_heads * m.index_head_dim * act + m.index_head_dim * act + m.index_heads * f32  # KL grads
+    # pre-MLP norm (input, rstd, output)
+    a += (2 * h * act + f32) / seq
+    if moe:
+        k, e, ffn = m.moe_topk, m.num_experts, m.moe_ffn_size
+        if "shared_experts" not in mods and "moe" not in mods:
+            a += m.num_shared_experts * (h / seq + 5 * ffn / tp) * act  # fc1 input, gate|up, SwiGLU parts, fc2 input
+        if "moe" not in mods:
+            a += f32 * (2 * e + 2 + k) + 8 * 2 * k  # router logits/scores, top-k values and indices
+            a += e * (1 + f32) + 8 * k  # dispatch: routing map, probabilities, sorted indices
+            a += k * (h * act + 6 * ffn * act + f32)  # per routed copy: input, fc1 out, SwiGLU parts, fc2 input, prob
+        else:
+            a += 0.0  # the MoE layer's input is the pre-MLP norm output, counted above
+    elif "mlp" not in mods:
+        a += (h / seq + 5 * m.dense_ffn_size / tp) * act
+    if layer is None:
+        # MTP: embedding and hidden norms (input, rstd, output each), eh_proj's input, final norm
+        a += (2 * (2 * h * act + f32) + 2 * h * act + (2 * h * act + f32)) / seq
+    return a + dsa, dsa
+
+
+def _chunk_saved_bytes(m: ModelConfig, items: list, tp: int, sp: bool, tokens: float, recompute: str,
+                       modules, micro_batch: int) -> tuple[float, float, float, float]:
+    """(saved bytes, of which DSA, of which logits, the largest layer's working set) of one
+    micro-batch through one chunk."""
+    act = dsa = logits = largest = 0.0
+    seq = tp if sp else 1
+    for item in items:
+        if item == "E" or item == "L":
+            continue
+        layer = None if item == "m" else item
+        a, d = layer_saved_bytes(m, layer, tp, sp, BF16, modules if recompute == "selective" else (), micro_batch)
+        largest = max(largest, a * tokens)
+        if recompute == "full":
+            # Megatron-Core's uniform recompute (one layer per unit) keeps the layer input and
+            # the IndexShare top-k that travels with it
+            act += (BF16 * m.hidden_size / seq + 4 * m.index_topk) * tokens
+        else:
+            act += a * tokens
+            dsa += d * tokens
+    if "L" in items:
+        steps = 1 + (m.mtp_steps if m.mtp_layers else 0)
+        logits = FP32 * m.vocab_size / tp * steps * tokens  # fp32 logits the loss keeps
+        act += logits + BF16 * m.hidden_size / seq * steps * tokens  # and the output layer's input
+    return act, dsa, logits, largest
+
+
+def schedule_order(pp: int, vpp: int, rank: int, num_microbatches: int) -> list[tuple[str, int]]:
+    """The (F or B, model chunk) steps pipeline rank `rank` runs in one training step, in
+    Megatron-Core 0.16.1's order (megatron/core/pipeline_parallel/schedules.py):
+    - 1F1B (`forward_backward_pipelining_without_interleaving`, vpp = 1): pp - rank - 1 warm-up
+      forwards, capped at the micro-batch count (lines 2093-2097), then one forward and one
+      backward per remaining micro-batch (the steady loop, lines 2191-2255), then the
+      cool-down backwards;
+    - interleaved (`forward_backward_pipelining_with_interleaving`): (pp - rank - 1) x 2 +
+      (vpp - 1) x group warm-up forwards, capped at micro-batches x vpp (`get_pp_rank_microbatches`,
+      lines 773-788; the group is `microbatch_group_size_per_vp_stage`, default PP), forward k
+      on chunk `get_schedule_table(...)`[k] (lines 798-825) and backward k on the mirrored
+      chunk (`get_model_chunk_id`, lines 1079-1084), steady state forward k + warm-up then
+      backward k (lines 1565-1567)."""
+    if pp == 1:
+        return [s for _ in range(num_microbatches) for s in (("F", 0), ("B", 0))]
+    total = num_microbatches * vpp
+    if vpp == 1:
+        warmup = pp - rank - 1
+        chunk_of = [0] * total
+    else:
+        warmup = (pp - rank - 1) * 2 + (vpp - 1) * pp
+        chunk_of = []
+        for start in range(0, num_microbatches, pp):
+            end = num_microbatches if start + pp >= num_microbatches else start + pp
+            chunk_of += [c for c in range(vpp) for _ in range(start, end)]
+    warmup = min(warmup, total)
+    steps = [("F", chunk_of[k]) for k in range(warmup)]
+    for k in range(total - warmup):
+        steps += [("F", chunk_of[k + warmup]), ("B", vpp - 1 - chunk_of[k])]
+    steps += [("B", vpp - 1 - chunk_of[k]) for k in range(total - warmup, total)]
+    return steps
+
+
+def schedule_in_flight(pp: int, vpp: int, rank: int, num_microbatches: int) -> list[tuple[int, ...]]:
+    """Micro-batches whose activations each chunk holds, after every forward of the step."""
+    live, out = [0] * vpp, []
+    for kind, chunk in schedule_order(pp, vpp, rank, num_microbatches):
+        live[chunk] += 1 if kind == "F" else -1
+        if kind == "F":
+            out.append(tuple(live))
     return out
+
+
+def default_microbatches(pp: int, vpp: int) -> int:
+    """Micro-batches per step assumed when none is given: enough to reach the steady state."""
+    return max(1, 4 * pp)
 
 
 def estimate(
@@ -126,52 +242,72 @@ def estimate(
     gpu_mem_gb: float,
     micro_batch: int = 1,
     num_microbatches: int | None = None,
-    recompute: bool = True,
+    recompute: str | bool = "full",
+    recompute_modules=(),
+    optimizer: str = "adamw",
+    first_stage_layers: int | None = None,
+    last_stage_layers: int | None = None,
 ) -> Estimate:
+    """Memory per GPU of the busiest pipeline rank (see the module docstring)."""
+    if isinstance(recompute, bool):
+        recompute = "full" if recompute else "none"
+    why = recompute_problem(recompute, recompute_modules)
+    if why:
+        raise ConfigError(why)
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"the optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}.")
     tp, pp, ep, etp, cp, dp, vpp = layout.tp, layout.pp, layout.ep, layout.etp, layout.cp, layout.dp, layout.vpp
-    stages = stage_layers(m.num_layers, pp)
+    chunks = pipeline_chunks(m, layout, first_stage_layers, last_stage_layers)
+    vpp = len(chunks[0])
     tokens = micro_batch * seq_len / cp
-    in_flight = 1 if pp == 1 else pp * (1 + (pp - 1) / (pp * vpp))
-    if num_microbatches is not None:
-        in_flight = min(in_flight, num_microbatches)
+    microbatches = num_microbatches or default_microbatches(pp, vpp)
     expert_dp = max(1, dp * cp * tp // (ep * etp))
+    muon_bytes = 8 if optimizer == "muon" else 12
     worst: Estimate | None = None
-    for index, layers in enumerate(stages):
-        first, last = index == 0, index == pp - 1
-        dense = expert = 0.0
-        act = dsa = largest = 0.0
-        members: list = list(layers) + ([None] * m.mtp_layers if last else [])
-        layer_input = BF16 * m.hidden_size / (tp if layout.sp else 1)
-        for layer in members:
-            d, e = _dense_and_expert_params(m, layer, tp)
-            dense += d
-            expert += e
-            a, s = _activation_bytes_per_token(m, layer, tp, layout.sp)
-            largest = max(largest, a + s)
-            if recompute:
-                act += layer_input  # only the layer's input is kept
-            else:
-                act += a
-                dsa += s
-        if first:
-            dense += m.vocab_size * m.hidden_size / tp
-        if last:
-            dense += (0 if m.tie_embeddings else m.vocab_size * m.hidden_size / tp) + m.hidden_size
+    for rank, rank_chunks in enumerate(chunks):
+        muon = adam = expert = 0.0
+        mtp_weights = 0
+        saved = []
+        largest = 0.0
+        for items in rank_chunks:
+            for item in items:
+                if item == "E":
+                    adam += m.vocab_size * m.hidden_size / tp
+                elif item == "L":
+                    adam += (0 if m.tie_embeddings else m.vocab_size * m.hidden_size / tp) + m.hidden_size
+                elif item == "m" and mtp_weights >= m.mtp_layers:
+                    continue  # MTP steps beyond the distinct MTP layers reuse their weights
+                else:
+                    mtp_weights += item == "m"
+                    p = _layer_params(m, None if item == "m" else item, tp)
+                    muon, adam, expert = muon + p["muon"], adam + p["adam"], expert + p["expert"]
+            chunk = _chunk_saved_bytes(m, items, tp, layout.sp, tokens, recompute, recompute_modules, micro_batch)
+            saved.append(chunk)
+            largest = max(largest, chunk[3])
         expert /= ep * etp
+        dense = muon + adam
         weights = BF16 * (dense + expert)
         grads = FP32 * (dense + expert)
-        optimizer = 12 * dense / (dp * cp) + 12 * expert / expert_dp
-        activations = act * tokens * in_flight
-        if recompute:
-            activations += largest * tokens  # one layer recomputed at a time
-        dsa_buffers = dsa * tokens * in_flight
-        logits = 0.0
-        if last:
-            steps = 1 + m.mtp_steps
-            logits = 2 * FP32 * tokens * m.vocab_size / tp * steps
-        total = FRAGMENTATION * (weights + grads + optimizer + activations + dsa_buffers + logits) + FIXED_OVERHEAD
-        est = Estimate(layout, weights, grads, optimizer, activations, dsa_buffers, logits,
-                       FIXED_OVERHEAD, total, total <= gpu_mem_gb * GiB, stage_layers=[len(layers)])
+        optim = (muon_bytes * muon + 12 * adam) / (dp * cp) + muon_bytes * expert / expert_dp
+        peak, at_peak = -1.0, ()
+        for live in schedule_in_flight(pp, vpp, rank, microbatches):
+            total_live = sum(n * c[0] for n, c in zip(live, saved))
+            if total_live > peak:
+                peak, at_peak = total_live, live
+        logits = sum(n * c[2] for n, c in zip(at_peak, saved))
+        dsa = sum(n * c[1] for n, c in zip(at_peak, saved))
+        activations = peak - logits - dsa
+        if recompute == "full":
+            activations += largest  # one layer rebuilt at a time in backward
+        if any("L" in items for items in rank_chunks):
+            logits += max(c[2] for c in saved)  # the logits' gradient, one micro-batch at a time
+        parts = weights + grads + optim + activations + dsa + logits
+        slack = (FRAGMENTATION - 1) * parts
+        total = parts + slack + FIXED_OVERHEAD
+        est = Estimate(layout, weights, grads, optim, activations, dsa, logits, slack, FIXED_OVERHEAD, total,
+                       total <= gpu_mem_gb * GiB,
+                       stage_layers=[sum(isinstance(i, int) for i in items) for items in rank_chunks],
+                       pp_rank=rank, in_flight=list(at_peak), recompute=recompute, optimizer_name=optimizer)
         if worst is None or est.total > worst.total:
             worst = est
     if not worst.fits:
@@ -180,13 +316,13 @@ def estimate(
     return worst
 
 
-def check_layout(m: ModelConfig, layout: Layout, gpus: int, seq_len: int) -> str | None:
+def check_layout(m: ModelConfig, layout: Layout, gpus: int, seq_len: int, **stages) -> str | None:
     """Why `layout` cannot run `m` on `gpus` GPUs (one sentence), or None: the run config's
     rules (`layout_problems`) plus the planner's own (the layout uses every GPU; TP stays
     inside one 8-GPU node)."""
     if layout.gpus != gpus:
         return f"TP x PP x CP x DP = {layout.gpus}, not the {gpus} GPUs."
-    problems = layout_problems(m, layout, seq_len)
+    problems = layout_problems(m, layout, seq_len, **stages)
     if problems:
         return problems[0]
     if layout.tp > 8:
@@ -201,8 +337,14 @@ def _divisors(n: int) -> list[int]:
 def relays_topk(m: ModelConfig, layout: Layout) -> bool:
     """Whether some pipeline chunk begins with an IndexShare "S" layer, so the top-k indices
     must travel with the activations (see model/topk_relay.py)."""
-    chunks = stage_layers(m.num_layers, layout.pp * layout.vpp)
-    return needs_topk_relay(m.layer_index_pattern, [c[0] for c in chunks if c])
+    chunks = pipeline_chunks(m, layout)
+    starts = []
+    for v in range(len(chunks[0])):
+        for r in range(len(chunks)):
+            layers = [i for i in chunks[r][v] if isinstance(i, int)]
+            if layers:
+                starts.append(layers[0])
+    return needs_topk_relay(m.layer_index_pattern, starts)
 
 
 def _score(est: Estimate, m: ModelConfig, gpus: int) -> float:
@@ -222,10 +364,15 @@ def plan(
     gpu_mem_gb: float,
     seq_len: int,
     micro_batch: int = 1,
-    recompute: bool = True,
+    recompute: str | bool = "full",
     limit: int = 5,
+    recompute_modules=(),
+    optimizer: str = "adamw",
+    global_batch: int | None = None,
 ) -> tuple[list[Estimate], list[Estimate]]:
     """(fitting layouts best first, a sample of refused ones with reasons)."""
+    if gpus < 1:
+        raise ConfigError(f"--gpus must be at least 1, got {gpus}.")
     fitting: list[Estimate] = []
     refused: list[Estimate] = []
     experts = m.num_experts if m.num_moe_layers else 1
@@ -233,6 +380,11 @@ def plan(
         if gpus % (tp * pp * cp):
             continue
         dp = gpus // (tp * pp * cp)
+        microbatches = None
+        if global_batch is not None:
+            if global_batch % (micro_batch * dp):
+                continue
+            microbatches = global_batch // (micro_batch * dp)
         for ep in [e for e in _divisors(experts) if e <= 64]:
             for vpp in (1, 2, 4):
                 layout = Layout(tp=tp, pp=pp, vpp=vpp if pp > 1 else 1, ep=ep, cp=cp, dp=dp, sp=tp > 1)
@@ -240,15 +392,23 @@ def plan(
                     continue
                 if check_layout(m, layout, gpus, seq_len):
                     continue
-                est = estimate(m, layout, seq_len, gpu_mem_gb, micro_batch, recompute=recompute)
+                est = estimate(m, layout, seq_len, gpu_mem_gb, micro_batch, microbatches, recompute,
+                               recompute_modules, optimizer)
                 (fitting if est.fits else refused).append(est)
     fitting.sort(key=lambda e: _score(e, m, gpus))
     refused.sort(key=lambda e: e.total)
     return fitting[:limit], refused[:3]
 
 
+COLUMNS = ("weights", "gradients", "optimizer", "activations", "dsa_buffers", "logits", "slack", "fixed")
+_HEADINGS = ("weights", "grads", "optim", "act", "dsa", "logits", "slack", "fixed")
+
+
+def format_header() -> str:
+    return f"{'layout':32s} " + " ".join(f"{h:>8s}" for h in _HEADINGS) + f"  {'= total':>9s} GiB"
+
+
 def format_estimate(est: Estimate) -> str:
-    g = lambda b: f"{b / GiB:8.1f}"  # noqa: E731
-    return (f"{est.layout.describe():32s} weights {g(est.weights)}  grads {g(est.gradients)}  "
-            f"optim {g(est.optimizer)}  act {g(est.activations)}  dsa {g(est.dsa_buffers)}  "
-            f"logits {g(est.logits)}  total {g(est.total)} GiB")
+    """One row: the columns of `format_header`, which add up to the total (GiB, 0.1 rounding)."""
+    cells = " ".join(f"{getattr(est, c) / GiB:8.1f}" for c in COLUMNS)
+    return f"{est.layout.describe():32s} {cells}  = {est.total / GiB:7.1f}"

@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from glm52_train.config import ConfigError, ModelConfig, get_model_config
-from glm52_train.layout import Layout, layout_problems
+from glm52_train.layout import Layout, layout_problems, recompute_problem
 
 
 @dataclass
@@ -48,6 +48,9 @@ class ParallelConfig:
     sp: bool = False
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
+    # Megatron-Core's pipeline_model_parallel_layout, e.g. "Et|tt|tmL" (E embedding, t decoder
+    # layer, m MTP step, L loss; | between stages; PP x VPP stages): instead of the counts above
+    layout: str | None = None
 
 
 @dataclass
@@ -65,7 +68,9 @@ class TrainConfig:
     fp8: Literal["blockwise", "te-e4m3", "te-hybrid"] | None = None
     transformer_engine: Literal["auto", "on", "off"] = "auto"
     clip_grad: float = 1.0
-    recompute: Literal["full"] | None = None
+    recompute: Literal["full", "selective"] | None = None
+    # selective: Megatron-Core's recompute modules this stack honours (mla_up_proj, mlp, moe, shared_experts)
+    recompute_modules: list[str] = field(default_factory=lambda: ["mla_up_proj"])
     freeze: Literal["all_but_indexer"] | None = None  # the DSA dense warm-up
     max_skipped_steps: int = 10  # consecutive non-finite steps before the run stops
     exit_after_iters: int | None = None  # stop (with a checkpoint) after this many steps of this run
@@ -74,7 +79,7 @@ class TrainConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["adamw"] = "adamw"
+    name: Literal["adamw", "muon"] = "adamw"  # muon: planned by `glm52 plan`; training needs issue 14's optimizer
     lr: float = 3e-4
     min_lr: float = 3e-5
     weight_decay: float = 0.1
@@ -168,8 +173,16 @@ class RunConfig:
     def layout(self, world_size: int) -> Layout:
         """The parallel degrees of this run on `world_size` processes."""
         p = self.parallel
-        return Layout(tp=p.tp, pp=p.pp, vpp=p.vpp or 1, ep=p.ep, etp=p.etp or p.tp, cp=p.cp,
-                      dp=world_size // (p.tp * p.pp * p.cp), sp=p.sp)
+        vpp = p.vpp or 1
+        if p.layout and p.vpp is None and p.pp >= 1:
+            from glm52_train.layout import parse_pipeline
+
+            try:
+                vpp = parse_pipeline(self.model_config(), p.layout, p.pp).virtual_pipeline_model_parallel_size
+            except ValueError:
+                vpp = 1  # validate() names the problem
+        return Layout(tp=p.tp, pp=p.pp, vpp=vpp, ep=p.ep, etp=p.etp or p.tp, cp=p.cp,
+                      dp=world_size // (p.tp * p.pp * p.cp), sp=p.sp, pipeline=p.layout)
 
     def use_bf16(self) -> bool:
         """`train.precision` resolved on this machine (auto: bf16 on a GPU, fp32 on a CPU)."""
@@ -217,6 +230,8 @@ class RunConfig:
         problems = layout_problems(model, layout, d.seq_length, first_stage_layers=p.first_stage_layers,
                                    last_stage_layers=p.last_stage_layers, microbatches=microbatches)
         need(not problems, f"parallel: {problems[0] if problems else ''}")
+        why = recompute_problem(t.recompute, t.recompute_modules if t.recompute == "selective" else [])
+        need(why is None, f"train.{why}")
         need(d.seq_length >= 2, "data.seq_length must be at least 2.")
         need(not d.packed or t.micro_batch_size == 1,
              "data.packed needs train.micro_batch_size 1 (each microbatch is one packed sample).")

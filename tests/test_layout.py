@@ -49,7 +49,7 @@ def test_run_config_and_plan_give_the_same_sentence(tmp_path):
 @pytest.mark.parametrize("override, phrase", [
     ("train.precision=fp16", "train.precision must be one of auto, bf16, fp32, got 'fp16'"),
     ("dsa.backend=kernels", "dsa.backend must be one of auto, torch, triton, got 'kernels'"),
-    ("train.recompute=selective", "train.recompute must be one of full, got 'selective'"),
+    ("train.recompute=block", "train.recompute must be one of full, selective, got 'block'"),
     ("optimizer.schedule=step", "optimizer.schedule must be one of cosine, wsd, linear, constant"),
 ])
 def test_enumerations_are_checked_when_read(override, phrase):

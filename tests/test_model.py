@@ -107,11 +107,15 @@ def test_index_share_reuses_the_previous_full_layer(single_process):
     assert shared_attn.indexer is None and not shared_attn.is_full
 
 
-def test_full_recompute_matches(single_process):
+@pytest.mark.parametrize("overrides", [
+    ["train.recompute=full"],
+    ["train.recompute=selective", "train.recompute_modules=[mla_up_proj,mlp,moe]"],
+], ids=["full", "selective"])
+def test_recompute_matches(single_process, overrides):
     cfg = get_model_config("tiny")
     ids, pos = _batch(cfg.vocab_size)
     plain = _build(cfg).train()
-    recomputed = _build(cfg, plain, "train.recompute=full").train()
+    recomputed = _build(cfg, plain, *overrides).train()
     loss_a, grads_a = _loss_and_grads(plain, ids, pos)
     loss_b, grads_b = _loss_and_grads(recomputed, ids, pos)
     assert torch.equal(loss_a, loss_b)

@@ -9,12 +9,18 @@ indexer needs (the layer input, the compressed query, the RoPE frequencies) and 
 the previous full layer, and returns its own top-k, which the layer passes on (IndexShare).
 
 Departure from Megatron-Core: its per-head keys and values (`get_query_key_value_tensors`)
-are never formed; `tests/test_model.py` checks the absorbed form against them.
+are never formed; `tests/test_model.py` checks the absorbed form against them. Selective
+recomputation of `mla_up_proj` (Megatron-Core's `recompute_up_proj`) is honoured the way
+Megatron-Core does it, on our absorbed form: the up-projection, RoPE and absorption run under
+an output-discarding checkpoint from the normalised latents, their outputs (the absorbed query
+and the shared latent key/value) are freed once the core attention has saved them, and are
+rebuilt when the attention output's gradient arrives.
 """
 
 from __future__ import annotations
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings import apply_rotary_pos_emb
 from megatron.core.post_training.modelopt.layers import Linear as ReplicatedLinear
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
@@ -55,9 +61,6 @@ class GLMSelfAttention(MLASelfAttention):
         n = self.num_attention_heads_per_partition
         q_compressed, _ = self.linear_q_down_proj(hidden_states)
         q_compressed = self.q_layernorm(q_compressed)
-        q, _ = self.linear_q_up_proj(q_compressed)
-        q = q.view(*q.shape[:-1], n, self.q_head_dim)
-        q_nope, q_rope = torch.split(q, [cfg.qk_head_dim, cfg.qk_pos_emb_head_dim], dim=-1)
         kv, _ = self.linear_kv_down_proj(hidden_states)
         c_kv, k_rope = torch.split(kv, [cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim], dim=-1)
         c_kv = self.kv_layernorm(c_kv)
@@ -69,15 +72,25 @@ class GLMSelfAttention(MLASelfAttention):
             freqs, mscale = self.rope_table(layout)
         else:
             freqs, mscale = self.rope_frequencies(hidden_states)
-            freqs = freqs[: q.shape[0]]
-        q_rope = apply_rotary_pos_emb(q_rope, freqs, config=cfg, mscale=mscale)
-        k_rope = apply_rotary_pos_emb(k_rope.unsqueeze(2), freqs, config=cfg, mscale=mscale).squeeze(2)
+            freqs = freqs[: q_compressed.shape[0] * (tp.size() if cfg.sequence_parallel else 1)]
+
+        def up_projection(q_compressed, c_kv, k_rope):
+            q, _ = self.linear_q_up_proj(q_compressed)
+            q = q.view(*q.shape[:-1], n, self.q_head_dim)
+            q_nope, q_rope = torch.split(q, [cfg.qk_head_dim, cfg.qk_pos_emb_head_dim], dim=-1)
+            q_rope = apply_rotary_pos_emb(q_rope, freqs, config=cfg, mscale=mscale)
+            k_rot = apply_rotary_pos_emb(k_rope.unsqueeze(2), freqs, config=cfg, mscale=mscale).squeeze(2)
+            w = self.linear_kv_up_proj.weight.view(n, cfg.qk_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+            q_latent = torch.einsum("sbhd,hdc->sbhc", q_nope, w[:, : cfg.qk_head_dim])
+            return torch.cat([q_latent, q_rope], dim=-1), torch.cat([c_kv, k_rot], dim=-1)
+
+        if self.recompute_up_proj and self.training and torch.is_grad_enabled():
+            self.qkv_up_checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=cfg.fp8 or getattr(cfg, "fp4", None))
+            query, key_value = self.qkv_up_checkpoint.checkpoint(up_projection, q_compressed, c_kv, k_rope)
+        else:
+            query, key_value = up_projection(q_compressed, c_kv, k_rope)
         w = self.linear_kv_up_proj.weight.view(n, cfg.qk_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
-        w_uk, w_uv = w[:, : cfg.qk_head_dim], w[:, cfg.qk_head_dim :]
-        q_latent = torch.einsum("sbhd,hdc->sbhc", q_nope, w_uk)
-        query = torch.cat([q_latent, q_rope], dim=-1)
-        key_value = torch.cat([c_kv, k_rope], dim=-1)
-        return query, key_value, q_compressed, w_uv, freqs, mscale
+        return query, key_value, q_compressed, w[:, cfg.qk_head_dim :], freqs, mscale
 
     def forward(
         self,
@@ -94,6 +107,9 @@ class GLMSelfAttention(MLASelfAttention):
             query, key_value, x=hidden_states, qr=q_compressed, freqs=freqs, mscale=mscale,
             topk_indices=topk_indices, layout=layout,
         )
+        if self.qkv_up_checkpoint is not None:  # mla_up_proj: free query / key_value until backward
+            self.qkv_up_checkpoint.discard_output_and_register_recompute(out_latent)
+            self.qkv_up_checkpoint = None
         out = torch.einsum("sbhc,hdc->sbhd", out_latent, w_uv)  # up-projection W_UV
         output, bias = self.linear_proj(out.reshape(*out.shape[:2], -1))
         return output, bias, topk_indices

@@ -15,6 +15,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from glm52_train.config import ModelConfig
+from glm52_train.layout import virtual_stages
 from glm52_train.model import topk_relay
 from glm52_train.model.mtp import SharedMTPBlock
 from glm52_train.model.sequence import GLMSequenceParams, TokenLayout
@@ -105,13 +106,14 @@ def transformer_config(model: ModelConfig, run: RunConfig | None = None, *, cpu_
         # parallelism
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
-        virtual_pipeline_model_parallel_size=p.vpp,
+        virtual_pipeline_model_parallel_size=virtual_stages(p),
         expert_model_parallel_size=p.ep,
         expert_tensor_parallel_size=p.etp,
         context_parallel_size=p.cp,
         sequence_parallel=p.sp,
         num_layers_in_first_pipeline_stage=p.first_stage_layers,
         num_layers_in_last_pipeline_stage=p.last_stage_layers,
+        pipeline_model_parallel_layout=p.layout,
         # precision and kernels
         params_dtype=params_dtype,
         bf16=bf16,
@@ -129,6 +131,8 @@ def transformer_config(model: ModelConfig, run: RunConfig | None = None, *, cpu_
     )
     if t.recompute == "full":
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif t.recompute == "selective":
+        kwargs.update(recompute_granularity="selective", recompute_modules=list(t.recompute_modules))
     if moe:
         kwargs.update(
             num_moe_experts=model.num_experts,

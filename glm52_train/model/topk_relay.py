@@ -34,11 +34,20 @@ def stage_start_layers(config) -> list[int]:
     starts = []
     pp = config.pipeline_model_parallel_size
     vpp = config.virtual_pipeline_model_parallel_size or 1
+    layout = config.pipeline_model_parallel_layout
     for vp_stage in range(vpp):
         for pp_rank in range(pp):
             v = vp_stage if vpp > 1 else None
-            if get_num_layers_to_build(config, vp_stage=v, pp_rank=pp_rank) > 0:
-                starts.append(get_transformer_layer_offset(config, vp_stage=v, pp_rank=pp_rank))
+            if layout is not None:
+                # Megatron-Core 0.16.1's two helpers ignore `pp_rank` under a layout string
+                # (they answer for the calling rank); the layout object itself takes it.
+                count = layout.get_num_layers_to_build(vp_stage=v, pp_rank=pp_rank)
+                offset = layout.get_layer_offset(vp_stage=v, pp_rank=pp_rank)
+            else:
+                count = get_num_layers_to_build(config, vp_stage=v, pp_rank=pp_rank)
+                offset = get_transformer_layer_offset(config, vp_stage=v, pp_rank=pp_rank)
+            if count > 0:
+                starts.append(offset)
     return starts
 
 

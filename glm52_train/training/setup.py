@@ -39,6 +39,9 @@ class TrainingParts:
 def build(cfg: RunConfig) -> TrainingParts:
     """Process groups, then the model, optimizer and schedule of this rank (the data's files are
     checked against the model first)."""
+    if cfg.optimizer.name != "adamw":
+        raise ConfigError(f"optimizer.name={cfg.optimizer.name} cannot train yet: this build has AdamW only "
+                          "(`glm52 plan --optimizer muon` counts Muon's memory; the optimizer itself is issue 14's).")
     parallel.initialize(cfg.parallel, seed=cfg.train.seed, timeout_minutes=cfg.train.collective_timeout_minutes)
     model_cfg = cfg.model_config()
     tokenizer = Tokenizer(cfg.data.tokenizer)

@@ -1,0 +1,72 @@
+"""Bytes per token that each decoder layer (and the MTP layer) of `tiny` saves for backward,
+counted with saved-tensor hooks during one forward on the DSA kernels (run by
+tests/test_plan.py with TRITON_INTERPRET=1). Prints one JSON line: {recompute modules: {layer:
+bytes per token}}. Parameters are not activations and are left out; a storage saved by
+several operations counts once, for the layer that saved it first; a storage freed by an
+output-discarding checkpoint counts at its size when the forward ends (0)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def measure(modules: list[str], batch: int, seq: int) -> dict:
+    from glm52_train import parallel
+    from glm52_train.config import get_model_config
+    from glm52_train.model.build import build_model
+    from glm52_train.run_config import RunConfig
+
+    m = get_model_config("tiny")
+    run = RunConfig()
+    run.dsa.backend = "triton"
+    if modules:
+        run.train.recompute, run.train.recompute_modules = "selective", modules
+    parallel.initialize(seed=1)
+    model = build_model(m, run)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    current, saved = [None], {}
+
+    def pack(t):
+        if current[0] is not None and t.untyped_storage().data_ptr() not in params:
+            saved.setdefault(current[0], []).append(t)
+        return t
+
+    def enter(key):
+        return lambda module, args: current.__setitem__(0, key)
+
+    def leave(module, args, output):
+        current[0] = None
+
+    for i, layer in enumerate(model.decoder.layers):
+        layer.register_forward_pre_hook(enter(str(i)))
+        layer.register_forward_hook(leave)
+    layer = model.mtp.layers[0]  # the whole MTP layer: its norms, projection, decoder layer, final norm
+    layer.register_forward_pre_hook(enter("None"))
+    layer.register_forward_hook(leave)
+    tokens = torch.randint(0, m.vocab_size, (batch, seq))
+    position = torch.arange(seq).expand(batch, seq)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(tokens, position, None, labels=tokens, loss_mask=torch.ones(batch, seq))
+    seen, result = set(), {"batch": batch}
+    for key in ["0", "1", "2", "3", "None"]:
+        total = 0
+        for t in saved.get(key, []):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                total += t.untyped_storage().nbytes()
+        result[key] = total / (batch * seq)
+    del out
+    return result
+
+
+if __name__ == "__main__":
+    from glm52_train.kernels import api
+
+    api.enable_interpreter()
+    print(json.dumps({",".join(mods): measure(mods, batch=1, seq=48) for mods in ([], ["mla_up_proj"])}))
