@@ -111,3 +111,80 @@ def test_stacked_experts_and_bad_coefficients_are_refused():
     cfg = load_run_config(str(ROOT / "configs" / "tiny.yaml"), ["optimizer.name=muon", "optimizer.muon_ns_coeffs=[1, 2]"])
     with pytest.raises(ConfigError, match="muon_ns_coeffs needs 3 numbers"):
         cfg.validate(1)
+
+
+# ---- the layouts, resume and resharding (torchrun, gloo) ------------------------------------
+
+@pytest.fixture(scope="module")
+def muon_reference(golden_data, tmp_path_factory):
+    """Initial weights and the single-process Muon run (4 steps) every other run is compared with."""
+    import subprocess
+    import sys
+
+    from tests.train_helpers import env
+
+    tmp = tmp_path_factory.mktemp("muon")
+    init = tmp / "init"
+    subprocess.run([sys.executable, "-m", "glm52_train.cli", "init-weights", "--model", "tiny", "--out", str(init)],
+                   cwd=ROOT, env=env(), check=True, capture_output=True, timeout=300)
+    base = tmp / "base"
+    base.mkdir()
+    pretrain(_muon_config(base, golden_data, init))
+    return {"init": init, "data": golden_data, "steps": _curve(base / "run"), "metrics": metrics(base / "run")}
+
+
+def _muon_config(tmp, data, init):
+    return tiny_run_config(tmp, data, train={"iters": 4, "eval_interval": 100},
+                           optimizer={"name": "muon", "lr": 3.0e-3, "min_lr": 3.0e-4, "warmup_iters": 1},
+                           checkpoint={"interval": 2, "init_from": str(init)}, logging={"wandb": "disabled"})
+
+
+def _curve(run_dir) -> dict[int, tuple[float, float]]:
+    return {m["step"]: (m["loss"], m["grad_norm"]) for m in metrics(run_dir) if m.get("loss") is not None}
+
+
+def _assert_same(curve, reference, steps, rel=1e-5):
+    assert sorted(curve) == list(steps)
+    for step in steps:
+        assert curve[step][0] == pytest.approx(reference[step][0], rel=rel), f"loss at step {step}"
+        assert curve[step][1] == pytest.approx(reference[step][1], rel=rel), f"grad norm at step {step}"
+
+
+@pytest.mark.slow
+def test_muon_metrics_and_exact_resume(muon_reference, tmp_path):
+    """The update RMS per group is in metrics.jsonl; stopped after step 2 and resumed (momentum
+    buffers and Adam moments from the checkpoint), the run equals the uninterrupted one exactly."""
+    first = muon_reference["metrics"][0]
+    assert {"update_rms/adamw", "update_rms/muon_attention", "update_rms/muon_mlp", "update_rms/muon_experts"} <= set(first)
+    cfg = _muon_config(tmp_path, muon_reference["data"], muon_reference["init"])
+    pretrain(cfg, "train.exit_after_iters=2")
+    second = pretrain(cfg)
+    assert "at step 2" in second.stdout
+    assert _curve(tmp_path / "run") == muon_reference["steps"]
+
+
+@pytest.mark.slow
+def test_muon_layouts_and_resharded_checkpoint(muon_reference, tmp_path):
+    """TP2+SP x PP2 for steps 1-2 (TP-gathered and per-head orthogonalisation, two stages),
+    saved, then resumed under EP2 with DP4 (experts' state over expert-DP 2, dense over DP 4):
+    every step's loss and gradient norm equal the single-process run's."""
+    from tests.test_parallel import torchrun
+
+    cfg = _muon_config(tmp_path, muon_reference["data"], muon_reference["init"])
+    torchrun(4, cfg, "parallel.tp=2", "parallel.sp=true", "parallel.pp=2", "parallel.first_stage_layers=1",
+             "train.exit_after_iters=2", port=29520)
+    meta = json.loads((tmp_path / "ckpt" / "iter_0000002" / "glm52.json").read_text())
+    assert (meta["layout"]["tp"], meta["layout"]["pp"]) == (2, 2)
+    second = torchrun(4, cfg, "parallel.ep=2", "train.micro_batch_size=1", port=29527)
+    assert "at step 2" in second.stdout
+    _assert_same(_curve(tmp_path / "run"), muon_reference["steps"], steps=[1, 2, 3, 4])
+
+
+@pytest.mark.slow
+def test_muon_context_and_data_parallel(muon_reference, tmp_path):
+    """CP2 x DP2 from the start: whole matrices owned by one of two data-parallel ranks."""
+    from tests.test_parallel import torchrun
+
+    cfg = _muon_config(tmp_path, muon_reference["data"], muon_reference["init"])
+    torchrun(4, cfg, "parallel.cp=2", "checkpoint.enable=false", port=29534)
+    _assert_same(_curve(tmp_path / "run"), muon_reference["steps"], steps=[1, 2, 3, 4])
