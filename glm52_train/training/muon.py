@@ -183,9 +183,23 @@ def orthogonal_update(u: torch.Tensor, p: torch.Tensor, group: dict) -> torch.Te
 
 
 def param_groups(chunks, model_cfg: ModelConfig, split_heads: bool = True) -> list[dict]:
-    """The parameter groups: one per (role, expert-parallel, weight decay). Megatron-Core's
-    convention for weight decay: none on biases and 1-D parameters."""
-    by_key: dict[tuple, dict] = {}
+    """The parameter groups: one per (role, expert-parallel, weight decay), the same list on every
+    rank (empty where a pipeline stage has no such parameter): Megatron-Core's layer-wise
+    checkpointing gathers group metadata by position across ranks. Weight decay follows
+    Megatron-Core's convention: none on biases and 1-D parameters."""
+    q_rows = model_cfg.qk_nope_dim + model_cfg.qk_rope_dim
+    kv_rows = model_cfg.qk_nope_dim + model_cfg.v_head_dim
+    roles = [(Role("adamw", "adamw"), False, 1.0), (Role("adamw", "adamw"), False, 0.0),
+             (Role("muon", "muon_attention"), False, 1.0),
+             (Role("muon", "muon_attention", head_rows=q_rows), False, 1.0),
+             (Role("muon", "muon_attention", head_rows=kv_rows), False, 1.0),
+             (Role("muon", "muon_mlp"), False, 1.0),
+             (Role("muon", "muon_experts", expert=True), False, 1.0),
+             (Role("muon", "muon_experts", expert=True), True, 1.0)]
+    by_key = {key: dict(params=[], muon=key[0].kind == "muon", label=key[0].label, head_rows=key[0].head_rows,
+                        expert=key[0].expert, is_expert_parallel=key[1], wd_mult=key[2], lr_mult=1.0,
+                        is_decoupled_lr=False, default_config=True)
+              for key in roles}
     for chunk in chunks:
         for name, p in chunk.named_parameters():
             if not p.requires_grad:
@@ -194,13 +208,11 @@ def param_groups(chunks, model_cfg: ModelConfig, split_heads: bool = True) -> li
             role = param_role(name, p, model_cfg, split_heads)
             is_ep = not getattr(p, "allreduce", True)
             wd_mult = 0.0 if (name.endswith(".bias") or p.dim() == 1) else 1.0
-            key = (role, is_ep, wd_mult)
-            group = by_key.setdefault(key, dict(
-                params=[], muon=role.kind == "muon", label=role.label, head_rows=role.head_rows,
-                expert=role.expert, is_expert_parallel=is_ep, wd_mult=wd_mult, lr_mult=1.0,
-                is_decoupled_lr=False, default_config=True))
-            group["params"].append(p)
+            by_key[(role, is_ep, wd_mult)]["params"].append(p)
     return list(by_key.values())
+
+
+LABELS = ("adamw", "muon_attention", "muon_experts", "muon_mlp")
 
 
 class MuonDistributedOptimizer(LayerWiseDistributedOptimizer):
@@ -214,7 +226,7 @@ class MuonDistributedOptimizer(LayerWiseDistributedOptimizer):
     def update_rms(self) -> dict:
         """The last step's update RMS per label (before the learning rate): a collective over
         every rank (each counts the parameters it owns, TP duplicates once)."""
-        labels = sorted({g["label"] for g in self.param_groups})
+        labels = LABELS
         local = self.inner.update_sq
         sums = torch.tensor([[local.get(k, [0.0, 0])[0], local.get(k, [0.0, 0])[1]] for k in labels],
                             dtype=torch.float64, device=_device())
