@@ -49,6 +49,7 @@ def reference_step(name: str, p: torch.Tensor, g: torch.Tensor, lr: float, model
     return p * (1 - lr * o.weight_decay) - lr * update
 
 
+@pytest.mark.slow
 def test_one_step_equals_float64_reference(single_process):
     from glm52_train.run_config import load_run_config
     from glm52_train.training import setup, step
