@@ -44,7 +44,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
 from megatron.core.optimizer import FP32Optimizer
 from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOptimizer
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -234,11 +237,45 @@ class MuonDistributedOptimizer(LayerWiseDistributedOptimizer):
         return {f"update_rms/{k}": math.sqrt(s / n) for k, (s, n) in zip(labels, sums.tolist()) if n > 0}
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
-        if self.dp_cp_params_list is None and self.expt_dp_params_list is None:
-            # Not sharded (DP 1): every rank holds its parameters' state, the replica ids of
-            # the model's own tensors apply.
-            return self.chained_optimizers[0].sharded_state_dict(model_sharded_state_dict, is_loading, **kwargs)
-        return super().sharded_state_dict(model_sharded_state_dict, is_loading, **kwargs)
+        """This rank's owned parameters' state as tensors named by parameter (replica 0 on the
+        owner when sharded, so any layout loads them); the groups are not saved (a run keeps its
+        own: `load_from`). Upstream's version assumes the bf16 wrapper's layout."""
+        sub = self.chained_optimizers[0]
+        sd = sub.sharded_state_dict(model_sharded_state_dict, is_loading, **kwargs)
+        if self.dp_cp_params_list is not None or self.expt_dp_params_list is not None:
+            for sh in nested_values(sd):
+                if hasattr(sh, "replica_id"):
+                    sh.replica_id = 0 if isinstance(sh.replica_id, int) else (*sh.replica_id[:-1], 0)
+        opt = sd["optimizer"] if "optimizer" in sd else sd
+        opt["param_groups"] = LocalNonpersistentObject(opt["param_groups"])
+        if not opt["state"]:
+            opt["state"] = LocalNonpersistentObject(opt["state"])
+        if "fp32_from_fp16_params" in sd:  # bf16: lists per group, empty ones not saved
+            sd["fp32_from_fp16_params"] = {i: g if g else LocalNonpersistentObject(g)
+                                           for i, g in enumerate(sd["fp32_from_fp16_params"])}
+        return sd
+
+    @torch.no_grad()
+    def allgather_params(self) -> None:
+        """The owners' updated weights to every rank of their group: one all-gather per group,
+        each rank's flat share padded to the largest (gloo needs equal sizes)."""
+        for params_list, group in ((self.dp_cp_params_list, self.pg_collection.dp_cp),
+                                   (self.expt_dp_params_list, self.pg_collection.expt_dp)):
+            if not params_list:
+                continue
+            rank = torch.distributed.get_rank(group)
+            sizes = [sum(p.numel() for p in params) for params in params_list]
+            ref = next(p for params in params_list for p in params)
+            flat = torch.zeros(max(sizes), dtype=ref.dtype, device=ref.device)
+            if params_list[rank]:
+                flat[:sizes[rank]] = _flatten_dense_tensors([p.data for p in params_list[rank]])
+            out = [torch.empty_like(flat) for _ in params_list]
+            torch.distributed.all_gather(out, flat, group=group)
+            for i, (buf, params) in enumerate(zip(out, params_list)):
+                if i == rank or not params:
+                    continue
+                for new, p in zip(_unflatten_dense_tensors(buf[:sizes[i]], params), params):
+                    p.data.copy_(new)
 
     def load_from(self, loaded: dict, step: float) -> None:
         """Per-parameter state from a checkpoint; the groups (hyperparameters, which parameters
@@ -249,6 +286,7 @@ class MuonDistributedOptimizer(LayerWiseDistributedOptimizer):
         for group in own["param_groups"]:
             group["step"] = int(step)
         state = saved["state"] if isinstance(saved["state"], dict) else {}
+        state = {k: v for k, v in state.items() if v}
         self.inner.load_state_dict({"state": state, "param_groups": own["param_groups"]})
         masters = loaded.get("fp32_from_fp16_params")
         if masters is not None and hasattr(sub, "fp32_from_float16_groups"):
