@@ -79,7 +79,7 @@ class TrainConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["adamw", "muon"] = "adamw"  # muon: planned by `glm52 plan`; training needs issue 14's optimizer
+    name: Literal["adamw", "muon"] = "adamw"
     lr: float = 3e-4
     min_lr: float = 3e-5
     weight_decay: float = 0.1
@@ -90,6 +90,14 @@ class OptimizerConfig:
     warmup_iters: int = 100
     decay_iters: int | None = None  # default: train.iters
     wsd_decay_iters: int | None = None  # the final decay of WSD (default 10% of decay_iters)
+    # optimizer.name=muon (glm52_train/training/muon.py): Muon for 2-D hidden matrices, AdamW
+    # (lr, betas, eps above) for the rest, one schedule and weight decay for both
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
+    muon_ns_coeffs: list[float] = field(default_factory=lambda: [3.4445, -4.7750, 2.0315])
+    muon_rms_scale: float = 0.2  # update = rms_scale * sqrt(max(m, n)) * orth(U): RMS 0.2, like AdamW's
+    muon_split_heads: bool = True  # MLA q/kv up-projections orthogonalised per head (GLM-5)
 
 
 @dataclass
@@ -241,6 +249,11 @@ class RunConfig:
         need(0 <= self.optimizer.warmup_iters < decay,
              f"optimizer.warmup_iters ({self.optimizer.warmup_iters}) must be below the decay length "
              f"({decay}, optimizer.decay_iters or train.iters).")
+        o = self.optimizer
+        need(o.name != "muon" or (len(o.muon_ns_coeffs) == 3 and o.muon_ns_steps >= 1 and 0 <= o.muon_momentum < 1
+                                  and o.muon_rms_scale > 0),
+             "optimizer.muon_ns_coeffs needs 3 numbers, muon_ns_steps at least 1, muon_momentum in [0, 1) "
+             "and muon_rms_scale above 0.")
         need(self.checkpoint.resume in (None, "auto", "none") or Path(self.checkpoint.resume).exists(),
              f"checkpoint.resume {self.checkpoint.resume!r} is neither auto, none, nor an existing path.")
         need(t.log_interval >= 1 and t.eval_interval >= 1, "log and eval intervals must be at least 1.")

@@ -89,6 +89,7 @@ class Metrics:
             mtp_loss=mtp_loss(self.parts.num_microbatches * self.window_steps),
             **peak_memory(),
             **load,
+            **(optimizer.update_rms() if hasattr(optimizer, "update_rms") else {}),
         )
         detail = {f"indexer_kl/layer{k}": v for k, v in indexer.items()}
         detail.update(load_detail)

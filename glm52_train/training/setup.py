@@ -39,9 +39,6 @@ class TrainingParts:
 def build(cfg: RunConfig) -> TrainingParts:
     """Process groups, then the model, optimizer and schedule of this rank (the data's files are
     checked against the model first)."""
-    if cfg.optimizer.name != "adamw":
-        raise ConfigError(f"optimizer.name={cfg.optimizer.name} cannot train yet: this build has AdamW only "
-                          "(`glm52 plan --optimizer muon` counts Muon's memory; the optimizer itself is issue 14's).")
     parallel.initialize(cfg.parallel, seed=cfg.train.seed, timeout_minutes=cfg.train.collective_timeout_minutes)
     model_cfg = cfg.model_config()
     tokenizer = Tokenizer(cfg.data.tokenizer)
@@ -50,7 +47,7 @@ def build(cfg: RunConfig) -> TrainingParts:
     if cfg.train.freeze == "all_but_indexer":
         freeze_all_but_indexer(chunks)
     bf16 = cfg.use_bf16()
-    chunks = wrap_ddp(chunks, config, bf16)
+    chunks = wrap_ddp(chunks, config, bf16, distributed_optimizer=cfg.optimizer.name != "muon")
     expert_load = ExpertLoad(chunks)
     optimizer, scheduler, _ = build_optimizer(cfg, chunks, config, bf16, expert_load)
     dp = parallel_state.get_data_parallel_world_size()
@@ -110,11 +107,13 @@ def freeze_all_but_indexer(chunks) -> int:
     return trainable
 
 
-def wrap_ddp(chunks, config, bf16: bool):
+def wrap_ddp(chunks, config, bf16: bool, distributed_optimizer: bool = True):
+    """Megatron-Core DDP: gradients reduce-scattered for the distributed optimizer (AdamW), or
+    all-reduced for Muon, whose layer-wise sharding needs each owner's whole matrices."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=True,
+        use_distributed_optimizer=distributed_optimizer,
         check_for_nan_in_grad=False,
         bucket_size=None,
     )
@@ -140,9 +139,14 @@ def build_optimizer(cfg: RunConfig, chunks, config, bf16: bool, expert_load: Exp
         clip_grad=cfg.train.clip_grad,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=True,
+        use_distributed_optimizer=o.name != "muon",
     )
-    optimizer = get_megatron_optimizer(opt_config, chunks)
+    if o.name == "muon":
+        from glm52_train.training.muon import build_muon_optimizer
+
+        optimizer = build_muon_optimizer(cfg, chunks, cfg.model_config(), opt_config)
+    else:
+        optimizer = get_megatron_optimizer(opt_config, chunks)
     decay_iters = o.decay_iters or cfg.train.iters
     scheduler = OptimizerParamScheduler(
         optimizer,

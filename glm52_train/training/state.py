@@ -92,6 +92,8 @@ def _sub_optimizers(optimizer) -> dict:
 
 
 def _optimizer_sharded_state(optimizer, model_sd, is_loading: bool) -> dict:
+    if hasattr(optimizer, "load_from"):  # Muon: one optimizer, parameter-named state tensors
+        return {"muon": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_SHARDING)}
     return {
         role: sub.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_SHARDING)
         for role, sub in _sub_optimizers(optimizer).items()
@@ -101,6 +103,9 @@ def _optimizer_sharded_state(optimizer, model_sd, is_loading: bool) -> dict:
 def _load_optimizer(optimizer, loaded: dict, step: float) -> None:
     """Load per-parameter state from the checkpoint; take each optimizer's hyperparameters from
     itself (the schedule resets lr and weight decay every step) with the saved update count."""
+    if hasattr(optimizer, "load_from"):
+        optimizer.load_from(loaded["muon"], step)
+        return
     for role, sub in _sub_optimizers(optimizer).items():
         state = loaded[role]
         own = sub.state_dict()
@@ -112,6 +117,8 @@ def _load_optimizer(optimizer, loaded: dict, step: float) -> None:
 
 
 def _optimizer_step(optimizer) -> float:
+    if hasattr(optimizer, "update_count"):
+        return float(optimizer.update_count())
     for sub in _sub_optimizers(optimizer).values():
         for state in sub.optimizer.state.values():
             if "step" in state:
