@@ -183,7 +183,7 @@ def save_checkpoint(
     _barrier()
     state = model_sharded_state(model_chunks)
     state.update(extra_sharded_state or {})
-    strategy = checksums.digesting_save_strategy(staging / checksums.DIGESTS)
+    strategy = checksums.digesting_save_strategy(staging / checksums.DIGESTS, forked=async_queue is not None)
     commit = partial(_commit, ckpt_dir, final, staging, meta, iteration, keep_last, on_commit)
     try:
         request = dist_checkpointing.save(state, str(staging), sharded_strategy=strategy,

@@ -17,6 +17,7 @@ distributed load gathers read errors) as `ChecksumMismatch`, naming the file.
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import signal
 import time
@@ -150,11 +151,15 @@ def _save_strategy_class():
         """Megatron-Core's torch_dist save with `write_with_digests` as the write function.
         `planned_bytes`: what this rank writes (for the disk-full sentence)."""
 
-        def __init__(self, digest_dir: str) -> None:
+        def __init__(self, digest_dir: str, forked: bool) -> None:
             super().__init__("torch_dist", 1)
-            self.digest_dir, self.planned_bytes = digest_dir, 0
+            self.digest_dir, self.forked, self.planned_bytes = digest_dir, forked, 0
 
         def _get_save_and_finalize_callbacks(self, writer, save_state_dict_ret):
+            if self.forked and writer.write_buckets:
+                # the results come back from the forked writer (the in-process queue of compat
+                # item 7 would stay in the child)
+                writer.results_queue = multiprocessing.get_context("fork").Queue()
             _, preload_fn, save_args = writer.get_save_function_and_args()
             buckets = writer.write_buckets or []
             self.planned_bytes = sum(t.numel() * t.element_size() for _, _, (_, ts) in buckets for _, t in ts)
@@ -169,8 +174,9 @@ def _save_strategy_class():
     return DigestingSave
 
 
-def digesting_save_strategy(digest_dir: str | os.PathLike):
-    return _save_strategy_class()(str(digest_dir))
+def digesting_save_strategy(digest_dir: str | os.PathLike, forked: bool = False):
+    """`forked`: the write function runs in a forked process (an asynchronous save)."""
+    return _save_strategy_class()(str(digest_dir), forked)
 
 
 # ---- reading ---------------------------------------------------------------------------------
