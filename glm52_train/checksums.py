@@ -64,12 +64,17 @@ class _HashingStream:
 
     def __init__(self, f) -> None:
         self._f, self.hash, self.size = f, xxhash.xxh3_64(), 0
+        self.error: OSError | None = None  # torch.save reports a failed write without its errno
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         self.hash.update(view)
         self.size += len(view)
-        return self._f.write(view)
+        try:
+            return self._f.write(view)
+        except OSError as e:
+            self.error = e
+            raise
 
     def tell(self) -> int:
         return self._f.tell()
@@ -114,12 +119,17 @@ def _write_bucket(bucket) -> tuple[list, str, str, int]:
     results = []
     with open(file_name, "wb") as f:
         stream = _HashingStream(f)
-        for item, data in bytes_data:
-            results.append(_write_item(transforms, stream, data, item, storage_key, SerializationFormat.TORCH_SAVE))
-        for item, tensor in tensor_data:
-            results.append(_write_item(transforms, stream, tensor, item, storage_key, SerializationFormat.TORCH_SAVE))
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            for item, data in bytes_data:
+                results.append(_write_item(transforms, stream, data, item, storage_key, SerializationFormat.TORCH_SAVE))
+            for item, tensor in tensor_data:
+                results.append(_write_item(transforms, stream, tensor, item, storage_key, SerializationFormat.TORCH_SAVE))
+            f.flush()
+            os.fsync(f.fileno())
+        except Exception as e:
+            if stream.error is not None and stream.error is not e:
+                raise stream.error from e
+            raise
     return results, os.path.basename(file_name), stream.hash.hexdigest(), stream.size
 
 
