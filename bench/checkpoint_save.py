@@ -7,13 +7,15 @@ The state is a Megatron-Core module in DDP with the distributed optimizer (AdamW
 so its state exists): `--mb` MB of model + optimizer state in all, saved through
 `glm52_train.checkpoint.save_checkpoint` like a training checkpoint. Measured per save:
 
+- state: the distributed optimizer's `fully_reshardable` state dict (gathered per parameter),
+  built before either kind of save, timed apart;
 - blocked: the time `save_checkpoint` holds the caller (synchronous: the whole save; asynchronous:
   planning, the snapshot and the fork), plus, for asynchronous saves, the extra time of the next
   optimizer step (it copies the pages it writes, copy-on-write, while the writer holds them);
 - written: the asynchronous save's end-to-end time until committed;
 - checksum on save: XXH3-64 over the bytes written, timed alone, against the synchronous save;
-- load: `load_checkpoint` (checksums checked while reading) against Megatron-Core's stock load of
-  the same folder, and the checksum of every file timed alone.
+- load: `checkpoint.load_sharded` (sizes, shapes and checksums checked while reading) against
+  Megatron-Core's stock load of the same folder and templates, and every file's checksum alone.
 Prints one table, writes JSON.
 """
 
@@ -109,21 +111,24 @@ def main() -> int:
     root = Path(args.dir or tempfile.mkdtemp(prefix="glm52-ckpt-bench-"))
     meta = {"kind": "bench"}
     rows: dict[str, list[float]] = {k: [] for k in (
-        "sync_save_s", "async_blocked_s", "async_next_step_extra_s", "async_written_s", "hash_written_s",
+        "state_build_s", "sync_save_s", "async_blocked_s", "async_next_step_extra_s", "async_written_s", "hash_written_s",
         "load_checked_s", "load_stock_s", "hash_files_s")}
     size = 0
     queue = AsyncCallsQueue(persistent=False)
     for r in range(args.repeats):
         base_step = statistics.median(step(model) for _ in range(3))
         t = time.perf_counter()
-        folder = checkpoint.save_checkpoint(root / "sync", r, [model], meta=meta, extra_sharded_state=state_of(model, optimizer))
+        extra = state_of(model, optimizer)
+        rows["state_build_s"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        folder = checkpoint.save_checkpoint(root / "sync", r, [model], meta=meta, extra_sharded_state=extra)
         rows["sync_save_s"].append(time.perf_counter() - t)
         files = [folder / f for f in checkpoint.read_meta(folder)["files"]]
         size = sum(f.stat().st_size for f in files)
 
+        extra = state_of(model, optimizer)
         t = time.perf_counter()
-        checkpoint.save_checkpoint(root / "async", r, [model], meta=meta, extra_sharded_state=state_of(model, optimizer),
-                                   async_queue=queue)
+        checkpoint.save_checkpoint(root / "async", r, [model], meta=meta, extra_sharded_state=extra, async_queue=queue)
         rows["async_blocked_s"].append(time.perf_counter() - t)
         rows["async_next_step_extra_s"].append(max(0.0, step(model) - base_step))
         queue.maybe_finalize_async_calls(blocking=True)
@@ -140,11 +145,13 @@ def main() -> int:
         rows["hash_written_s"].append(time.perf_counter() - t)
         del data
 
+        templates = load_templates(model, optimizer, True)
         t = time.perf_counter()
-        checkpoint.load_checkpoint(folder, [model], extra_sharded_state=load_templates(model, optimizer, False))
+        checkpoint.load_sharded(folder, templates)
         rows["load_checked_s"].append(time.perf_counter() - t)
+        templates = load_templates(model, optimizer, True)
         t = time.perf_counter()
-        dist_checkpointing.load(load_templates(model, optimizer, True), str(folder))
+        dist_checkpointing.load(templates, str(folder))
         rows["load_stock_s"].append(time.perf_counter() - t)
         for sub in ("sync", "async"):
             for old in checkpoint.complete_checkpoints(root / sub)[:-1]:
@@ -156,16 +163,20 @@ def main() -> int:
         "checkpoint_mb": size / 2**20, "model_mb": model_bytes / 2**20, "repeats": args.repeats,
         "cpu_threads": torch.get_num_threads(), "median": med, "all": rows,
         "async_blocked_over_sync": (med["async_blocked_s"] + med["async_next_step_extra_s"]) / med["sync_save_s"],
+        "async_blocked_over_sync_with_state": (med["state_build_s"] + med["async_blocked_s"] + med["async_next_step_extra_s"])
+        / (med["state_build_s"] + med["sync_save_s"]),
         "checksum_over_save": med["hash_written_s"] / med["sync_save_s"],
         "checksum_over_load": (med["load_checked_s"] - med["load_stock_s"]) / med["load_stock_s"],
     }
     print(f"checkpoint {result['checkpoint_mb']:.0f} MiB (model {result['model_mb']:.0f} MiB + optimizer), "
           f"median of {args.repeats}, {root}")
+    print(f"{'optimizer state gathered (both ways)':44s} {med['state_build_s']:8.3f} s")
     print(f"{'synchronous save (blocks the step)':44s} {med['sync_save_s']:8.3f} s")
     print(f"{'asynchronous save: blocks the step':44s} {med['async_blocked_s']:8.3f} s")
     print(f"{'  + next step slower (copy-on-write)':44s} {med['async_next_step_extra_s']:8.3f} s")
     print(f"{'  written and committed after':44s} {med['async_written_s']:8.3f} s")
-    print(f"{'blocked, asynchronous / synchronous':44s} {100 * result['async_blocked_over_sync']:7.1f} %")
+    print(f"{'blocked, asynchronous / synchronous':44s} {100 * result['async_blocked_over_sync']:7.1f} %  "
+          f"({100 * result['async_blocked_over_sync_with_state']:.1f} % with the state gathering)")
     print(f"{'XXH3-64 of the bytes written (save)':44s} {med['hash_written_s']:8.3f} s  "
           f"({100 * result['checksum_over_save']:.1f} % of the synchronous save)")
     print(f"{'XXH3-64 of the files, read from disk':44s} {med['hash_files_s']:8.3f} s")
