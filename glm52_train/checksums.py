@@ -17,8 +17,9 @@ distributed load gathers read errors) as `ChecksumMismatch`, naming the file.
 from __future__ import annotations
 
 import ctypes
-import multiprocessing
 import os
+import pickle
+import queue
 import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -152,6 +153,26 @@ def write_with_digests(digest_dir: str, parent_pid: int, rank: int, write_bucket
     results_queue.put(results)
 
 
+class _FileQueue:
+    """The two queue methods Megatron-Core's writer protocol uses, through one pickle file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def put(self, obj) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path + ".tmp", "wb") as f:
+            pickle.dump(obj, f)
+        os.replace(self.path + ".tmp", self.path)
+
+    def get_nowait(self):
+        try:
+            with open(self.path, "rb") as f:
+                return pickle.load(f)
+        except FileNotFoundError:
+            raise queue.Empty from None
+
+
 def _save_strategy_class():
     from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
     from megatron.core.dist_checkpointing.strategies.state_dict_saver import save_state_dict_async_finalize
@@ -167,9 +188,10 @@ def _save_strategy_class():
 
         def _get_save_and_finalize_callbacks(self, writer, save_state_dict_ret):
             if self.forked and writer.write_buckets:
-                # the results come back from the forked writer (the in-process queue of compat
-                # item 7 would stay in the child)
-                writer.results_queue = multiprocessing.get_context("fork").Queue()
+                # the results come back from the forked writer through a file (the in-process queue
+                # of compat item 7 would stay in the child; a pipe fills up and deadlocks the
+                # writer's exit while the parent waits for that exit before reading)
+                writer.results_queue = _FileQueue(os.path.join(self.digest_dir, f".results-{os.getpid()}.pkl"))
             _, preload_fn, save_args = writer.get_save_function_and_args()
             buckets = writer.write_buckets or []
             self.planned_bytes = sum(t.numel() * t.element_size() for _, _, (_, ts) in buckets for _, t in ts)
@@ -280,6 +302,8 @@ def rank_digests(digest_dir: Path) -> dict[str, tuple[str, int]]:
     found = {}
     if digest_dir.is_dir():
         for p in digest_dir.iterdir():
+            if p.name.startswith("."):  # a writer's results, not a digest
+                continue
             digest, size = p.read_text().split()
             found[p.name] = (digest, int(size))
     return found
