@@ -43,8 +43,11 @@ def cmd_import_hf(args) -> int:
 def cmd_export_hf(args) -> int:
     from glm52_train.hf.interop import export_hf
 
-    out = export_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_gb=args.max_shard_gb)
-    print(f"exported {args.ckpt} -> {out}")
+    done = export_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_gb=args.max_shard_gb,
+                     on_damaged=args.on_damaged, warn=lambda text: print(text, file=sys.stderr))
+    if done.stale_removed:
+        print(f"removed {len(done.stale_removed)} shard(s) of an earlier export from {done.out}")
+    print(f"exported iteration {done.iteration} ({done.checkpoint}) -> {done.out}")
     return 0
 
 
@@ -299,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--on-damaged", choices=["stop", "fallback"], default="stop",
+                   help="when the newest checkpoint of --ckpt is damaged: stop (default), or export the "
+                        "newest good one after a warning")
     p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("verify-hf", help="compare our logits with transformers' on a HF folder")

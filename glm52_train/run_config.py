@@ -126,6 +126,8 @@ class CheckpointConfig:
     keep_last: int | None = 3
     resume: str | None = "auto"  # auto | none | PATH
     init_from: str | None = None  # weights only: fresh optimizer, schedule and data position
+    on_damaged: Literal["stop", "fallback"] = "stop"  # newest checkpoint damaged: stop, or load the newest good one
+    async_save: bool = False  # write checkpoints in a forked process while training goes on
 
 
 @dataclass

@@ -339,8 +339,9 @@ def test_item_07_in_process_checkpoint_writer(single_process, tmp_path, monkeypa
 
     monkeypatch.setattr(filesystem_async, "mp", types.SimpleNamespace(get_context=get_context))
     model, _, _ = toy_training()
-    with compat.removed("in_process_checkpoint_writer"), pytest.raises(ProcessStart):
+    with compat.removed("in_process_checkpoint_writer"), pytest.raises(checkpoint.CheckpointError) as failed:
         checkpoint.save_checkpoint(tmp_path / "without", 1, [model], meta={})
+    assert isinstance(failed.value.__cause__, ProcessStart)  # a failed save is one sentence, caused by it
     assert contexts
 
     contexts.clear()

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from glm52_train import checkpoint
 from glm52_train.training.wandb_reader import run_config, run_history
@@ -112,18 +113,90 @@ def test_kill_during_save_keeps_the_previous_checkpoint(golden_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_truncated_checkpoint_falls_back_and_is_reported(golden_data, tmp_path):
-    cfg = tiny_run_config(tmp_path, golden_data, train={"iters": 8}, checkpoint={"interval": 4})
+def test_damaged_checkpoint_stops_resume_and_init_from_or_falls_back_loudly(golden_data, tmp_path):
+    """One bit flipped in a data file of the newest checkpoint (its size unchanged): resuming and
+    `--init-from` stop with one sentence naming the file and the iteration (exit status 2);
+    with checkpoint.on_damaged=fallback the run says which one is damaged and resumes from the
+    previous one. (A truncated file is caught before reading, by its recorded size.)"""
+    from tests.test_checkpoint_integrity import _flip_a_byte
+
+    cfg = tiny_run_config(tmp_path, golden_data, train={"iters": 8}, checkpoint={"interval": 4},
+                          logging={"wandb": "disabled"})
     pretrain(cfg)
     ckpt = tmp_path / "ckpt"
-    shard = sorted((ckpt / "iter_0000008").glob("*.distcp"))[0]
-    shard.write_bytes(shard.read_bytes()[:100])
-    with pytest.raises(checkpoint.CheckpointError, match="damaged") as err:
-        checkpoint.verify_checkpoint(ckpt / "iter_0000008")
-    assert "\n" not in str(err.value)
-    assert checkpoint.find_latest_good(ckpt).name == "iter_0000004"
-    proc = pretrain(cfg, "train.iters=10")
-    assert "resumed from" in proc.stdout and "iter_0000004" in proc.stdout
+    name = _flip_a_byte(ckpt / "iter_0000008")
+    checkpoint.verify_checkpoint(ckpt / "iter_0000008")  # sizes agree
+    damaged = f"checkpoint {ckpt / 'iter_0000008'} (iteration 8) is damaged: {name} does not match its checksum"
+
+    proc = pretrain(cfg, "train.iters=10", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("glm52 ")]
+    assert len(errors) == 1 and errors[0].startswith(f"glm52 pretrain: error: {damaged}"), errors
+    assert "An older checkpoint exists (iter_0000004)" in errors[0]
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    proc = pretrain(tiny_run_config(fresh, golden_data, logging={"wandb": "disabled"}), f"--init-from={ckpt}",
+                    check=False)
+    assert proc.returncode == 2
+    assert [line for line in proc.stderr.splitlines() if line.startswith("glm52 ")][0].startswith(
+        f"glm52 pretrain: error: {damaged}")
+
+    proc = pretrain(cfg, "train.iters=5", "checkpoint.on_damaged=fallback")
+    assert f"WARNING: {damaged}" in proc.stdout
+    assert f"Falling back to the previous checkpoint, {ckpt / 'iter_0000004'}" in proc.stdout
+    assert f"resumed from {ckpt / 'iter_0000004'} at step 4" in proc.stdout
+
+
+@pytest.mark.slow
+def test_async_save_killed_keeps_the_last_good_checkpoint_and_resumes_exactly(golden_data, tmp_path):
+    """checkpoint.async_save: the save of step 4 is written by a forked process and committed
+    later; kill -9 while the save of step 8 is in flight (its writer held before the commit by
+    GLM52_FAULT_PAUSE_IN_SAVE) leaves `latest` at step 4; the next run reports and removes the
+    partial folder, resumes from the asynchronous checkpoint and reproduces an uninterrupted
+    synchronous run's losses; the asynchronous checkpoints equal the synchronous ones tensor for
+    tensor."""
+    from tests.test_checkpoint_integrity import _dcp_tensors
+
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    pretrain(tiny_run_config(straight, golden_data, logging={"wandb": "disabled"}))
+    runs = tmp_path / "async"
+    runs.mkdir()
+    cfg = tiny_run_config(runs, golden_data, checkpoint={"async_save": True}, logging={"wandb": "disabled"})
+    first = pretrain(cfg, "train.exit_after_iters=4")
+    assert "(written in the background in" in first.stdout
+    ckpt = runs / "ckpt"
+    assert (ckpt / "latest").read_text().strip() == "iter_0000004"
+
+    mark = tmp_path / "in-save"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "glm52_train.cli", "pretrain", "--config", str(cfg)],
+        cwd=ROOT, env=env({"GLM52_FAULT_PAUSE_IN_SAVE": "60", "GLM52_FAULT_MARK": str(mark)}),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.time() + 600
+        while not mark.exists():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (ckpt / "latest").read_text().strip() == "iter_0000004"
+    assert (ckpt / "iter_0000008.incomplete").is_dir() and not (ckpt / "iter_0000008").exists()
+
+    resumed = pretrain(cfg)
+    assert f"removed {ckpt / 'iter_0000008.incomplete'}: left by a save that never finished" in resumed.stdout
+    assert "at step 4" in resumed.stdout
+    assert losses(runs / "run") == losses(straight / "run")
+    for it in ("iter_0000004", "iter_0000008"):
+        a, b = _dcp_tensors(straight / "ckpt" / it), _dcp_tensors(ckpt / it)
+        assert sorted(a) == sorted(b), it
+        for key in a:
+            if isinstance(a[key], torch.Tensor):
+                assert torch.equal(a[key], b[key]), (it, key)
 
 
 @pytest.mark.slow

@@ -103,19 +103,28 @@ def write_shards(
     return written
 
 
-def finish_hf_folder(out_dir: Path, model: ModelConfig, files: list[tuple[str, list[str], int]], dtype: torch.dtype) -> Path:
-    """Rename the written files to `model-K-of-N.safetensors` (in the given order) and write the
-    index and config.json."""
-    weight_map = {}
+def finish_hf_folder(out_dir: Path, model: ModelConfig, files: list[tuple[str, list[str], int]], dtype: torch.dtype) -> list[str]:
+    """Rename the written files to `model-K-of-N.safetensors` (in the given order), readable like
+    the folder's other files (safetensors creates them 0600), write the index and config.json, and
+    remove every other `.safetensors` file of the folder (an earlier export's shards, which would
+    otherwise sit beside the new ones). Returns the names removed."""
+    umask = os.umask(0)
+    os.umask(umask)
+    weight_map, kept = {}, set()
     for k, (fname, names, _) in enumerate(files):
         final = f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
         os.replace(out_dir / fname, out_dir / final)
+        os.chmod(out_dir / final, 0o666 & ~umask)
         weight_map.update({n: final for n in names})
+        kept.add(final)
     index = {"metadata": {"total_size": sum(f[2] for f in files)}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     dtype_name = str(dtype).removeprefix("torch.")
     (out_dir / "config.json").write_text(json.dumps(to_hf_config(model, dtype_name), indent=2) + "\n")
-    return out_dir
+    stale = sorted(p.name for p in out_dir.glob("*.safetensors") if p.name not in kept)
+    for name in stale:
+        (out_dir / name).unlink()
+    return stale
 
 
 def megatron_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -84,25 +84,39 @@ def model_config_of_checkpoint(path: Path) -> ModelConfig:
     return ModelConfig.from_dict(meta["model"])
 
 
-def export_hf(ckpt_dir: str, out_dir: str, dtype: str = "bfloat16", max_shard_gb: float = 5.0) -> Path:
+@dataclass
+class Exported:
+    out: Path
+    checkpoint: Path
+    iteration: int
+    stale_removed: list[str]
+
+
+def export_hf(ckpt_dir: str, out_dir: str, dtype: str = "bfloat16", max_shard_gb: float = 5.0,
+              on_damaged: str = "stop", warn=print) -> Exported:
     """Checkpoint -> HF `glm_moe_dsa` folder (config.json, safetensors shards, index).
 
     Like `import_hf`: the model is built on the meta device and each process (one, or every
     process under torchrun, `out_dir` on a filesystem they share) loads, converts and writes
-    only its share of the tensors; process 0 names the files and writes the index."""
+    only its share of the tensors; process 0 names the files and writes the index. Each process
+    checks the checksums of the files it reads; a damaged newest checkpoint of a root stops the
+    export, or with `on_damaged="fallback"` the newest good one is exported after a warning.
+    Shards of an earlier export in `out_dir` are replaced, never left beside the new ones."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    path = checkpoint.resolve(ckpt_dir)
-    checkpoint.verify_checkpoint(path)
-    model_config = model_config_of_checkpoint(path)
+    def load(path: Path):
+        meta = checkpoint.verify_checkpoint(path)
+        model_config = model_config_of_checkpoint(path)
+        request = {}
+        for name, entry in _my_entries(model_config).items():
+            if not isinstance(entry, ShardedObject):  # the layers' empty extra states are not read
+                entry.data = torch.empty(entry.data.shape, dtype=entry.data.dtype)
+                request[name] = entry
+        return meta, model_config, checkpoint.load_sharded(path, {"model": request}, meta)["model"]
+
+    path, (meta, model_config, loaded) = checkpoint.load_newest(ckpt_dir, load, on_damaged, warn)
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
     out = Path(out_dir)
-    request = {}
-    for name, entry in _my_entries(model_config).items():
-        if not isinstance(entry, ShardedObject):  # the layers' empty extra states are not read
-            entry.data = torch.empty(entry.data.shape, dtype=entry.data.dtype)
-            request[name] = entry
-    loaded = checkpoint.load_sharded(path, {"model": request})["model"]
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -111,10 +125,12 @@ def export_hf(ckpt_dir: str, out_dir: str, dtype: str = "bfloat16", max_shard_gb
                          max_shard_bytes=int(max_shard_gb * 1024**3), stem=f"part-{rank:05d}")
     everyone: list = [None] * world
     torch.distributed.all_gather_object(everyone, files)
+    stale = None
     if rank == 0:
-        finish_hf_folder(out, model_config, [f for part in everyone for f in part], torch_dtype)
-    torch.distributed.barrier()
-    return out
+        stale = finish_hf_folder(out, model_config, [f for part in everyone for f in part], torch_dtype)
+    box = [stale]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return Exported(out, path, int(meta["iteration"]), box[0])
 
 
 @dataclass

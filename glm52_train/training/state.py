@@ -126,7 +126,8 @@ def _optimizer_step(optimizer) -> float:
     return 0.0
 
 
-def save_training_checkpoint(ckpt_dir, state: TrainState, chunks, optimizer, scheduler, run_config: dict, keep_last=None):
+def save_training_checkpoint(ckpt_dir, state: TrainState, chunks, optimizer, scheduler, run_config: dict, keep_last=None,
+                             async_queue=None, on_commit=None):
     model_sd = checkpoint.model_sharded_state(chunks)
     extra = {
         "optimizer": _optimizer_sharded_state(optimizer, model_sd, is_loading=False),
@@ -144,7 +145,8 @@ def save_training_checkpoint(ckpt_dir, state: TrainState, chunks, optimizer, sch
         "optimizer_step": step.item(),
         "layout": _layout(),
     }
-    return checkpoint.save_checkpoint(ckpt_dir, state.iteration, chunks, meta=meta, extra_sharded_state=extra, keep_last=keep_last)
+    return checkpoint.save_checkpoint(ckpt_dir, state.iteration, chunks, meta=meta, extra_sharded_state=extra,
+                                      keep_last=keep_last, async_queue=async_queue, on_commit=on_commit)
 
 
 def load_training_checkpoint(path: Path, chunks, optimizer, scheduler) -> TrainState:
@@ -170,12 +172,3 @@ def load_weights(path: Path, chunks, optimizer) -> None:
     """Weights only (checkpoint.init_from): the optimizer starts fresh from them."""
     checkpoint.load_checkpoint(path, chunks)
     optimizer.reload_model_params()
-
-
-def resume_path(cfg, ckpt_dir: Path) -> Path | None:
-    choice = cfg.checkpoint.resume
-    if choice in (None, "none"):
-        return None
-    if choice == "auto":
-        return checkpoint.find_latest_good(ckpt_dir)
-    return checkpoint.resolve(choice)
