@@ -19,7 +19,7 @@ from glm52_train.config import ConfigError
 from glm52_train.run_config import RunConfig
 from glm52_train.training import faults, setup
 from glm52_train.training.checkpointer import Checkpointer
-from glm52_train.training.logs import RunLogger
+from glm52_train.training.logs import RunLogger, run_header
 from glm52_train.training.metrics import Metrics
 from glm52_train.training.profile import StepProfiler, format_breakdown
 from glm52_train.training.step import evaluate, train_step
@@ -33,6 +33,8 @@ def pretrain(cfg: RunConfig) -> int:
     logger = RunLogger(cfg, active=(rank == world - 1))
     logger.message(compat.describe())
     checkpointer = Checkpointer(cfg, parts, logger)
+    logger.message(run_header(cfg, parts.model_cfg, world, _device().type, logger.run_dir,
+                              checkpointer.dir if checkpointer.enable else None))
     state = checkpointer.resume()
     data = setup.Data(cfg, parts, state.consumed_samples)
     logger.start(state.iteration, cfg.to_dict())
