@@ -60,16 +60,21 @@ def cmd_prepare_data(args) -> int:
     from glm52_train.data.prepare import prepare_data
 
     inputs = list(args.input or [])
+    if not inputs and not args.embedded:
+        raise ConfigError("give --input files or --embedded.")
+    if not 0 <= args.max_bad_share <= 1:
+        raise ConfigError(f"--max-bad-share must be between 0 and 1, got {args.max_bad_share:g}.")
     if args.embedded:
         from glm52_train.data.embedded import write_corpus
 
-        inputs.append(str(write_corpus()))
-    if not inputs:
-        raise ConfigError("give --input files or --embedded.")
+        # Beside the output, never inside the package: the user chose where files go.
+        inputs.append(str(write_corpus(f"{args.output_prefix}.embedded.jsonl")))
     meta = prepare_data(
         inputs, args.output_prefix, args.tokenizer, text_key=args.text_key, workers=args.workers,
-        eod_token=args.eod_token, min_tokens=args.min_tokens,
+        eod_token=args.eod_token, min_tokens=args.min_tokens, max_bad_share=args.max_bad_share,
     )
+    for note in meta["skipped_rows_notes"]:
+        print(f"skipped {note}", file=sys.stderr)
     print(f"wrote {args.output_prefix}.bin/.idx: {meta['documents']:,} documents, "
           f"{meta['tokens']:,} tokens ({meta['seconds']} s)")
     return 0
