@@ -267,12 +267,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error(command: str, error: Exception) -> int:
-    print(f"glm52 {command}: error: {error}", file=sys.stderr, flush=True)
+    """One sentence, exit status 2. Under launch/torchrun.sh (GLM52_ERROR_FILE set) every process
+    would print the same sentence before torchrun's own report: the sentence goes to that file
+    instead, and the launcher prints it once, last."""
+    sentence = f"glm52 {command}: error: {error}"
+    error_file = os.environ.get("GLM52_ERROR_FILE")
+    if error_file:
+        with open(error_file, "a") as f:  # one short append per process: lines do not interleave
+            f.write(sentence.replace("\n", " ") + "\n")
+    else:
+        print(sentence, file=sys.stderr, flush=True)
     return 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet()
+    try:
+        _quiet()
+    except KeyboardInterrupt:
+        print("glm52: interrupted (Ctrl-C).", file=sys.stderr, flush=True)
+        return 130
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:

@@ -74,8 +74,7 @@ def pretrain(cfg: RunConfig) -> int:
         stop = signals.should_stop()
         checkpointer.maybe_save(state, last, stop=stop or step == exit_at)
         if stop:
-            what = signal.Signals(signals.received).name if signals.received else "a signal on another rank"
-            logger.message(f"{what}: {'saved' if checkpointer.enable else 'stopped'} at step {step}, exiting")
+            logger.message(f"signal {signals.received or 'from another rank'}: saved at step {step}, exiting")
         if stop or step == exit_at:
             break
     signals.release()
