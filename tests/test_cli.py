@@ -127,3 +127,21 @@ def test_ctrl_c_before_training_is_one_line(tmp_path):
         pytest.skip("the plan finished before the interrupt")
     assert proc.returncode == 130 and _errors(proc.stderr)[-1] == "glm52 plan: interrupted (Ctrl-C)."
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_config_error_is_printed_once_last_with_status_2(golden_data, tmp_path):
+    """Two processes under launch/torchrun.sh refuse the same bad option: one sentence, after
+    torchrun's own report, and exit status 2."""
+    from tests.launch_helpers import kill_tree, launch, run_config, tail
+
+    cfg = run_config(tmp_path, golden_data)
+    log = tmp_path / "launcher.log"
+    proc = launch("--nproc-per-node", "2", "--config", str(cfg), "train.iters=-5", log=log)
+    try:
+        assert proc.wait(timeout=300) == 2, tail(log)
+    finally:
+        kill_tree(proc)
+    text = log.read_text()
+    sentence = "glm52 pretrain: error: train.iters must be a positive whole number, got -5."
+    assert text.count(sentence) == 1 and text.rstrip().splitlines()[-1] == sentence, tail(log)
