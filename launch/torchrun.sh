@@ -25,7 +25,7 @@
 #
 # Signals: SIGUSR1 and SIGTERM sent to this script reach every training process, which finishes
 # its step, saves a checkpoint and exits 0 (so does this script). torchrun itself ignores them.
-# SIGINT (Ctrl-C) stops at once, without saving.
+# SIGINT (Ctrl-C) reaches them through torchrun, which kills them 30 s later, saved or not.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
