@@ -137,7 +137,8 @@ def test_torchrun_config_error_is_printed_once_last_with_status_2(golden_data, t
 
     cfg = run_config(tmp_path, golden_data)
     log = tmp_path / "launcher.log"
-    proc = launch("--nproc-per-node", "2", "--config", str(cfg), "train.iters=-5", log=log)
+    proc = launch("--nproc-per-node", "2", "--config", str(cfg), "train.iters=-5", log=log,
+                  extra_env={"PYTHON": sys.executable})
     try:
         assert proc.wait(timeout=300) == 2, tail(log)
     finally:

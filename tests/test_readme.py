@@ -120,6 +120,7 @@ def run_readme_command(command: str, ws: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_readme_cpu_examples_run_as_written(workspace):
     """prepare-data on the example's own paths, pretrain on configs/tiny.yaml, info, the dry run."""
     ran = []
