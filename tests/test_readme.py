@@ -98,8 +98,10 @@ def workspace(tmp_path, golden_data):
         (ws / "data" / "cache" / f"stdlib{suffix}").symlink_to(golden_data + suffix)
     bin_dir = ws / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
-    (bin_dir / "python").symlink_to(sys.executable)
+    # scripts, not links: a link to a virtual environment's python loses that environment
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     (bin_dir / "glm52").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m glm52_train.cli "$@"\n')
+    (bin_dir / "python").chmod(0o755)
     (bin_dir / "glm52").chmod(0o755)
     (ws / "corpus").mkdir()
     (ws / "corpus" / "a.jsonl").write_text('{"text": "def f(x):\\n    return x\\n"}\n{"text": "import os\\n"}\n')
