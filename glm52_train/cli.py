@@ -63,16 +63,21 @@ def cmd_prepare_data(args) -> int:
     from glm52_train.data.prepare import prepare_data
 
     inputs = list(args.input or [])
+    if not inputs and not args.embedded:
+        raise ConfigError("give --input files or --embedded.")
+    if not 0 <= args.max_bad_share <= 1:
+        raise ConfigError(f"--max-bad-share must be between 0 and 1, got {args.max_bad_share:g}.")
     if args.embedded:
         from glm52_train.data.embedded import write_corpus
 
-        inputs.append(str(write_corpus()))
-    if not inputs:
-        raise ConfigError("give --input files or --embedded.")
+        # Beside the output, never inside the package: the user chose where files go.
+        inputs.append(str(write_corpus(f"{args.output_prefix}.embedded.jsonl")))
     meta = prepare_data(
         inputs, args.output_prefix, args.tokenizer, text_key=args.text_key, workers=args.workers,
-        eod_token=args.eod_token, min_tokens=args.min_tokens,
+        eod_token=args.eod_token, min_tokens=args.min_tokens, max_bad_share=args.max_bad_share,
     )
+    for note in meta["skipped_rows_notes"]:
+        print(f"skipped {note}", file=sys.stderr)
     print(f"wrote {args.output_prefix}.bin/.idx: {meta['documents']:,} documents, "
           f"{meta['tokens']:,} tokens ({meta['seconds']} s)")
     return 0
@@ -230,103 +235,168 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glm52", description="GLM-5.2 pretraining on Megatron-Core")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, where it has one."""
 
-    p = sub.add_parser("info", help="parameter counts, FLOPs per token and layer layout")
-    p.add_argument("--model", required=True, help="a model name from glm52_train.config.MODELS")
-    p.add_argument("--seq-len", type=int, default=4096, help="sequence length for FLOPs (default 4096)")
-    p.add_argument("--json", action="store_true")
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default not in (None, False, argparse.SUPPRESS) and not action.required and action.option_strings:
+            text += f" (default: {default})"
+        return text
+
+
+def _subcommand(sub, name: str, summary: str, description: str = ""):
+    return sub.add_parser(name, help=summary, description=f"{summary}.{' ' + description if description else ''}",
+                          formatter_class=_HelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from glm52_train.config import MODELS
+
+    parser = argparse.ArgumentParser(
+        prog="glm52", description="GLM-5.2 pretraining on Megatron-Core. `glm52 COMMAND --help` describes each command.",
+        formatter_class=_HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    models = ", ".join(MODELS)
+
+    p = _subcommand(sub, "info", "parameter counts, FLOPs per token and layer layout of a model")
+    p.add_argument("--model", required=True, help=f"a model flavor: {models}")
+    p.add_argument("--seq-len", type=int, default=4096, help="sequence length the FLOPs per token are counted at")
+    p.add_argument("--json", action="store_true", help="print JSON (keys include total_params, active_params)")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("plan", help="suggest a parallel layout and estimate memory per GPU")
-    p.add_argument("--model", default=None, help="a model name (or take it from --config)")
+    p = _subcommand(sub, "plan", "suggest a parallel layout and estimate the memory per GPU",
+                    "Searches TP/PP/VPP/EP/CP/DP for the GPUs given, or checks one layout given with --tp/--pp/...")
+    p.add_argument("--model", default=None, help=f"a model flavor: {models} (or take it from --config)")
     p.add_argument("--config", default=None,
                    help="plan this run config (model, parallel layout, batch, recompute, optimizer); flags override it")
-    p.add_argument("--gpus", type=int, required=True)
-    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default 4096, or the config's)")
-    p.add_argument("--micro-batch", type=int, default=None, help="micro-batch size (default 1)")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU, GiB")
+    p.add_argument("--seq-len", type=int, default=None, help="training sequence length (unset: 4096, or the config's)")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch (unset: 1)")
     p.add_argument("--global-batch", type=int, default=None,
-                   help="samples per step: sets the micro-batches per step (default: enough for the steady state)")
+                   help="samples per step: sets the micro-batches per step (unset: enough for the steady state)")
     p.add_argument("--recompute", choices=["full", "none", "selective"], default=None,
-                   help="activation recomputation (default full, or the config's)")
+                   help="activation recomputation (unset: full, or the config's)")
     p.add_argument("--recompute-modules", default=None,
                    help="comma-separated Megatron-Core modules for --recompute selective: mla_up_proj, mlp, moe, "
-                        "shared_experts (default mla_up_proj)")
+                        "shared_experts (unset: mla_up_proj)")
     p.add_argument("--optimizer", choices=["adamw", "muon"], default=None,
-                   help="optimizer state to count (default adamw, or the config's optimizer.name)")
+                   help="optimizer state to count (unset: adamw, or the config's optimizer.name)")
     p.add_argument("--layout", default=None,
                    help="Megatron-Core pipeline_model_parallel_layout, e.g. 'Ett|tt|ttmL' (E embedding, t layer, "
                         "m MTP, L loss)")
     for name in ("tp", "pp", "vpp", "ep", "etp", "cp"):
-        p.add_argument(f"--{name}", type=int, default=None, help=f"evaluate this {name.upper()} instead of searching")
-    p.add_argument("--json", action="store_true")
+        p.add_argument(f"--{name}", type=int, default=None,
+                       help=f"evaluate this {name.upper()} instead of searching (unset: search)")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("prepare-data", help="raw text -> Megatron-Core indexed dataset (.bin/.idx)")
-    p.add_argument("--input", nargs="+", help="json/jsonl/parquet/txt files, folders or globs")
+    p = _subcommand(sub, "prepare-data", "raw text -> Megatron-Core indexed dataset (PREFIX.bin/.idx/.json)",
+                    "Each document ends with the end-of-document token; rows without a usable text are "
+                    "counted, reported and skipped.")
+    p.add_argument("--input", nargs="+", metavar="PATH", help="json/jsonl/parquet/txt files, folders or globs")
     p.add_argument("--embedded", action="store_true",
-                   help="add the embedded corpus (the Python standard library's sources)")
-    p.add_argument("--output-prefix", default="data/cache/stdlib")
-    p.add_argument("--tokenizer", default="data/tokenizer/tokenizer.json")
-    p.add_argument("--text-key", default="text")
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--eod-token", default=None)
+                   help="add the embedded corpus (the Python standard library's sources), written as "
+                        "PREFIX.embedded.jsonl beside the output")
+    p.add_argument("--output-prefix", default="data/cache/stdlib", metavar="PREFIX",
+                   help="writes PREFIX.bin, PREFIX.idx and PREFIX.json (and caches beside them)")
+    p.add_argument("--tokenizer", default="data/tokenizer/tokenizer.json", help="a tokenizers JSON file or its folder")
+    p.add_argument("--text-key", default="text", help="the field holding each document's text (json/parquet)")
+    p.add_argument("--workers", type=int, default=None, help="tokenizing processes (unset: the cores, at most 8)")
+    p.add_argument("--eod-token", default=None,
+                   help="the end-of-document token (unset: the first of <|endoftext|>, </s>, <eos>, <|end_of_text|>)")
     p.add_argument("--min-tokens", type=int, default=0,
                    help="leave out documents shorter than this (long-document mixtures)")
+    p.add_argument("--max-bad-share", type=float, default=0.01,
+                   help="refuse the input when more than this share of its rows has no text or a non-string text")
     p.set_defaults(func=cmd_prepare_data)
 
-    p = sub.add_parser("pretrain", help="train from a YAML run config with key=value overrides")
-    p.add_argument("--config", required=True)
-    p.add_argument("--resume", default=None, help="auto (default in configs), none, or a checkpoint path")
-    p.add_argument("--init-from", default=None, help="weights-only start (fresh optimizer and schedule)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.iters=50")
+    p = _subcommand(sub, "pretrain", "train from a YAML run config with key=value overrides",
+                    "Any run-config key can be overridden as section.key=value, before or after the options.")
+    p.add_argument("--config", required=True, help="a run config YAML, e.g. configs/tiny.yaml")
+    p.add_argument("--resume", default=None,
+                   help="auto (the newest good checkpoint), none, or a checkpoint path (unset: checkpoint.resume)")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start from these weights with a fresh optimizer, schedule and data position")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.iters=50")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("init-weights", help="initialise a model once, as a weights checkpoint that "
-                       "runs under any parallel layout can start from (--init-from)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=1234)
+    p = _subcommand(sub, "init-weights", "initialise a model once, as a weights checkpoint",
+                    "Runs under any parallel layout can start from it (pretrain --init-from).")
+    p.add_argument("--model", required=True, help=f"a model flavor: {models}")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--seed", type=int, default=1234, help="initialisation seed")
     p.set_defaults(func=cmd_init_weights)
 
-    p = sub.add_parser("import-hf", help="HF glm_moe_dsa folder -> checkpoint")
-    p.add_argument("--hf", required=True)
-    p.add_argument("--out", required=True)
+    p = _subcommand(sub, "import-hf", "HF glm_moe_dsa folder -> checkpoint (weights only)",
+                    "Runs under torchrun too: each process converts a share of the tensors.")
+    p.add_argument("--hf", required=True, help="a HF folder: config.json and safetensors shards")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.set_defaults(func=cmd_import_hf)
 
-    p = sub.add_parser("export-hf", help="checkpoint -> HF glm_moe_dsa folder")
+    p = _subcommand(sub, "export-hf", "checkpoint -> HF glm_moe_dsa folder",
+                    "Runs under torchrun too: each process converts a share of the tensors.")
     p.add_argument("--ckpt", required=True, help="a checkpoint folder, or a root holding 'latest'")
-    p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--out", required=True, help="HF folder to write (config.json, safetensors shards, index)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                   help="dtype of the written tensors")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, GB")
     p.add_argument("--on-damaged", choices=["stop", "fallback"], default="stop",
-                   help="when the newest checkpoint of --ckpt is damaged: stop (default), or export the "
-                        "newest good one after a warning")
+                   help="when the newest checkpoint of --ckpt is damaged: stop, or export the newest good one "
+                        "after a warning")
     p.set_defaults(func=cmd_export_hf)
 
-    p = sub.add_parser("verify-hf", help="compare our logits with transformers' on a HF folder")
-    p.add_argument("--hf", required=True)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--batch", type=int, default=2)
+    p = _subcommand(sub, "verify-hf", "compare our logits with transformers' on a HF folder",
+                    "Exit status 0 when they agree within the tolerance, 1 when not.")
+    p.add_argument("--hf", required=True, help="a HF glm_moe_dsa folder")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    p.add_argument("--batch", type=int, default=2, help="random sequences compared")
     p.add_argument("--tolerance", type=float, default=1e-4,
-                   help="largest allowed |difference| / largest |logit| (default 1e-4)")
-    p.add_argument("--json", action="store_true")
+                   help="largest allowed |difference| / largest |logit|")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_verify_hf)
     return parser
 
 
+def _error(command: str, error: Exception) -> int:
+    """One sentence, exit status 2. Under launch/torchrun.sh (GLM52_ERROR_FILE set) every process
+    would print the same sentence before torchrun's own report: the sentence goes to that file
+    instead, and the launcher prints it once, last."""
+    sentence = f"glm52 {command}: error: {error}"
+    error_file = os.environ.get("GLM52_ERROR_FILE")
+    if error_file:
+        with open(error_file, "a") as f:  # one short append per process: lines do not interleave
+            f.write(sentence.replace("\n", " ") + "\n")
+    else:
+        print(sentence, file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    _quiet()
-    args = build_parser().parse_args(argv)
+    try:
+        _quiet()
+    except KeyboardInterrupt:
+        print("glm52: interrupted (Ctrl-C).", file=sys.stderr, flush=True)
+        return 130
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse takes positionals only before or after all options: `pretrain --resume X a=1`
+        # leaves the overrides after the options over. Every other extra is an error.
+        if args.command == "pretrain" and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     try:
         return args.func(args)
     except (ConfigError, CheckpointError) as e:
-        print(f"glm52 {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _error(args.command, e)
+    except KeyboardInterrupt:
+        print(f"glm52 {args.command}: interrupted (Ctrl-C).", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ unknown keys are errors, not silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -247,6 +248,12 @@ class RunConfig:
              "data.packed needs train.micro_batch_size 1 (each microbatch is one packed sample).")
         need(bool(d.blend), "data.blend lists no datasets.")
         need(all(s.weight > 0 for s in d.blend), "data.blend weights must be positive.")
+        need(t.iters >= 1, f"train.iters must be a positive whole number, got {t.iters}.")
+        o = self.optimizer
+        need(math.isfinite(o.lr) and o.lr > 0, f"optimizer.lr must be a positive number, got {o.lr}.")
+        need(math.isfinite(o.min_lr) and 0 <= o.min_lr, f"optimizer.min_lr must be zero or positive, got {o.min_lr}.")
+        need(o.decay_iters is None or o.decay_iters >= 1,
+             f"optimizer.decay_iters must be a positive whole number or null, got {o.decay_iters}.")
         decay = self.optimizer.decay_iters or t.iters
         need(0 <= self.optimizer.warmup_iters < decay,
              f"optimizer.warmup_iters ({self.optimizer.warmup_iters}) must be below the decay length "
@@ -318,11 +325,20 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{where} must be true or false, got {value!r}.")
-    if hint in (int, float):
+    if hint is float:
         try:
-            return hint(float(value)) if hint is int and isinstance(value, str) and "e" in value.lower() else hint(value)
+            return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where} must be a number, got {value!r}.") from None
+    if hint is int:
+        try:
+            number = float(value) if isinstance(value, str) else value  # "1e3" from an override
+            whole = int(number)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{where} must be a whole number, got {value!r}.") from None
+        if isinstance(value, bool) or whole != number:
+            raise ConfigError(f"{where} must be a whole number, got {value!r}.")
+        return whole
     if hint is str:
         return str(value)
     return value

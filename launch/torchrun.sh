@@ -25,7 +25,7 @@
 #
 # Signals: SIGUSR1 and SIGTERM sent to this script reach every training process, which finishes
 # its step, saves a checkpoint and exits 0 (so does this script). torchrun itself ignores them.
-# SIGINT (Ctrl-C) stops at once, without saving.
+# SIGINT (Ctrl-C) reaches them through torchrun, which kills them 30 s later, saved or not.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -135,6 +135,11 @@ if [ "$dry_run" = 1 ]; then
     exit 0
 fi
 
+# A configuration error is the same sentence on every process, followed by torchrun's report of
+# the failed processes: the processes write it to this file instead, and it is printed once, last.
+error_file="$(mktemp "${TMPDIR:-/tmp}/glm52-error.XXXXXX")"
+export GLM52_ERROR_FILE="$error_file"
+
 # torchrun ignores SIGUSR1 and SIGTERM (so do the training processes until the driver installs
 # its handlers: a signal that early is lost, not fatal); this script forwards them to torchrun's
 # children, the training processes, by parent pid.
@@ -148,4 +153,9 @@ while :; do
     wait "$launcher" && status=0 || status=$?   # returns early when a trapped signal arrives
     kill -0 "$launcher" 2>/dev/null || break
 done
+if [ -s "$error_file" ]; then
+    head -n 1 "$error_file" >&2
+    status=2
+fi
+rm -f "$error_file"
 exit "$status"

@@ -135,3 +135,73 @@ def test_bad_inputs_are_one_sentence(tmp_path, capsys):
                   str(tmp_path / "o"), "--tokenizer", TOKENIZER]) == 2
     errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith("glm52 ")]
     assert len(errors) == 1 and "no 'text' field (fields: content)" in errors[0]
+
+
+def _stderr_errors(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("glm52 ")]
+
+
+def test_bad_rows_are_counted_reported_and_refused_past_a_share(tmp_path, capsys):
+    rows = [{"text": "def f(): pass\n"}, {"text": 5}, {"other": 1}, {"text": None},
+            {"text": ["not", "text"]}, {"text": "x = 1\n"}]
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prefix = tmp_path / "out" / "ds"
+    args = ["prepare-data", "--input", str(src), "--output-prefix", str(prefix), "--tokenizer", TOKENIZER,
+            "--workers", "1"]
+    assert glm52(args) == 2  # 4 of 6 bad, over the default share of 0.01
+    errors = _stderr_errors(capsys.readouterr().err)
+    assert errors == [f"glm52 prepare-data: error: 4 of 6 rows of {src} without a string 'text' (rows 2, 3, "
+                      "4, 5): more than --max-bad-share 0.01 of the rows; fix the input, pass the right "
+                      "--text-key, or raise --max-bad-share."]
+    assert not (tmp_path / "out").exists() or sorted(p.name for p in (tmp_path / "out").iterdir()) == ["hf-datasets-cache"]
+
+    assert glm52(args + ["--max-bad-share", "0.7"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped 4 of 6 rows of {src} without a string 'text' (rows 2, 3, 4, 5)" in err
+    tok = Tokenizer(TOKENIZER)
+    assert _docs(str(prefix)) == [tok.tokenize(t) + [tok.eod] for t in ("def f(): pass\n", "x = 1\n")]
+    assert json.loads(Path(f"{prefix}.json").read_text())["skipped_rows"] == 4
+    assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_token_ids_beyond_the_vocabulary_in_the_bin_are_refused(small_dataset):
+    """The sidecar says the ids fit; the .bin says otherwise: the .bin wins, at open time."""
+    from glm52_train.data.loader import check_data
+    from glm52_train.run_config import DataSource, RunConfig
+
+    bin_file = Path(small_dataset + ".bin")
+    data = bytearray(bin_file.read_bytes())
+    data[20:22] = np.array([9000], dtype=np.uint16).tobytes()  # tiny has 8192 embeddings
+    bin_file.write_bytes(bytes(data))
+    cfg = RunConfig()
+    cfg.data.blend = [DataSource(small_dataset)]
+    with pytest.raises(ConfigError) as err:
+        check_data(cfg, get_model_config("tiny"), Tokenizer(TOKENIZER))
+    assert str(err.value) == (f"dataset {small_dataset} holds token id 9000 in its .bin, beyond model 'tiny''s "
+                              "8192 embeddings (ids 0-8191).")
+
+
+def test_embedded_corpus_is_written_under_the_output_prefix_only(tmp_path, capsys):
+    """`--embedded` writes its intermediate file as PREFIX.embedded.jsonl, not into the package;
+    a failure leaves no .bin.tmp behind. (A missing --text-key fails right after reading the
+    corpus, before the minutes of tokenizing.)"""
+    import glm52_train
+
+    package_data = Path(glm52_train.__file__).resolve().parents[1] / "data"
+    before = {p: p.stat().st_mtime_ns for p in package_data.rglob("*") if p.is_file() and "cache" not in p.parts}
+    cache = package_data / "cache"
+    cache_before = sorted(p.name for p in cache.iterdir()) if cache.is_dir() else []
+    prefix = tmp_path / "mine" / "corpus"
+    assert glm52(["prepare-data", "--embedded", "--output-prefix", str(prefix), "--tokenizer", TOKENIZER,
+                  "--text-key", "body", "--workers", "1"]) == 2
+    errors = _stderr_errors(capsys.readouterr().err)
+    assert len(errors) == 1 and "no 'body' field (fields: text, path)" in errors[0]
+    written = Path(f"{prefix}.embedded.jsonl")
+    from glm52_train.data.embedded import stdlib_files
+
+    assert len(written.read_text().splitlines()) == len(stdlib_files())
+    assert sorted(p.name for p in prefix.parent.iterdir()) == ["corpus.embedded.jsonl", "hf-datasets-cache"]
+    after = {p: p.stat().st_mtime_ns for p in package_data.rglob("*") if p.is_file() and "cache" not in p.parts}
+    assert after == before
+    assert (sorted(p.name for p in cache.iterdir()) if cache.is_dir() else []) == cache_before

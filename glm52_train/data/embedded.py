@@ -15,7 +15,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = ROOT / "data" / "tokenizer" / "tokenizer.json"
-CORPUS_DIR = ROOT / "data" / "cache"
 VOCAB_SIZE = 8192
 
 
@@ -33,12 +32,13 @@ def iter_texts():
         yield path.read_bytes().decode("utf-8", errors="replace")
 
 
-def write_corpus(out_dir: str | Path = CORPUS_DIR) -> Path:
-    """Write the corpus as JSON lines ({"text", "path"} per source file)."""
-    out = Path(out_dir) / "stdlib.jsonl"
+def write_corpus(out: str | Path) -> Path:
+    """Write the corpus to the file `out` as JSON lines ({"text", "path"} per source file).
+    `glm52 prepare-data --embedded` writes it beside its output (PREFIX.embedded.jsonl)."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lib = Path(sysconfig.get_paths()["stdlib"])
-    tmp = out.with_suffix(".jsonl.tmp")
+    tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "w") as f:
         for path in stdlib_files():
             text = path.read_bytes().decode("utf-8", errors="replace")

@@ -32,10 +32,11 @@ def check_data(cfg: RunConfig, model: ModelConfig, tokenizer: Tokenizer) -> list
                 f"(sha256 {meta['tokenizer_sha256'][:12]}), not with {tokenizer.path} "
                 f"(sha256 {tokenizer.sha256[:12]}); re-run glm52 prepare-data."
             )
-        if meta["max_token_id"] >= model.vocab_size:
+        largest = max(meta["max_token_id"], meta["max_token_id_in_bin"])
+        if largest >= model.vocab_size:
             raise ConfigError(
-                f"dataset {source.path} holds token id {meta['max_token_id']}, beyond model "
-                f"{model.name!r}'s {model.vocab_size} embeddings."
+                f"dataset {source.path} holds token id {largest} in its .bin, beyond model "
+                f"{model.name!r}'s {model.vocab_size} embeddings (ids 0-{model.vocab_size - 1})."
             )
         metas.append(meta)
     return metas

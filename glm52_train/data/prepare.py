@@ -76,6 +76,31 @@ def _load(builder: str, files: list[str], text_key: str, cache_dir: str | None):
     return ds
 
 
+def _skip_bad_rows(ds, builder: str, files: list[str], text_key: str, max_share: float):
+    """Drop the rows whose `text_key` is missing, null or not a string. Returns the dataset and
+    None, or (count, the sentence reporting them); raises ConfigError past `max_share`."""
+    if builder == "text":  # the text builder makes every row a string
+        return ds, None
+
+    def flag(batch):
+        return {"_glm52_bad": [not isinstance(t, str) for t in batch[text_key]]}
+
+    flagged = ds.map(flag, batched=True, batch_size=1024, desc="checking rows")
+    bad_rows = np.flatnonzero(flagged.data.column("_glm52_bad").to_numpy(zero_copy_only=False))
+    if len(bad_rows) == 0:
+        return ds, None
+    where = files[0] if len(files) == 1 else f"{len(files)} {builder} files ({files[0]}, ...; rows counted across them in order)"
+    first = ", ".join(str(r + 1) for r in bad_rows[:5]) + (", ..." if len(bad_rows) > 5 else "")
+    sentence = (f"{len(bad_rows):,} of {len(ds):,} rows of {where} without a string {text_key!r} "
+                f"(rows {first})")
+    if len(bad_rows) > max_share * len(ds):
+        raise ConfigError(f"{sentence}: more than --max-bad-share {max_share:g} of the rows; fix the "
+                          f"input, pass the right --text-key, or raise --max-bad-share.")
+    keep = flagged.filter(lambda b: [not x for x in b["_glm52_bad"]], batched=True, batch_size=1024,
+                          desc="skipping bad rows")
+    return keep.remove_columns("_glm52_bad"), (len(bad_rows), sentence)
+
+
 def prepare_data(
     inputs: list[str],
     output_prefix: str,
@@ -86,9 +111,13 @@ def prepare_data(
     cache_dir: str | None = None,
     eod_token: str | None = None,
     min_tokens: int = 0,
+    max_bad_share: float = 0.01,
 ) -> dict:
     """Tokenize `inputs` into the indexed dataset `output_prefix`.{bin,idx,json}. Documents
-    shorter than `min_tokens` tokens are left out (for long-document mixtures)."""
+    shorter than `min_tokens` tokens are left out (for long-document mixtures). Rows without a
+    text under `text_key`, or with a text that is not a string, are skipped and reported
+    (`skipped_rows`, `skipped_rows_notes` in the result); more than `max_bad_share` of a
+    file type's rows refuses the input. Nothing but the finished files is left behind."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     start = time.time()
@@ -99,40 +128,49 @@ def prepare_data(
     prefix = Path(output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     bin_tmp, idx_tmp = Path(f"{prefix}.bin.tmp"), Path(f"{prefix}.idx.tmp")
-    builder = IndexedDatasetBuilder(str(bin_tmp), dtype=dtype)
-    documents = tokens = dropped = 0
-    max_id = -1
     sources = expand_inputs(inputs)
     tok_path, eod = str(tokenizer.path), tokenizer.eod
+    documents = tokens = dropped = skipped = 0
+    notes: list[str] = []
+    max_id = -1
 
     def encode(batch):
         local = _cached_tokenizer(tok_path, eod_token)
         return {"ids": [ids + [eod] for ids in local.tokenize_batch(batch[text_key])]}
 
-    for builder_name, files in sources.items():
-        ds = _load(builder_name, files, text_key, cache_dir)
-        ds = ds.filter(lambda b: [bool(t) for t in b[text_key]], batched=True, desc="dropping empty")
-        ds = ds.map(
-            encode, batched=True, batch_size=64, num_proc=workers if len(ds) > workers else None,
-            remove_columns=ds.column_names, desc=f"tokenizing {builder_name} ({len(files)} files)",
-        )
-        for batch in ds.iter(batch_size=1024):
-            for ids in batch["ids"]:
-                if len(ids) < min_tokens:
-                    dropped += 1
-                    continue
-                arr = np.asarray(ids, dtype=np.int64)
-                builder.add_document(arr.astype(dtype), [len(arr)])
-                documents += 1
-                tokens += len(arr)
-                max_id = max(max_id, int(arr.max()))
-    if documents == 0:
-        raise ConfigError(
-            f"no {text_key!r} documents of at least {max(min_tokens, 1)} tokens in {', '.join(inputs)}."
-        )
-    builder.finalize(str(idx_tmp))
-    bin_tmp.replace(f"{prefix}.bin")
-    idx_tmp.replace(f"{prefix}.idx")
+    try:
+        builder = IndexedDatasetBuilder(str(bin_tmp), dtype=dtype)
+        for builder_name, files in sources.items():
+            ds = _load(builder_name, files, text_key, cache_dir)
+            ds, bad = _skip_bad_rows(ds, builder_name, files, text_key, max_bad_share)
+            if bad:
+                skipped += bad[0]
+                notes.append(bad[1])
+            ds = ds.filter(lambda b: [bool(t) for t in b[text_key]], batched=True, desc="dropping empty")
+            ds = ds.map(
+                encode, batched=True, batch_size=64, num_proc=workers if len(ds) > workers else None,
+                remove_columns=ds.column_names, desc=f"tokenizing {builder_name} ({len(files)} files)",
+            )
+            for batch in ds.iter(batch_size=1024):
+                for ids in batch["ids"]:
+                    if len(ids) < min_tokens:
+                        dropped += 1
+                        continue
+                    arr = np.asarray(ids, dtype=np.int64)
+                    builder.add_document(arr.astype(dtype), [len(arr)])
+                    documents += 1
+                    tokens += len(arr)
+                    max_id = max(max_id, int(arr.max()))
+        if documents == 0:
+            raise ConfigError(
+                f"no {text_key!r} documents of at least {max(min_tokens, 1)} tokens in {', '.join(inputs)}."
+            )
+        builder.finalize(str(idx_tmp))
+        bin_tmp.replace(f"{prefix}.bin")
+        idx_tmp.replace(f"{prefix}.idx")
+    finally:  # a failure (or Ctrl-C) leaves no half-written files
+        bin_tmp.unlink(missing_ok=True)
+        idx_tmp.unlink(missing_ok=True)
     meta = {
         "tokenizer": str(tokenizer.path),
         "tokenizer_sha256": tokenizer.sha256,
@@ -141,6 +179,8 @@ def prepare_data(
         "documents": documents,
         "tokens": tokens,
         "dropped_short_documents": dropped,
+        "skipped_rows": skipped,
+        "skipped_rows_notes": notes,
         "min_tokens": min_tokens,
         "max_token_id": max_id,
         "dtype": np.dtype(dtype).name,
@@ -166,6 +206,7 @@ def read_dataset_meta(prefix: str) -> dict:
         index = IndexedDataset(prefix, mmap=True)
         lengths = index.sequence_lengths
         itemsize = index.index.dtype_size
+        dtype = index.index.dtype
         n_docs = len(index.document_indices) - 1
     except Exception as e:  # noqa: BLE001 - IndexedDataset asserts on bad headers
         raise ConfigError(f"dataset {prefix}: {prefix}.idx is corrupt ({type(e).__name__}: {e}).") from None
@@ -178,4 +219,7 @@ def read_dataset_meta(prefix: str) -> dict:
         )
     if n_docs != meta.get("documents") or int(np.asarray(lengths).sum()) != meta.get("tokens"):
         raise ConfigError(f"dataset {prefix}: .idx and .json disagree on the document or token count.")
+    # The ids themselves, not the sidecar's word for them: one vectorized pass over the map.
+    tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r") if actual_bytes else np.zeros(1, dtype)
+    meta["max_token_id_in_bin"] = int(tokens.max())
     return meta

@@ -140,10 +140,14 @@ class VerifyResult:
     relative: float
     tolerance: float
     tokens: int
+    indexer_queries: int = 0  # (query, indexer layer) pairs with more visible keys than top-k
+    tied_queries: int = 0  # of those, where the sides picked differently among keys tied at the edge
+    selection_mismatches: int = 0  # where they picked differently for any other reason
+    mtp_tensors: int = 0  # the folder's MTP-layer tensors, which transformers does not load
 
     @property
     def ok(self) -> bool:
-        return math.isfinite(self.relative) and self.relative <= self.tolerance
+        return math.isfinite(self.relative) and self.relative <= self.tolerance and self.selection_mismatches == 0
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "ok": self.ok}
@@ -155,18 +159,107 @@ def our_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids, positions, None).float()
 
 
-def reference_logits(hf_dir: str, input_ids: torch.Tensor) -> torch.Tensor:
+def load_reference(hf_dir: str, num_layers: int):
+    """transformers' model of `hf_dir`, and how many MTP-layer tensors it left unloaded. Its raw
+    load report (which lists the MTP layer's tensors as UNEXPECTED: transformers does not run
+    MTP layers) is replaced by that count; any other missing or unexpected key is an error."""
     from transformers import GlmMoeDsaForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    ref = GlmMoeDsaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        ref, info = GlmMoeDsaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager",
+                                                         output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    mtp_prefix = f"model.layers.{num_layers}."
+    mtp = [k for k in info["unexpected_keys"] if k.startswith(mtp_prefix) or k.startswith(f"layers.{num_layers}.")]
+    other = sorted(set(info["unexpected_keys"]) - set(mtp))
+    if info["missing_keys"] or other:
+        what = sorted(info["missing_keys"])[:3] if info["missing_keys"] else other[:3]
+        raise ConfigError(f"transformers loads {hf_dir} with {len(info['missing_keys'])} missing and "
+                          f"{len(other)} unexpected key(s) besides the MTP layer's, e.g. {', '.join(what)}.")
     ref.eval()
-    with torch.no_grad():
-        return ref(input_ids).logits.float()
+    return ref, len(mtp)
+
+
+class _SelectionCheck:
+    """Compares the two implementations' DSA top-k selections layer by layer and, where they differ
+    only among keys whose indexer scores tie at the top-k edge (exact ties are common: the ReLU
+    zeroes every head for many keys, and `torch.topk` orders ties arbitrarily), gives transformers
+    our selection for those queries, so the logits are compared under one selection. A difference
+    not explained by a tie is counted and left in place: it is a real disagreement."""
+
+    def __init__(self, model, num_layers: int) -> None:
+        from glm52_train.model.dsa import DSACoreAttention
+
+        self.num_layers = num_layers
+        self.ours: dict[int, torch.Tensor] = {}  # layer number (1-based) -> [b, sq, topk]
+        self.scores: dict[int, torch.Tensor] = {}  # layer number -> [b, sq, sk] indexer scores
+        self.queries = self.tied = self.mismatched = 0
+        self.handles = []
+        for module in model.modules():
+            if isinstance(module, DSACoreAttention) and module.indexer is not None and module.layer_number <= num_layers:
+                self.handles.append(module.register_forward_hook(self._record_ours))
+                self.handles.append(module.indexer.register_forward_hook(self._record_scores(module.layer_number)))
+
+    def _record_ours(self, module, args, output) -> None:
+        self.ours[module.layer_number] = output[1].detach().long()
+
+    def _record_scores(self, layer_number: int):
+        from glm52_train.kernels import reference
+
+        def hook(module, args, output):
+            q, k, w = output
+            self.scores[layer_number] = reference.index_scores(q.detach(), k.detach(), w.detach())
+
+        return hook
+
+    def watch(self, ref) -> None:
+        for i, layer in enumerate(ref.model.layers):
+            if getattr(layer.self_attn, "indexer", None) is not None:
+                self.handles.append(layer.self_attn.indexer.register_forward_hook(self._reconcile(i + 1)))
+
+    def _reconcile(self, layer_number: int):
+        def hook(module, args, output):
+            ours, scores = self.ours[layer_number], self.scores[layer_number].double()
+            b, sq, sk = scores.shape
+            causal = torch.ones(sq, sk, dtype=torch.bool).tril()
+            mine = torch.zeros(b, sq, sk, dtype=torch.bool).scatter(-1, ours.clamp_min(0), True) & causal
+            theirs = torch.zeros(b, sq, sk, dtype=torch.bool).scatter(-1, output.long(), True) & causal
+            topk = ours.shape[-1]
+            contested = causal.sum(-1) > topk  # queries that see more keys than they select: [sq]
+            self.queries += int(contested.sum()) * b
+            differ = (mine != theirs).any(-1) & contested  # [b, sq]
+            if not differ.any():
+                return None
+            masked = scores.masked_fill(~causal, float("-inf"))
+            edge = masked.topk(topk, dim=-1).values[..., -1:]  # the k-th highest score per query
+            tol = 1e-5 * masked.masked_fill(~causal, 0).abs().amax(-1, keepdim=True) + 1e-30
+            at_edge = (masked - edge).abs() <= tol
+            # a tie explains a difference when every key picked by one side only scores at the edge
+            tie = ((mine != theirs) <= at_edge).all(-1) & differ
+            self.tied += int(tie.sum())
+            self.mismatched += int((differ & ~tie).sum())
+            fixed = output.clone()
+            fixed[tie] = ours[tie][..., : output.shape[-1]].to(output.dtype)
+            return fixed
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def verify_hf(hf_dir: str, seq_len: int = 64, batch: int = 2, tolerance: float = 1e-4, seed: int = 0) -> VerifyResult:
     """Load `hf_dir` into both implementations, run the same random tokens, compare logits.
-    The difference is reported relative to the largest reference logit (the logit scale)."""
+    The difference is reported relative to the largest reference logit (the logit scale).
+    Where the DSA indexer's scores tie at the top-k edge the two may select different keys, both
+    correctly; transformers then gets our selection for those queries (see _SelectionCheck)."""
     ckpt = HFCheckpoint(hf_dir)
     model_config = ckpt.model_config
     model = _single_process_model(model_config)
@@ -175,22 +268,46 @@ def verify_hf(hf_dir: str, seq_len: int = 64, batch: int = 2, tolerance: float =
     generator = torch.Generator().manual_seed(seed)
     seq_len = min(seq_len, model_config.max_position_embeddings)
     input_ids = torch.randint(0, model_config.vocab_size, (batch, seq_len), generator=generator)
-    ours = our_logits(model, input_ids)
-    ref = reference_logits(hf_dir, input_ids)
-    if ours.shape != ref.shape:
-        raise ConfigError(f"logit shapes differ: ours {tuple(ours.shape)}, transformers {tuple(ref.shape)}.")
-    diff = (ours - ref).abs().max().item()
-    scale = max(ref.abs().max().item(), 1e-12)
-    return VerifyResult(diff, scale, diff / scale, tolerance, batch * seq_len)
+    check = _SelectionCheck(model, model_config.num_layers)
+    try:
+        ours = our_logits(model, input_ids)
+        ref, mtp_tensors = load_reference(hf_dir, model_config.num_layers)
+        check.watch(ref)
+        with torch.no_grad():
+            ref_logits = ref(input_ids).logits.float()
+    finally:
+        check.remove()
+    if ours.shape != ref_logits.shape:
+        raise ConfigError(f"logit shapes differ: ours {tuple(ours.shape)}, transformers {tuple(ref_logits.shape)}.")
+    diff = (ours - ref_logits).abs().max().item()
+    scale = max(ref_logits.abs().max().item(), 1e-12)
+    return VerifyResult(diff, scale, diff / scale, tolerance, batch * seq_len, check.queries, check.tied,
+                        check.mismatched, mtp_tensors)
 
 
 def describe(result: VerifyResult) -> str:
     verdict = "PASS" if result.ok else "FAIL"
-    return (
+    lines = [
         f"{verdict}: max |logit difference| {result.max_abs_diff:.3e} over {result.tokens} tokens; "
         f"logit scale {result.logit_scale:.3e}; relative {result.relative:.3e} "
         f"(tolerance {result.tolerance:.1e})"
-    )
+    ]
+    if result.selection_mismatches:
+        lines.append(f"top-k: the two sides selected different keys for {result.selection_mismatches} of "
+                     f"{result.indexer_queries} (query, indexer layer) pairs without a tie at the top-k edge: "
+                     "the indexers disagree.")
+    if result.tied_queries:
+        lines.append(f"top-k: for {result.tied_queries} of {result.indexer_queries} (query, indexer layer) pairs "
+                     "the indexer scores tie at the top-k edge and the two sides kept different keys among the "
+                     "tied ones (both correct); transformers was given our selection there, so the logits "
+                     "compare under one selection.")
+    elif result.indexer_queries and not result.selection_mismatches:
+        lines.append(f"top-k: both sides selected the same keys for all {result.indexer_queries} (query, indexer "
+                     "layer) pairs that choose.")
+    if result.mtp_tensors:
+        lines.append(f"MTP: transformers does not run MTP layers, so it leaves this folder's {result.mtp_tensors} "
+                     "MTP-layer tensors unloaded; they are ours alone and not compared.")
+    return "\n".join(lines)
 
 
 def dump(result: VerifyResult) -> str:

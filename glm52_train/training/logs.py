@@ -115,7 +115,7 @@ class RunLogger:
         if m.get("tokens_per_s") is not None:
             parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
         if m.get("tflops_per_gpu"):
-            parts.append(f"{m['tflops_per_gpu']:.1f} TFLOP/s")
+            parts.append(_flops_rate(m["tflops_per_gpu"]))
         if m.get("mfu") is not None:
             parts.append(f"MFU {100 * m['mfu']:.1f}%")
         if m.get("skipped_steps"):
@@ -134,6 +134,44 @@ class RunLogger:
             self.wandb.finish()
         if self.tb is not None:
             self.tb.close()
+
+
+def _flops_rate(tflops: float) -> str:
+    """TFLOP/s where it reads as a number (GPUs); GFLOP/s below 1 TFLOP/s (CPUs)."""
+    return f"{tflops:.1f} TFLOP/s" if tflops >= 1.0 else f"{tflops * 1e3:.1f} GFLOP/s"
+
+
+def run_header(cfg, model_cfg, world: int, device: str, run_dir: Path, checkpoint_dir: Path | None) -> str:
+    """What the run is, before its first step: model, parameters, layout, data, tokens per step,
+    where checkpoints and metrics go."""
+    from glm52_train.model.info import model_info
+
+    info = model_info(model_cfg, cfg.data.seq_length)
+    precision = "bf16" if cfg.use_bf16() else "fp32"
+    mtp = f", MTP {info.mtp_params / 1e6:,.2f}M" if info.mtp_params else ""
+    data = []
+    for source in cfg.data.blend:
+        try:
+            tokens = json.loads(Path(source.path + ".json").read_text())["tokens"]
+            size = f"{tokens / 1e6:,.1f}M tokens"
+        except (OSError, ValueError, KeyError):
+            size = "size unknown"
+        weight = f", weight {source.weight:g}" if len(cfg.data.blend) > 1 else ""
+        data.append(f"{source.path} ({size}{weight})")
+    t = cfg.train
+    saves = (f"{checkpoint_dir} (every {cfg.checkpoint.interval} steps, at the end and on SIGTERM/SIGUSR1/Ctrl-C)"
+             if checkpoint_dir is not None else "none (checkpoint.enable: false)")
+    return "\n".join([
+        f"model     {model_cfg.name}: {info.total_params / 1e6:,.2f}M parameters "
+        f"({info.active_params / 1e6:,.2f}M active per token{mtp}), {precision} on {device}",
+        f"layout    {cfg.layout(world).describe()} on {world} process{'es' if world > 1 else ''}",
+        f"data      {'; '.join(data)}",
+        f"per step  {t.global_batch_size * cfg.data.seq_length:,} tokens (global batch {t.global_batch_size} "
+        f"x {cfg.data.seq_length}), {t.iters} steps",
+        f"saves     {saves}",
+        f"metrics   {run_dir / 'metrics.jsonl'}"
+        + ("" if cfg.logging.wandb == "disabled" else f", W&B {cfg.logging.wandb} in {run_dir / 'wandb-files'}"),
+    ])
 
 
 def _duration(seconds: float) -> str:

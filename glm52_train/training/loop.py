@@ -11,6 +11,7 @@ hooks around it: validation every `train.eval_interval` steps, metrics every
 from __future__ import annotations
 
 import signal
+import sys
 
 import torch
 
@@ -19,7 +20,7 @@ from glm52_train.config import ConfigError
 from glm52_train.run_config import RunConfig
 from glm52_train.training import faults, setup
 from glm52_train.training.checkpointer import Checkpointer
-from glm52_train.training.logs import RunLogger
+from glm52_train.training.logs import RunLogger, run_header
 from glm52_train.training.metrics import Metrics
 from glm52_train.training.profile import StepProfiler, format_breakdown
 from glm52_train.training.step import evaluate, train_step
@@ -33,6 +34,8 @@ def pretrain(cfg: RunConfig) -> int:
     logger = RunLogger(cfg, active=(rank == world - 1))
     logger.message(compat.describe())
     checkpointer = Checkpointer(cfg, parts, logger)
+    logger.message(run_header(cfg, parts.model_cfg, world, _device().type, logger.run_dir,
+                              checkpointer.dir if checkpointer.enable else None))
     state = checkpointer.resume()
     data = setup.Data(cfg, parts, state.consumed_samples)
     logger.start(state.iteration, cfg.to_dict())
@@ -42,6 +45,7 @@ def pretrain(cfg: RunConfig) -> int:
     faults.poison_losses(parts.chunks)  # GLM52_FAULT_NAN_AT_STEP (tests); nothing when unset
     exit_at = state.iteration + cfg.train.exit_after_iters if cfg.train.exit_after_iters else None
     skipped_in_a_row = 0
+    signals.training = True
     while state.iteration < cfg.train.iters:
         step = state.iteration + 1
         faults.at_step(step)  # for hung-rank reports; GLM52_FAULT_HANG_RANK_AT_STEP
@@ -80,22 +84,34 @@ def pretrain(cfg: RunConfig) -> int:
 
 class StopSignals:
     """SIGTERM / SIGUSR1 (Slurm's warning before the time limit) ask the loop to finish the
-    current step, save and exit 0."""
+    current step, save and exit 0. So does Ctrl-C (SIGINT) once training has begun, saying so
+    in one line; a second Ctrl-C, or one before the first step, stops at once without saving
+    (KeyboardInterrupt, which the command line reports in one line)."""
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.training = False  # set by the loop before its first step
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
+        signal.signal(signal.SIGINT, self._interrupt)
 
     def _handler(self, signum, frame) -> None:
         self.received = signum
 
+    def _interrupt(self, signum, frame) -> None:
+        if not self.training or self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        print("Ctrl-C: finishing this step, saving, then stopping (Ctrl-C again stops at once, without "
+              "saving)", file=sys.stderr, flush=True)
+
     def release(self) -> None:
         """After the last step: ignore further signals. At exit Python restores SIG_DFL, and a
         repeated SIGUSR1 (Slurm and the launcher both deliver one) would kill the exiting process,
-        which torchrun counts as a failure and restarts."""
+        which torchrun counts as a failure and restarts. Ctrl-C stops at once again."""
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def should_stop(self) -> bool:
         flag = torch.tensor([1.0 if self.received else 0.0], device=_device())

@@ -3,6 +3,7 @@ optimizer, the learning-rate schedule and the data, from a validated RunConfig."
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ class TrainingParts:
 def build(cfg: RunConfig) -> TrainingParts:
     """Process groups, then the model, optimizer and schedule of this rank (the data's files are
     checked against the model first)."""
+    check_host_memory(cfg)
     parallel.initialize(cfg.parallel, seed=cfg.train.seed, timeout_minutes=cfg.train.collective_timeout_minutes)
     model_cfg = cfg.model_config()
     tokenizer = Tokenizer(cfg.data.tokenizer)
@@ -53,6 +55,49 @@ def build(cfg: RunConfig) -> TrainingParts:
     dp = parallel_state.get_data_parallel_world_size()
     num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
     return TrainingParts(model_cfg, tokenizer, chunks, optimizer, scheduler, expert_load, num_microbatches)
+
+
+def available_host_memory() -> int | None:
+    """Bytes this machine can still give (MemAvailable), or None where /proc/meminfo is absent."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_host_memory(cfg: RunConfig) -> None:
+    """On a machine without GPUs the model, its gradients, optimizer state and activations live in
+    host memory: refuse a run that cannot fit, with `glm52 plan`'s estimate, before the
+    out-of-memory killer ends it halfway through building the model."""
+    if compat.cuda_available():
+        return
+    available = available_host_memory()
+    if available is None:
+        return
+    from glm52_train.plan import GiB, estimate
+
+    world = parallel.world_size_from_env()
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes on this machine
+    t = cfg.train
+    layout = cfg.layout(world)
+    est = estimate(cfg.model_config(), layout, cfg.data.seq_length, float("inf"), t.micro_batch_size,
+                   num_microbatches=t.global_batch_size // (t.micro_batch_size * layout.dp),
+                   recompute=t.recompute == "full")
+    per_process = est.total - est.fixed  # the fixed reserve is CUDA's context and NCCL's buffers
+    if per_process * here > available:
+        model = cfg.model_config().name
+        raise ConfigError(
+            f"model {model!r} needs about {per_process / GiB:,.1f} GiB per process on this machine without "
+            f"a GPU ({here} process{'es' if here > 1 else ''}: {per_process * here / GiB:,.1f} GiB; glm52 plan's "
+            f"estimate under {layout.describe()}: weights {est.weights / GiB:,.1f}, gradients "
+            f"{est.gradients / GiB:,.1f}, optimizer {est.optimizer / GiB:,.1f}, activations "
+            f"{(est.activations + est.dsa_buffers + est.logits) / GiB:,.1f}), but only "
+            f"{available / GiB:,.1f} GiB is available; train it on GPUs (glm52 plan --model {model}) "
+            f"or pick a smaller model."
+        )
 
 
 class Data:
