@@ -19,7 +19,8 @@ Fault injection, for tests only: environment variables, all off when unset.
     GLM52_FAULT_HANG_RANK_AT_STEP=1:3     rank 1 stops before step 3 and never returns (it sleeps;
                                           SIGTERM ends it, as torchrun's teardown sends)
 
-(`GLM52_FAULT_PAUSE_IN_SAVE`, which holds a save before its commit, lives in checkpoint.py.)
+(`GLM52_FAULT_PAUSE_IN_SAVE`, which holds a save before its commit, lives in checksums.py, where the
+writer of a synchronous or asynchronous save runs.)
 The driver calls `at_step` at the start of every step and `poison_losses` once on its model
 chunks; the loss function itself knows nothing of faults.
 """
