@@ -47,9 +47,15 @@ def initialize(layout=None, seed: int = 1234, timeout_minutes: float = 30.0) -> 
     from glm52_train.run_config import ParallelConfig
 
     p = layout or ParallelConfig()
-    init_distributed(timeout_minutes)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1:
+            # Initialised again in one process (tests, library calls): Megatron-Core's
+            # destroy_model_parallel only forgets its groups, and every gloo group keeps its own
+            # polling threads alive; a fresh world frees them (a test session had gathered
+            # 2,700 such threads, one core's worth of CPU).
+            torch.distributed.destroy_process_group()
+    init_distributed(timeout_minutes)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,

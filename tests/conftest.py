@@ -22,9 +22,7 @@ def single_process():
 
     parallel.initialize(seed=1234)
     yield
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
+    parallel.destroy()  # the process groups too: each gloo group holds polling threads
 
 
 def pytest_addoption(parser):

@@ -16,8 +16,6 @@ from glm52_train.model.build import build_model
 @pytest.fixture(scope="module")
 def tiny_rows():
     """(pair, Megatron shape) for every row of the tiny model, shapes from a meta-device build."""
-    from megatron.core import parallel_state
-
     from glm52_train import parallel
 
     model_config = get_model_config("tiny")
@@ -27,7 +25,7 @@ def tiny_rows():
             model = build_model(model_config, init=False)
         shapes = {name: tuple(t.shape) for name, t in megatron_state(model).items()}
     finally:
-        parallel_state.destroy_model_parallel()
+        parallel.destroy()
     pairs = mapping.resolved_pairs(model_config)
     assert {p.megatron for p in pairs} == set(shapes), "the table and the model name different tensors"
     return [(p, shapes[p.megatron]) for p in pairs]
