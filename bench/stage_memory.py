@@ -13,8 +13,9 @@ router over 8 instead of 256 experts (2 KiB per token less, counted in the compa
 
 For each recomputation setting it runs micro-batches forward one after another, keeping their
 graphs as a pipeline stage does before its first backward, and reads
-torch.cuda.memory_allocated after each (what the micro-batch keeps alive, its output included
-and reported apart: Megatron-Core frees a sent output's data); then the backwards, with the
+torch.cuda.memory_allocated after each: what the micro-batch keeps alive, less its output
+(Megatron-Core frees a sent output's data), plus its input (saved by the first layer, allocated
+before the forward: the pipeline holds it); then the backwards, with the
 peak above the kept state (the working set of the layer being recomputed or differentiated).
 The planner's numbers come from `glm52_train.plan` at the emulated config, so the comparison is
 like for like. On a CPU `--smoke` runs `tiny` (the plumbing only).
@@ -102,11 +103,15 @@ def measure(model_cfg, recompute: str, modules: list[str], seq: int, micro_batch
         torch.cuda.empty_cache()
     act, dsa, _, largest = _chunk_saved_bytes(model_cfg, list(range(model_cfg.num_layers)), 1, False, seq,
                                               recompute, modules, 1)
-    per_mb = sum(kept) / len(kept) - out_bytes
+    # what the micro-batch adds, less its output (sent and freed by the pipeline), plus its
+    # input: the stage's first layer saves it, but it was allocated before the forward
+    in_bytes = seq * h * (2 if cuda else 4)
+    per_mb = sum(kept) / len(kept) - out_bytes + in_bytes
     return {
         "recompute": recompute if recompute != "selective" else f"selective ({','.join(modules)})",
         "kept_per_microbatch_mib": [k / MiB for k in kept],
         "output_mib": out_bytes / MiB,
+        "input_mib": in_bytes / MiB,
         "measured_mib": per_mb / MiB,
         "planned_mib": act / MiB,
         "planned_dsa_mib": dsa / MiB,

@@ -162,24 +162,32 @@ def layer_saved_bytes(m: ModelConfig, layer: int | None, tp: int = 1, sp: bool =
 
 
 def _chunk_saved_bytes(m: ModelConfig, items: list, tp: int, sp: bool, tokens: float, recompute: str,
-                       modules, micro_batch: int) -> tuple[float, float, float, float]:
+                       modules, micro_batch: int, act_bytes: int = BF16) -> tuple[float, float, float, float]:
     """(saved bytes, of which DSA, of which logits, the largest layer's working set) of one
-    micro-batch through one chunk."""
+    micro-batch through one chunk; `act_bytes` is the activation dtype's size."""
     act = dsa = logits = largest = 0.0
     seq = tp if sp else 1
+    first_layer = True
     for item in items:
         if item == "E" or item == "L":
             continue
         layer = None if item == "m" else item
-        a, d = layer_saved_bytes(m, layer, tp, sp, BF16, modules if recompute == "selective" else (), micro_batch)
+        a, d = layer_saved_bytes(m, layer, tp, sp, act_bytes, modules if recompute == "selective" else (),
+                                 micro_batch)
         largest = max(largest, a * tokens)
         if recompute == "full":
-            # Megatron-Core's uniform recompute (one layer per unit) keeps the layer input and
-            # the IndexShare top-k that travels with it
-            act += (BF16 * m.hidden_size / seq + 4 * m.index_topk) * tokens
+            # Megatron-Core's uniform recompute (one layer per unit) keeps each layer's input and
+            # the IndexShare top-k passed along with it: one int32 tensor per full-indexer layer,
+            # which the shared layers after it hold by reference (and one arriving from the
+            # previous stage when the chunk starts on a shared layer). Measured on an H100 for
+            # 8 full-width layers (bench/stage_memory.py, docs/benchmarks.md).
+            act += act_bytes * m.hidden_size / seq * tokens
+            if layer is None or m.layer_index_pattern[layer] == "F" or first_layer:
+                act += 4 * m.index_topk * tokens
         else:
             act += a * tokens
             dsa += d * tokens
+        first_layer = False
     if "L" in items:
         steps = 1 + (m.mtp_steps if m.mtp_layers else 0)
         logits = FP32 * m.vocab_size / tp * steps * tokens  # fp32 logits the loss keeps

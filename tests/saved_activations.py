@@ -1,7 +1,8 @@
 """Bytes per token that each decoder layer (and the MTP layer) of `tiny` saves for backward,
 counted with saved-tensor hooks during one forward on the DSA kernels (run by
 tests/test_plan.py with TRITON_INTERPRET=1). Prints one JSON line: {recompute modules: {layer:
-bytes per token}}. Parameters are not activations and are left out; a storage saved by
+bytes per token}, "full": {"decoder": bytes per token of the whole decoder under full
+recomputation}}. Parameters are not activations and are left out; a storage saved by
 several operations counts once, for the layer that saved it first; a storage freed by an
 output-discarding checkpoint counts at its size when the forward ends (0)."""
 
@@ -65,8 +66,45 @@ def measure(modules: list[str], batch: int, seq: int) -> dict:
     return result
 
 
+def measure_full(batch: int, seq: int) -> dict:
+    """Bytes per token the decoder layers of `tiny` save under full recomputation (Megatron-Core's
+    uniform recompute, one layer per unit): each layer's checkpoint keeps its inputs."""
+    from glm52_train import parallel
+    from glm52_train.config import get_model_config
+    from glm52_train.model.build import build_model
+    from glm52_train.run_config import RunConfig
+
+    m = get_model_config("tiny")
+    run = RunConfig()
+    run.dsa.backend = "triton"
+    run.train.recompute = "full"
+    parallel.initialize(seed=1)
+    model = build_model(m, run)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    inside, saved = [False], {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if inside[0] and ptr not in params:
+            saved.setdefault(ptr, t.untyped_storage().nbytes())
+        return t
+
+    # from the decoder's start to its final norm (which the planner counts with the loss): the
+    # checkpoints save their inputs after their layers' own hooks have run
+    model.decoder.register_forward_pre_hook(lambda module, args: inside.__setitem__(0, True))
+    model.decoder.final_layernorm.register_forward_pre_hook(lambda module, args: inside.__setitem__(0, False))
+    tokens = torch.randint(0, m.vocab_size, (batch, seq))
+    position = torch.arange(seq).expand(batch, seq)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(tokens, position, None, labels=tokens, loss_mask=torch.ones(batch, seq))
+    del out
+    return {"batch": batch, "decoder": sum(saved.values()) / (batch * seq)}
+
+
 if __name__ == "__main__":
     from glm52_train.kernels import api
 
     api.enable_interpreter()
-    print(json.dumps({",".join(mods): measure(mods, batch=1, seq=48) for mods in ([], ["mla_up_proj"])}))
+    result = {",".join(mods): measure(mods, batch=1, seq=48) for mods in ([], ["mla_up_proj"])}
+    result["full"] = measure_full(batch=1, seq=48)
+    print(json.dumps(result))

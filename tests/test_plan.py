@@ -14,7 +14,7 @@ import pytest
 from glm52_train.cli import main as glm52
 from glm52_train.config import ConfigError, get_model_config
 from glm52_train.layout import Layout, pipeline_chunks
-from glm52_train.plan import _layer_params, estimate, layer_saved_bytes, schedule_in_flight
+from glm52_train.plan import _chunk_saved_bytes, _layer_params, estimate, layer_saved_bytes, schedule_in_flight
 from glm52_train.run_config import load_run_config
 from tests.train_helpers import ROOT, env, tiny_run_config
 
@@ -162,12 +162,16 @@ def test_plan_reads_a_run_config(tmp_path, capsys):
 @pytest.mark.slow
 def test_saved_bytes_per_layer_kind_match_the_formula(tmp_path):
     """What `tiny` saves for backward per token (forward on the DSA kernels in Triton's
-    interpreter, fp32), per layer kind, against `layer_saved_bytes` within 10%."""
+    interpreter, fp32), per layer kind, against `layer_saved_bytes` within 10%; and what its
+    decoder keeps under full recomputation (layer inputs, one top-k per full indexer)."""
     script = ROOT / "tests" / "saved_activations.py"
     proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env({"TRITON_INTERPRET": "1"}),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = json.loads(proc.stdout.splitlines()[-1])
+    full = measured.pop("full")
+    planned, *_ = _chunk_saved_bytes(TINY, [0, 1, 2, 3], 1, False, 1, "full", (), full["batch"], act_bytes=4)
+    assert full["decoder"] == pytest.approx(planned, rel=0.10), ("full recompute", full["decoder"], planned)
     kinds = {"dense, full indexer": 0, "MoE, shared indexer": 1, "MoE, full indexer": 2, "MTP": None}
     for modules, per_layer in measured.items():
         mods = [m for m in modules.split(",") if m]
