@@ -14,8 +14,12 @@ def test_kernel_path_matches_reference_on_gpu(single_process):
     from glm52_train.run_config import load_run_config
 
     cfg = get_model_config("tiny").replace(kv_lora_rank=64, qk_rope_dim=16)
-    ref = build_model(cfg, load_run_config(None, ["dsa.backend=torch"]), cpu_init=False).cuda().eval()
-    fast = build_model(cfg, load_run_config(None, ["dsa.backend=triton"]), cpu_init=False).cuda().eval()
+    # fp32 on both paths: in bf16 (the run config's default on a GPU) the two paths round
+    # differently at every layer and the bound below would measure bf16, not the kernels
+    ref = build_model(cfg, load_run_config(None, ["dsa.backend=torch", "train.precision=fp32"]),
+                      cpu_init=False).cuda().eval()
+    fast = build_model(cfg, load_run_config(None, ["dsa.backend=triton", "train.precision=fp32"]),
+                       cpu_init=False).cuda().eval()
     fast.load_state_dict(ref.state_dict())
     ids = torch.randint(0, cfg.vocab_size, (2, 512), device="cuda")
     pos = torch.arange(512, device="cuda").unsqueeze(0).expand(2, -1)
