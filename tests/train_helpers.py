@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,9 +60,29 @@ def pretrain(config: Path, *overrides: str, extra_env: dict | None = None, timeo
     return proc
 
 
+def init_weights(out: Path) -> Path:
+    """`glm52 init-weights --model tiny --out OUT` in a subprocess; returns OUT."""
+    subprocess.run([sys.executable, "-m", "glm52_train.cli", "init-weights", "--model", "tiny", "--out", str(out)],
+                   cwd=ROOT, env=env(), check=True, capture_output=True, timeout=300)
+    return out
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in metrics(run_dir) if m.get("loss") is not None}
+
+
+def curve(run_dir: Path) -> dict[int, tuple[float, float]]:
+    """Loss and gradient norm per training step, from metrics.jsonl."""
+    return {m["step"]: (m["loss"], m["grad_norm"]) for m in metrics(run_dir) if m.get("loss") is not None}
+
+
+def assert_same_curve(got: dict, reference: dict, rel: float = 1e-5) -> None:
+    """The same steps as `reference`, each with its loss and gradient norm within `rel`."""
+    assert sorted(got) == sorted(reference)
+    for step, (loss, gnorm) in reference.items():
+        assert got[step][0] == pytest.approx(loss, rel=rel), f"loss at step {step}"
+        assert got[step][1] == pytest.approx(gnorm, rel=rel), f"grad norm at step {step}"
