@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,27 @@ def init_weights(out: Path) -> Path:
     subprocess.run([sys.executable, "-m", "glm52_train.cli", "init-weights", "--model", "tiny", "--out", str(out)],
                    cwd=ROOT, env=env(), check=True, capture_output=True, timeout=300)
     return out
+
+
+def kill_in_save(config: Path, pause_s: int, timeout_s: int) -> None:
+    """Start `glm52 pretrain` with its checkpoint saves held before the commit for `pause_s`
+    seconds (GLM52_FAULT_PAUSE_IN_SAVE) and SIGKILL it as soon as its first save is held;
+    fails if the run exits before, or `timeout_s` seconds pass."""
+    mark = config.parent / "in-save"  # GLM52_FAULT_MARK: created when the pause starts
+    mark.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "glm52_train.cli", "pretrain", "--config", str(config)],
+        cwd=ROOT, env=env({"GLM52_FAULT_PAUSE_IN_SAVE": str(pause_s), "GLM52_FAULT_MARK": str(mark)}),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.time() + timeout_s
+        while not mark.exists():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+    finally:
+        proc.kill()  # SIGKILL
+        proc.wait()
 
 
 def metrics(run_dir: Path) -> list[dict]:
