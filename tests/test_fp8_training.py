@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from tests.test_parallel import _assert_same, _curve, torchrun
-from tests.train_helpers import ROOT, env, losses, pretrain, tiny_run_config
+from tests.test_parallel import torchrun
+from tests.train_helpers import ROOT, assert_same_curve, curve, env, init_weights, losses, pretrain, tiny_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -33,15 +33,13 @@ def fp8_run(golden_data, tmp_path_factory):
     """From one set of initial weights: six FP8 steps of tiny (checkpoints at 3 and 6), the same
     six steps without FP8, and the FP8 curve the layouts are compared with."""
     tmp = tmp_path_factory.mktemp("fp8")
-    init = tmp / "init"
-    subprocess.run([sys.executable, "-m", "glm52_train.cli", "init-weights", "--model", "tiny", "--out", str(init)],
-                   cwd=ROOT, env=env(), check=True, capture_output=True, timeout=300)
+    init = init_weights(tmp / "init")
     out = {"init": init, "data": golden_data}
     for name, overrides in (("fp8", [FP8]), ("base", [])):
         out[name] = tmp / name
         out[name].mkdir()
         pretrain(_config(out[name], golden_data, init_from=str(init)), *overrides)
-    out["steps"] = _curve(out["fp8"] / "run")
+    out["steps"] = curve(out["fp8"] / "run")
     return out
 
 
@@ -99,7 +97,7 @@ def test_fp8_ep2_dp2_equals_one_process(fp8_run, tmp_path):
     Each expert runs once per source rank's chunk, so its token tiles are one process's."""
     cfg = _layout_config(tmp_path, fp8_run["data"], fp8_run["init"])
     torchrun(2, cfg, FP8, "parallel.ep=2", port=29610)
-    _assert_same(_curve(tmp_path / "run"), _first4(fp8_run["steps"]))
+    assert_same_curve(curve(tmp_path / "run"), _first4(fp8_run["steps"]))
 
 
 def test_fp8_tp2_differs_only_by_retiling(fp8_run, tmp_path):
@@ -113,9 +111,9 @@ def test_fp8_tp2_differs_only_by_retiling(fp8_run, tmp_path):
     the loss and 1.8e-3 on the gradient norm by step 4, where a run without FP8 agrees to 1e-5."""
     cfg = _layout_config(tmp_path, fp8_run["data"], fp8_run["init"])
     torchrun(2, cfg, FP8, "parallel.tp=2", "parallel.sp=true", port=29617)
-    curve, ref = _curve(tmp_path / "run"), _first4(fp8_run["steps"])
-    assert sorted(curve) == sorted(ref)
-    rel = {s: (abs(curve[s][0] - ref[s][0]) / ref[s][0], abs(curve[s][1] - ref[s][1]) / ref[s][1]) for s in ref}
+    got, ref = curve(tmp_path / "run"), _first4(fp8_run["steps"])
+    assert sorted(got) == sorted(ref)
+    rel = {s: (abs(got[s][0] - ref[s][0]) / ref[s][0], abs(got[s][1] - ref[s][1]) / ref[s][1]) for s in ref}
     print("fp8 tp2 relative differences (loss, grad norm):", rel)
     assert max(rel[1]) < 1e-6
     assert all(loss < 1e-4 and gnorm < 5e-3 for loss, gnorm in rel.values()), rel

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from tests.train_helpers import ROOT, metrics, pretrain, tiny_run_config
+from tests.train_helpers import ROOT, curve, init_weights, metrics, pretrain, tiny_run_config
 
 NS = (3.4445, -4.7750, 2.0315)
 
@@ -119,19 +119,12 @@ def test_stacked_experts_and_bad_coefficients_are_refused():
 @pytest.fixture(scope="module")
 def muon_reference(golden_data, tmp_path_factory):
     """Initial weights and the single-process Muon run (4 steps) every other run is compared with."""
-    import subprocess
-    import sys
-
-    from tests.train_helpers import env
-
     tmp = tmp_path_factory.mktemp("muon")
-    init = tmp / "init"
-    subprocess.run([sys.executable, "-m", "glm52_train.cli", "init-weights", "--model", "tiny", "--out", str(init)],
-                   cwd=ROOT, env=env(), check=True, capture_output=True, timeout=300)
+    init = init_weights(tmp / "init")
     base = tmp / "base"
     base.mkdir()
     pretrain(_muon_config(base, golden_data, init))
-    return {"init": init, "data": golden_data, "steps": _curve(base / "run"), "metrics": metrics(base / "run")}
+    return {"init": init, "data": golden_data, "steps": curve(base / "run"), "metrics": metrics(base / "run")}
 
 
 def _muon_config(tmp, data, init):
@@ -140,15 +133,11 @@ def _muon_config(tmp, data, init):
                            checkpoint={"interval": 2, "init_from": str(init)}, logging={"wandb": "disabled"})
 
 
-def _curve(run_dir) -> dict[int, tuple[float, float]]:
-    return {m["step"]: (m["loss"], m["grad_norm"]) for m in metrics(run_dir) if m.get("loss") is not None}
-
-
-def _assert_same(curve, reference, steps, rel=1e-5):
-    assert sorted(curve) == list(steps)
+def _assert_same(got, reference, steps, rel=1e-5):
+    assert sorted(got) == list(steps)
     for step in steps:
-        assert curve[step][0] == pytest.approx(reference[step][0], rel=rel), f"loss at step {step}"
-        assert curve[step][1] == pytest.approx(reference[step][1], rel=rel), f"grad norm at step {step}"
+        assert got[step][0] == pytest.approx(reference[step][0], rel=rel), f"loss at step {step}"
+        assert got[step][1] == pytest.approx(reference[step][1], rel=rel), f"grad norm at step {step}"
 
 
 @pytest.mark.slow
@@ -161,7 +150,7 @@ def test_muon_metrics_and_exact_resume(muon_reference, tmp_path):
     pretrain(cfg, "train.exit_after_iters=2")
     second = pretrain(cfg)
     assert "at step 2" in second.stdout
-    assert _curve(tmp_path / "run") == muon_reference["steps"]
+    assert curve(tmp_path / "run") == muon_reference["steps"]
 
 
 @pytest.mark.slow
@@ -178,7 +167,7 @@ def test_muon_layouts_and_resharded_checkpoint(muon_reference, tmp_path):
     assert (meta["layout"]["tp"], meta["layout"]["pp"]) == (2, 2)
     second = torchrun(4, cfg, "parallel.ep=2", "train.micro_batch_size=1", port=29527)
     assert "at step 2" in second.stdout
-    _assert_same(_curve(tmp_path / "run"), muon_reference["steps"], steps=[1, 2, 3, 4])
+    _assert_same(curve(tmp_path / "run"), muon_reference["steps"], steps=[1, 2, 3, 4])
 
 
 @pytest.mark.slow
@@ -188,4 +177,4 @@ def test_muon_context_and_data_parallel(muon_reference, tmp_path):
 
     cfg = _muon_config(tmp_path, muon_reference["data"], muon_reference["init"])
     torchrun(4, cfg, "parallel.cp=2", "checkpoint.enable=false", port=29534)
-    _assert_same(_curve(tmp_path / "run"), muon_reference["steps"], steps=[1, 2, 3, 4])
+    _assert_same(curve(tmp_path / "run"), muon_reference["steps"], steps=[1, 2, 3, 4])

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.train_helpers import ROOT, env, metrics, pretrain, tiny_run_config
+from tests.train_helpers import ROOT, assert_same_curve, curve, env, init_weights, pretrain, tiny_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -46,27 +46,14 @@ def torchrun(nproc: int, config, *overrides: str, port: int) -> subprocess.Compl
 def reference(golden_data, tmp_path_factory):
     """Initial weights and the single-process run every layout is compared with."""
     tmp = tmp_path_factory.mktemp("parallel")
-    init = tmp / "init"
-    subprocess.run([sys.executable, "-m", "glm52_train.cli", "init-weights", "--model", "tiny", "--out", str(init)],
-                   cwd=ROOT, env=env(), check=True, capture_output=True, timeout=300)
+    init = init_weights(tmp / "init")
     base = tmp / "base"
     base.mkdir()
     cfg = tiny_run_config(base, golden_data, train={"iters": 4, "eval_interval": 100},
                           checkpoint={"interval": 1000, "init_from": str(init)},
                           logging={"wandb": "disabled"})
     pretrain(cfg)
-    return {"init": init, "data": golden_data, "steps": _curve(base / "run")}
-
-
-def _curve(run_dir) -> dict[int, tuple[float, float]]:
-    return {m["step"]: (m["loss"], m["grad_norm"]) for m in metrics(run_dir) if m.get("loss") is not None}
-
-
-def _assert_same(curve, reference, rel=1e-5):
-    assert sorted(curve) == sorted(reference)
-    for step, (loss, gnorm) in reference.items():
-        assert curve[step][0] == pytest.approx(loss, rel=rel), f"loss at step {step}"
-        assert curve[step][1] == pytest.approx(gnorm, rel=rel), f"grad norm at step {step}"
+    return {"init": init, "data": golden_data, "steps": curve(base / "run")}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -76,7 +63,7 @@ def test_layout_matches_single_process(layout, reference, tmp_path):
                           checkpoint={"interval": 1000, "init_from": str(reference["init"])},
                           logging={"wandb": "disabled"})
     torchrun(nproc, cfg, *overrides, port=29400 + 7 * list(LAYOUTS).index(layout))
-    _assert_same(_curve(tmp_path / "run"), reference["steps"])
+    assert_same_curve(curve(tmp_path / "run"), reference["steps"])
 
 
 def test_micro_batch_size_does_not_change_the_run(reference, tmp_path):
@@ -86,7 +73,7 @@ def test_micro_batch_size_does_not_change_the_run(reference, tmp_path):
                           checkpoint={"interval": 1000, "init_from": str(reference["init"])},
                           logging={"wandb": "disabled"})
     pretrain(cfg, "train.micro_batch_size=1")
-    _assert_same(_curve(tmp_path / "run"), reference["steps"], rel=1e-6)
+    assert_same_curve(curve(tmp_path / "run"), reference["steps"], rel=1e-6)
 
 
 def test_checkpoint_reshards_across_layouts(reference, tmp_path):
@@ -108,7 +95,7 @@ def test_checkpoint_reshards_across_layouts(reference, tmp_path):
     assert "resumed from" in second.stdout and "at step 2" in second.stdout
     third = pretrain(cfg)
     assert "at step 4" in third.stdout
-    _assert_same(_curve(moved / "run"), _curve(straight / "run"))
+    assert_same_curve(curve(moved / "run"), curve(straight / "run"))
 
 
 def test_async_checkpoints_under_tp2_x_dp2(golden_data, tmp_path):
@@ -132,14 +119,14 @@ def test_async_checkpoints_under_tp2_x_dp2(golden_data, tmp_path):
     assert (ckpt / "latest").read_text().strip() == "iter_0000004"
     assert {p.name for p in (ckpt / "iter_0000004").glob("*.distcp")} >= {"__0_0.distcp", "__1_0.distcp"}
     shutil.copytree(ckpt / "iter_0000004", tmp_path / "async_iter_4")
-    before = _curve(tmp_path / "run")
+    before = curve(tmp_path / "run")
     name = _flip_a_byte(ckpt / "iter_0000004")
 
     second = torchrun(4, cfg, *layout, "checkpoint.async_save=false", "checkpoint.on_damaged=fallback", port=29501)
     assert (f"WARNING: checkpoint {ckpt / 'iter_0000004'} (iteration 4) is damaged: {name} does not match its "
             f"checksum") in second.stdout
     assert f"resumed from {ckpt / 'iter_0000002'} at step 2" in second.stdout
-    assert _curve(tmp_path / "run") == before
+    assert curve(tmp_path / "run") == before
     a, b = _dcp_tensors(tmp_path / "async_iter_4"), _dcp_tensors(ckpt / "iter_0000004")
     assert sorted(a) == sorted(b)
     for key in a:

@@ -4,11 +4,6 @@ the offline W&B run and weights-only starts."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +11,7 @@ import torch
 
 from glm52_train import checkpoint
 from glm52_train.training.wandb_reader import run_config, run_history
-from tests.train_helpers import ROOT, env, losses, metrics, pretrain, tiny_run_config
+from tests.train_helpers import kill_in_save, losses, metrics, pretrain, tiny_run_config
 
 GOLDEN = Path(__file__).parent / "data" / "golden_tiny_losses.json"
 
@@ -67,40 +62,15 @@ def test_resume_gives_the_same_losses(golden_data, tmp_path):
 @pytest.mark.slow
 def test_kill_during_save_keeps_the_previous_checkpoint(golden_data, tmp_path):
     cfg = tiny_run_config(tmp_path, golden_data, train={"iters": 8}, checkpoint={"interval": 4})
-    mark = tmp_path / "in-save"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "glm52_train.cli", "pretrain", "--config", str(cfg)],
-        cwd=ROOT, env=env({"GLM52_FAULT_PAUSE_IN_SAVE": "30", "GLM52_FAULT_MARK": str(mark)}),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        deadline = time.time() + 300
-        while not mark.exists():  # the first save (step 4) pauses before committing
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.1)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_in_save(cfg, pause_s=30, timeout_s=300)  # in the first save (step 4), before its commit
     ckpt = tmp_path / "ckpt"
     assert (ckpt / "iter_0000004.incomplete").is_dir()
     assert checkpoint.find_latest_good(ckpt) is None  # nothing committed yet: no false positive
 
     # Now a complete checkpoint at 4, then a kill in the middle of the save at 8.
-    mark.unlink()
     pretrain(cfg, "train.exit_after_iters=4")
     assert (ckpt / "latest").read_text().strip() == "iter_0000004"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "glm52_train.cli", "pretrain", "--config", str(cfg)],
-        cwd=ROOT, env=env({"GLM52_FAULT_PAUSE_IN_SAVE": "30", "GLM52_FAULT_MARK": str(mark)}),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        while not mark.exists():
-            assert proc.poll() is None
-            time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_in_save(cfg, pause_s=30, timeout_s=300)
     assert (ckpt / "iter_0000008.incomplete").is_dir()
     assert (ckpt / "latest").read_text().strip() == "iter_0000004"
     good = checkpoint.find_latest_good(ckpt)
@@ -169,21 +139,7 @@ def test_async_save_killed_keeps_the_last_good_checkpoint_and_resumes_exactly(go
     ckpt = runs / "ckpt"
     assert (ckpt / "latest").read_text().strip() == "iter_0000004"
 
-    mark = tmp_path / "in-save"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "glm52_train.cli", "pretrain", "--config", str(cfg)],
-        cwd=ROOT, env=env({"GLM52_FAULT_PAUSE_IN_SAVE": "60", "GLM52_FAULT_MARK": str(mark)}),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        deadline = time.time() + 600
-        while not mark.exists():
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_in_save(cfg, pause_s=60, timeout_s=600)  # in the save of step 8 (its writer held)
     assert (ckpt / "latest").read_text().strip() == "iter_0000004"
     assert (ckpt / "iter_0000008.incomplete").is_dir() and not (ckpt / "iter_0000008").exists()
 

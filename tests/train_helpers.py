@@ -6,8 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,9 +61,50 @@ def pretrain(config: Path, *overrides: str, extra_env: dict | None = None, timeo
     return proc
 
 
+def init_weights(out: Path) -> Path:
+    """`glm52 init-weights --model tiny --out OUT` in a subprocess; returns OUT."""
+    subprocess.run([sys.executable, "-m", "glm52_train.cli", "init-weights", "--model", "tiny", "--out", str(out)],
+                   cwd=ROOT, env=env(), check=True, capture_output=True, timeout=300)
+    return out
+
+
+def kill_in_save(config: Path, pause_s: int, timeout_s: int) -> None:
+    """Start `glm52 pretrain` with its checkpoint saves held before the commit for `pause_s`
+    seconds (GLM52_FAULT_PAUSE_IN_SAVE) and SIGKILL it as soon as its first save is held;
+    fails if the run exits before, or `timeout_s` seconds pass."""
+    mark = config.parent / "in-save"  # GLM52_FAULT_MARK: created when the pause starts
+    mark.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "glm52_train.cli", "pretrain", "--config", str(config)],
+        cwd=ROOT, env=env({"GLM52_FAULT_PAUSE_IN_SAVE": str(pause_s), "GLM52_FAULT_MARK": str(mark)}),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.time() + timeout_s
+        while not mark.exists():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+    finally:
+        proc.kill()  # SIGKILL
+        proc.wait()
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in metrics(run_dir) if m.get("loss") is not None}
+
+
+def curve(run_dir: Path) -> dict[int, tuple[float, float]]:
+    """Loss and gradient norm per training step, from metrics.jsonl."""
+    return {m["step"]: (m["loss"], m["grad_norm"]) for m in metrics(run_dir) if m.get("loss") is not None}
+
+
+def assert_same_curve(got: dict, reference: dict, rel: float = 1e-5) -> None:
+    """The same steps as `reference`, each with its loss and gradient norm within `rel`."""
+    assert sorted(got) == sorted(reference)
+    for step, (loss, gnorm) in reference.items():
+        assert got[step][0] == pytest.approx(loss, rel=rel), f"loss at step {step}"
+        assert got[step][1] == pytest.approx(gnorm, rel=rel), f"grad norm at step {step}"
