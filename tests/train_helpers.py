@@ -74,19 +74,21 @@ def kill_in_save(config: Path, pause_s: int, timeout_s: int) -> None:
     fails if the run exits before, or `timeout_s` seconds pass."""
     mark = config.parent / "in-save"  # GLM52_FAULT_MARK: created when the pause starts
     mark.unlink(missing_ok=True)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "glm52_train.cli", "pretrain", "--config", str(config)],
-        cwd=ROOT, env=env({"GLM52_FAULT_PAUSE_IN_SAVE": str(pause_s), "GLM52_FAULT_MARK": str(mark)}),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        deadline = time.time() + timeout_s
-        while not mark.exists():
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.1)
-    finally:
-        proc.kill()  # SIGKILL
-        proc.wait()
+    log = config.parent / "killed-run.log"  # a file, not a pipe: a pipe nobody reads can fill and block the run
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "glm52_train.cli", "pretrain", "--config", str(config)],
+            cwd=ROOT, env=env({"GLM52_FAULT_PAUSE_IN_SAVE": str(pause_s), "GLM52_FAULT_MARK": str(mark)}),
+            stdout=out, stderr=subprocess.STDOUT, text=True,
+        )
+        try:
+            deadline = time.time() + timeout_s
+            while not mark.exists():
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.1)
+        finally:
+            proc.kill()  # SIGKILL
+            proc.wait()
 
 
 def metrics(run_dir: Path) -> list[dict]:
