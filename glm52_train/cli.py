@@ -157,7 +157,8 @@ def _modules(text) -> tuple:
 
 
 def cmd_plan(args) -> int:
-    from glm52_train.plan import GiB, Layout, check_layout, estimate, format_estimate, format_header, plan
+    from glm52_train.plan import (GiB, Layout, check_layout, estimate, format_estimate, format_header, format_ranks,
+                                  plan)
 
     q = _plan_inputs(args)
     model, given = q["model"], q["given"]
@@ -192,7 +193,7 @@ def cmd_plan(args) -> int:
         est = estimate(model, layout, q["seq_len"], args.gpu_mem, q["micro_batch"], microbatches, q["recompute"],
                        q["modules"], q["optimizer"], **stages)
         if args.json:
-            out = est.to_dict()
+            out = est.to_dict(ranks=args.ranks)
             out["total_mib"] = est.total / 2**20
             print(json.dumps(out, indent=2))
         else:
@@ -201,6 +202,8 @@ def cmd_plan(args) -> int:
                   f"{recompute}, optimizer {q['optimizer']}")
             print(format_header())
             print(format_estimate(est))
+            if args.ranks:
+                print("\n".join(format_ranks(est)))
             print(f"busiest: pipeline rank {est.pp_rank} ({'+'.join(map(str, est.stage_layers))} layers), "
                   f"micro-batches in flight per chunk at its peak: {', '.join(map(str, est.in_flight))}")
             if not est.fits:
@@ -290,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("tp", "pp", "vpp", "ep", "etp", "cp"):
         p.add_argument(f"--{name}", type=int, default=None,
                        help=f"evaluate this {name.upper()} instead of searching (unset: search)")
+    p.add_argument("--ranks", action="store_true",
+                   help="with a layout given: also every pipeline rank's memory, not only the busiest's")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_plan)
 

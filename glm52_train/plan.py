@@ -39,9 +39,10 @@ local SequentialMLP experts (no Transformer Engine), as this stack runs on its G
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from glm52_train.config import ConfigError, ModelConfig, needs_topk_relay
 from glm52_train.layout import Layout, layout_problems, pipeline_chunks, recompute_problem
@@ -73,10 +74,14 @@ class Estimate:
     in_flight: list = field(default_factory=list)  # micro-batches per chunk at the peak
     recompute: str = "full"
     optimizer_name: str = "adamw"
+    ranks: list = field(default_factory=list, repr=False)  # every pipeline rank's estimate, rank order
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["layout"] = asdict(self.layout)
+    def to_dict(self, ranks: bool = False) -> dict:
+        """The estimate as plain values; with `ranks`, every pipeline rank's too (under "ranks")."""
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "ranks"}
+        d["layout"] = asdict(self.layout)  # (the ranks list holds this estimate too: no asdict(self))
+        if ranks:
+            d["ranks"] = [{k: v for k, v in r.to_dict().items() if k != "layout"} for r in self.ranks]
         return d
 
 
@@ -272,6 +277,7 @@ def estimate(
     expert_dp = max(1, dp * cp * tp // (ep * etp))
     muon_bytes = 8 if optimizer == "muon" else 12
     worst: Estimate | None = None
+    all_ranks: list[Estimate] = []
     for rank, rank_chunks in enumerate(chunks):
         muon = adam = expert = 0.0
         mtp_weights = 0
@@ -316,8 +322,10 @@ def estimate(
                        total <= gpu_mem_gb * GiB,
                        stage_layers=[sum(isinstance(i, int) for i in items) for items in rank_chunks],
                        pp_rank=rank, in_flight=list(at_peak), recompute=recompute, optimizer_name=optimizer)
+        all_ranks.append(est)
         if worst is None or est.total > worst.total:
             worst = est
+    worst.ranks = all_ranks
     if not worst.fits:
         worst.reason = (f"needs {worst.total / GiB:,.1f} GiB per GPU on its busiest stage, more than "
                         f"the {gpu_mem_gb:g} GiB available")
@@ -416,7 +424,17 @@ def format_header() -> str:
     return f"{'layout':32s} " + " ".join(f"{h:>8s}" for h in _HEADINGS) + f"  {'= total':>9s} GiB"
 
 
-def format_estimate(est: Estimate) -> str:
-    """One row: the columns of `format_header`, which add up to the total (GiB, 0.1 rounding)."""
+def format_estimate(est: Estimate, label: str | None = None) -> str:
+    """One row: the columns of `format_header`, which add up to the total (GiB, 0.1 rounding),
+    under `label` (default: the layout)."""
     cells = " ".join(f"{getattr(est, c) / GiB:8.1f}" for c in COLUMNS)
-    return f"{est.layout.describe():32s} {cells}  = {est.total / GiB:7.1f}"
+    return f"{label or est.layout.describe():32s} {cells}  = {est.total / GiB:7.1f}"
+
+
+def format_ranks(est: Estimate) -> list[str]:
+    """One row per pipeline rank of `est`'s layout: its layers and micro-batches in flight."""
+    rows = []
+    for r in est.ranks:
+        label = f"  rank {r.pp_rank} ({'+'.join(map(str, r.stage_layers))} layers, {'+'.join(map(str, r.in_flight))} mb)"
+        rows.append(format_estimate(r, label))
+    return rows + ["  (mb: micro-batches in flight per chunk at the rank's peak)"]

@@ -155,6 +155,20 @@ def test_bridge_run_allocated_memory_within_15_percent_of_the_published_allocato
     assert allocated / published == pytest.approx(1.0, abs=0.15), allocated / 2**20
 
 
+def test_ranks_lists_every_pipeline_rank_and_the_busiest_is_the_total(capsys):
+    """`--ranks`: one row (and one JSON entry) per pipeline rank; the busiest is the estimate."""
+    assert glm52(BRIDGE_RUN + ["--recompute", "full", "--ranks", "--json"]) == 0
+    est = json.loads(capsys.readouterr().out)
+    ranks = est["ranks"]
+    assert [r["pp_rank"] for r in ranks] == list(range(11))
+    assert [r["in_flight"] for r in ranks] == [[11 - r] for r in range(11)]  # 1F1B: PP - rank
+    assert [sum(r["stage_layers"]) for r in ranks] == [6] + [8] * 8 + [4, 4]
+    assert max(r["total"] for r in ranks) == est["total"] == ranks[est["pp_rank"]]["total"]
+    assert glm52(BRIDGE_RUN + ["--recompute", "full", "--ranks"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  rank ")]
+    assert len(rows) == 11 and rows[1].startswith("  rank 1 (8 layers, 10 mb)")
+
+
 def test_zero_gpus_is_one_sentence(capsys):
     assert glm52(["plan", "--model", "glm52-744b", "--gpus", "0"]) == 2
     err = capsys.readouterr().err
