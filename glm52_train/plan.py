@@ -39,10 +39,9 @@ local SequentialMLP experts (no Transformer Engine), as this stack runs on its G
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, replace
 
 from glm52_train.config import ConfigError, ModelConfig, needs_topk_relay
 from glm52_train.layout import Layout, layout_problems, pipeline_chunks, recompute_problem
@@ -78,8 +77,8 @@ class Estimate:
 
     def to_dict(self, ranks: bool = False) -> dict:
         """The estimate as plain values; with `ranks`, every pipeline rank's too (under "ranks")."""
-        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "ranks"}
-        d["layout"] = asdict(self.layout)  # (the ranks list holds this estimate too: no asdict(self))
+        d = asdict(replace(self, ranks=[]))  # (the ranks list holds this estimate too)
+        del d["ranks"]
         if ranks:
             d["ranks"] = [{k: v for k, v in r.to_dict().items() if k != "layout"} for r in self.ranks]
         return d

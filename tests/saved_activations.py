@@ -16,7 +16,9 @@ import torch
 warnings.filterwarnings("ignore")
 
 
-def measure(modules: list[str], batch: int, seq: int) -> dict:
+def _tiny(recompute: str | None, modules=()):
+    """(config, model, storage pointers of its parameters): `tiny` on the DSA kernels under
+    `recompute` (None, "selective" with `modules`, "full")."""
     from glm52_train import parallel
     from glm52_train.config import get_model_config
     from glm52_train.model.build import build_model
@@ -25,11 +27,24 @@ def measure(modules: list[str], batch: int, seq: int) -> dict:
     m = get_model_config("tiny")
     run = RunConfig()
     run.dsa.backend = "triton"
+    run.train.recompute = recompute
     if modules:
-        run.train.recompute, run.train.recompute_modules = "selective", modules
+        run.train.recompute_modules = modules
     parallel.initialize(seed=1)
     model = build_model(m, run)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return m, model, {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+
+def _forward(m, model, pack, batch: int, seq: int):
+    """One training forward (loss with labels) with `pack` as the saved-tensor hook."""
+    tokens = torch.randint(0, m.vocab_size, (batch, seq))
+    position = torch.arange(seq).expand(batch, seq)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return model(tokens, position, None, labels=tokens, loss_mask=torch.ones(batch, seq))
+
+
+def measure(modules: list[str], batch: int, seq: int) -> dict:
+    m, model, params = _tiny("selective" if modules else None, modules)
     current, saved = [None], {}
 
     def pack(t):
@@ -49,10 +64,7 @@ def measure(modules: list[str], batch: int, seq: int) -> dict:
     layer = model.mtp.layers[0]  # the whole MTP layer: its norms, projection, decoder layer, final norm
     layer.register_forward_pre_hook(enter("None"))
     layer.register_forward_hook(leave)
-    tokens = torch.randint(0, m.vocab_size, (batch, seq))
-    position = torch.arange(seq).expand(batch, seq)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(tokens, position, None, labels=tokens, loss_mask=torch.ones(batch, seq))
+    out = _forward(m, model, pack, batch, seq)
     seen, result = set(), {"batch": batch}
     for key in ["0", "1", "2", "3", "None"]:
         total = 0
@@ -69,18 +81,7 @@ def measure(modules: list[str], batch: int, seq: int) -> dict:
 def measure_full(batch: int, seq: int) -> dict:
     """Bytes per token the decoder layers of `tiny` save under full recomputation (Megatron-Core's
     uniform recompute, one layer per unit): each layer's checkpoint keeps its inputs."""
-    from glm52_train import parallel
-    from glm52_train.config import get_model_config
-    from glm52_train.model.build import build_model
-    from glm52_train.run_config import RunConfig
-
-    m = get_model_config("tiny")
-    run = RunConfig()
-    run.dsa.backend = "triton"
-    run.train.recompute = "full"
-    parallel.initialize(seed=1)
-    model = build_model(m, run)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    m, model, params = _tiny("full")
     inside, saved = [False], {}
 
     def pack(t):
@@ -93,11 +94,7 @@ def measure_full(batch: int, seq: int) -> dict:
     # checkpoints save their inputs after their layers' own hooks have run
     model.decoder.register_forward_pre_hook(lambda module, args: inside.__setitem__(0, True))
     model.decoder.final_layernorm.register_forward_pre_hook(lambda module, args: inside.__setitem__(0, False))
-    tokens = torch.randint(0, m.vocab_size, (batch, seq))
-    position = torch.arange(seq).expand(batch, seq)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(tokens, position, None, labels=tokens, loss_mask=torch.ones(batch, seq))
-    del out
+    _forward(m, model, pack, batch, seq)
     return {"batch": batch, "decoder": sum(saved.values()) / (batch * seq)}
 
 
