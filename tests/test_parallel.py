@@ -38,7 +38,8 @@ def torchrun(nproc: int, config, *overrides: str, port: int) -> subprocess.Compl
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         errors = [line[:300] for line in (proc.stdout + proc.stderr).splitlines() if "Error" in line]
-        raise AssertionError(f"torchrun failed ({proc.returncode}): {errors[:6]}")
+        # the ranks' tracebacks, not only torchrun's own ChildFailedError line
+        raise AssertionError(f"torchrun failed ({proc.returncode}): {errors[:6]}\n{proc.stderr[-4000:]}")
     return proc
 
 
