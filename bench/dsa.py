@@ -433,7 +433,7 @@ def main(argv=None) -> int:
 
         api.enable_interpreter()
         smoke_sizes()
-        args.seqs, args.quick, args.sweep = "24", True, args.sweep and 24
+        args.seqs, args.quick, args.sweep = ("24" if args.seqs else ""), True, args.sweep and 24
         args.heads, args.index_heads, args.topk = N_HEADS, IH, TOPK
     elif not torch.cuda.is_available():
         print("bench/dsa.py needs a CUDA GPU (or --cpu-smoke)")

@@ -1,5 +1,5 @@
 """The model on a GPU: its DSA on the Triton kernels against the same model on the PyTorch
-references. Skipped without CUDA; run by bench/gpu_model_check.sh, results in
+references. Skipped without CUDA; run by bench/gpu.py (checks model_test, model_test_ieee), results in
 docs/benchmarks.md."""
 
 import pytest
