@@ -66,9 +66,11 @@ class Loaded:
 def load(ckpt: str, **changes) -> Loaded:
     """Build the model of checkpoint `ckpt` (a folder, or a root whose newest is taken) and load
     its weights. `changes` are section -> {field: value} applied to the saved run config (e.g.
-    the data to evaluate). The parallel layout is always one process's: TP=PP=EP=CP=1, DP = the
-    processes started (one, run directly)."""
+    the data to evaluate). It runs in one process (TP=PP=EP=CP=DP=1), refusing torchrun's."""
     from glm52_train.training.setup import build_model_chunks
+
+    if parallel.world_size_from_env() > 1:
+        raise ConfigError("eval and generate run in one process: start them directly, not under torchrun.")
 
     def build(folder: Path):
         meta = checkpoint.verify_checkpoint(folder)
@@ -127,12 +129,15 @@ def split_documents(split: str, documents: int, part: int = 1) -> tuple[int, int
     from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
                                                                         parse_and_normalize_split)
 
+    parts = split.split(",")
     try:
-        vector = parse_and_normalize_split(split)
-    except (AssertionError, ZeroDivisionError, ValueError):
-        vector = None
-    if vector is None or len([c for c in split.split(",") if c.strip()]) != 3:
-        raise ConfigError(f"--split {split!r} is not three weights 'train,validation,test', e.g. '0,100,0'.")
+        weights = [float(p) for p in parts]
+    except ValueError:
+        weights = []
+    if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0 or not all(map(math.isfinite, weights)):
+        raise ConfigError(f"--split {split!r} is not three weights 'train,validation,test' (not all zero), "
+                          f"e.g. '0,100,0'.")
+    vector = parse_and_normalize_split(split)
     bounds = convert_split_vector_to_split_matrix(vector)[part]
     if bounds is None:
         return 0, 0
@@ -158,6 +163,7 @@ def evaluate_checkpoint(ckpt: str, data: str, iters: int = 10, micro_batch_size:
         raise ConfigError(f"--micro-batch-size must be at least 1, got {micro_batch_size}.")
     if seq_length is not None and seq_length < 1:
         raise ConfigError(f"--seq-length must be at least 1, got {seq_length}.")
+    split_documents(split, 0)  # a malformed split before anything is read
     documents = read_dataset_meta(data)["documents"]
     first, last = split_documents(split, documents)
     if last <= first:
@@ -172,18 +178,17 @@ def evaluate_checkpoint(ckpt: str, data: str, iters: int = 10, micro_batch_size:
         train_changes = {"micro_batch_size": micro_batch_size} if micro_batch_size else {}
         run = load(ckpt, data=data_changes, train=train_changes)
         cfg = run.cfg
-        dp = torch.distributed.get_world_size()
         mbs = cfg.train.micro_batch_size
-        cfg.train.global_batch_size = mbs * dp
+        cfg.train.global_batch_size = mbs
         if cfg.data.seq_length > cfg.model_config().max_position_embeddings:
             raise ConfigError(f"--seq-length {cfg.data.seq_length} is beyond the model's "
                               f"{cfg.model_config().max_position_embeddings} positions.")
         tok = Tokenizer(cfg.data.tokenizer)
         check_data(cfg, cfg.model_config(), tok)
-        loss = evaluate(cfg, iter(dataloader(_validation_part(cfg, tok, iters * mbs * dp), 0, mbs)), run.chunks,
+        loss = evaluate(cfg, iter(dataloader(_validation_part(cfg, tok, iters * mbs), 0, mbs)), run.chunks,
                         1, iters)
-    return EvalResult(str(run.path), run.iteration, data, split, (first, last), iters, mbs * dp,
-                      cfg.data.seq_length, iters * mbs * dp * cfg.data.seq_length, loss)
+    return EvalResult(str(run.path), run.iteration, data, split, (first, last), iters, mbs,
+                      cfg.data.seq_length, iters * mbs * cfg.data.seq_length, loss)
 
 
 def _validation_part(cfg: RunConfig, tok, samples: int):

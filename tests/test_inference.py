@@ -126,6 +126,8 @@ def test_generate_follows_transformers_token_by_token(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, sentence", [
     (["eval", "--ckpt", "{tmp}/none", "--data", "{tmp}/none"], "dataset {tmp}/none: {tmp}/none.bin is missing"),
+    (["eval", "--ckpt", "{tmp}/none", "--data", "{tmp}/none", "--split", "98,2"],
+     "--split '98,2' is not three weights 'train,validation,test' (not all zero), e.g. '0,100,0'."),
     (["generate", "--ckpt", "{tmp}/none", "--prompt", "x"], "no complete checkpoint found under {tmp}/none."),
     (["generate", "--ckpt", "{tmp}/none", "--prompt", "x", "--temperature", "-1"],
      "--temperature must be 0 (greedy) or more, got -1.0."),
