@@ -8,8 +8,10 @@ import os
 import sys
 import warnings
 
-from glm52_train.checkpoint import CheckpointError
 from glm52_train.config import ConfigError
+
+# torch and Megatron-Core are imported by the commands that use them, never here: `glm52 --help`,
+# `info` and `plan` answer without them (tests/test_cli.py::test_light_commands_import_no_torch).
 
 
 def _quiet() -> None:
@@ -379,6 +381,13 @@ def _error(command: str, error: Exception) -> int:
     return 2
 
 
+def _user_error(error: Exception) -> bool:
+    """A bad config or an unusable checkpoint: one sentence, not a traceback. CheckpointError can
+    only come from glm52_train.checkpoint, so its module is looked up only once it is loaded."""
+    checkpoint = sys.modules.get("glm52_train.checkpoint")
+    return isinstance(error, ConfigError) or (checkpoint is not None and isinstance(error, checkpoint.CheckpointError))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         _quiet()
@@ -397,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError) as e:
+    except Exception as e:
+        if not _user_error(e):
+            raise
         return _error(args.command, e)
     except KeyboardInterrupt:
         print(f"glm52 {args.command}: interrupted (Ctrl-C).", file=sys.stderr, flush=True)

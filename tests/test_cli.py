@@ -146,3 +146,18 @@ def test_torchrun_config_error_is_printed_once_last_with_status_2(golden_data, t
     text = log.read_text()
     sentence = "glm52 pretrain: error: train.iters must be a positive whole number, got -5."
     assert text.count(sentence) == 1 and text.rstrip().splitlines()[-1] == sentence, tail(log)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["pretrain", "--help"], ["info", "--model", "glm52-744b"],
+                                  ["plan", "--model", "tiny", "--gpus", "8"],
+                                  ["plan", "--config", "configs/tiny.yaml", "--gpus", "1"]])
+def test_light_commands_import_no_torch(argv):
+    """`glm52 --help`, `info` and `plan` answer in well under 2 s because they import neither torch
+    nor Megatron-Core (checked by what the process imported, not by a clock)."""
+    script = ("import sys; from glm52_train.cli import main\n"
+              "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+              "heavy = sorted(m for m in ('torch', 'megatron', 'megatron.core', 'transformers') if m in sys.modules)\n"
+              "print('HEAVY', heavy, code)")
+    proc = subprocess.run([sys.executable, "-c", script, *argv], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.splitlines()[-1] in ("HEAVY [] 0", "HEAVY [] 1"), proc.stdout[-500:] + proc.stderr[-2000:]
