@@ -174,7 +174,7 @@ class RunConfig:
             fields = {k: _coerce(v, hints[k], f"model.{k}") for k, v in fields.items()}
             model = base.replace(**fields)
             changed = [k for k in fields if k != "name" and fields[k] != getattr(base, k)]
-            if "name" not in fields and changed:  # never called by the flavor's name alone
+            if "base" in self.model and "name" not in fields and changed:  # never called by the flavor's name alone
                 model = model.replace(name=modified_name(base.name, {k: fields[k] for k in changed}))
             return model
         raise ConfigError(f"model must be a flavor name or a mapping, got {type(self.model).__name__}.")
@@ -391,8 +391,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         node = data
-        if parts[0] == "model" and len(parts) > 1 and isinstance(data.get("model"), str):
-            data["model"] = {"base": data["model"]}  # model.num_layers=6 on a flavor: a modified flavor
+        if parts[0] == "model" and len(parts) > 1 and not isinstance(data.get("model"), dict):
+            # model.num_layers=6 over the config's flavor (tiny when it names none): a modified flavor
+            data["model"] = {"base": data.get("model", RunConfig.model)}
         for part in parts[:-1]:
             if not isinstance(node.get(part, {}), dict):
                 raise ConfigError(f"override {key}: {part} is not a section.")

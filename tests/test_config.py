@@ -61,6 +61,8 @@ def test_every_model_field_is_documented():
     (["model.base=tiny", "model.moe_topk=2"], "tiny"),  # tiny's own value: not a change
     (["model.base=tiny", "model.rope_scaling={rope_type: yarn, factor: 2}"], "tiny+rope_scaling"),
     (["model.base=tiny", "model.hidden_size=256", "model.name=wide"], "wide"),
+    (["model.hidden_size=256"], "tiny+hidden_size=256"),  # over the default flavor
+    (["model={hidden_size: 256}"], "custom"),  # a mapping without base: no flavor to be mistaken for
 ])
 def test_a_modified_model_is_named_as_such(overrides, name):
     from glm52_train.run_config import load_run_config
