@@ -55,9 +55,10 @@ def needed() -> bool:
 
 
 def install() -> bool:
-    """Disable Megatron-Core's `torch.compile` decorator on a host without CUDA; True if it will
-    (before Megatron-Core's import, so that no function is compiled). Whether CUDA is present is
-    asked only once `megatron.core.jit` executes, so that `import glm52_train` does not import torch."""
+    """Disable Megatron-Core's `torch.compile` decorator on a host without CUDA; True when the
+    finder is in place before Megatron-Core's import (so that no function is compiled there).
+    Whether CUDA is present is asked only once `megatron.core.jit` executes (torch is loaded by
+    then), so that `import glm52_train` does not import torch."""
     jit = sys.modules.get(TARGET)
     if jit is not None:  # too late for what is already decorated; later imports get the plain function
         if needed():
