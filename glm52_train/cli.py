@@ -56,10 +56,34 @@ def cmd_export_hf(args) -> int:
     from glm52_train.hf.interop import export_hf
 
     done = export_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_gb=args.max_shard_gb,
-                     on_damaged=args.on_damaged, warn=lambda text: print(text, file=sys.stderr))
+                     on_damaged=args.on_damaged, warn=lambda text: print(text, file=sys.stderr),
+                     tokenizer=args.tokenizer)
     if done.stale_removed:
         print(f"removed {len(done.stale_removed)} shard(s) of an earlier export from {done.out}")
-    print(f"exported iteration {done.iteration} ({done.checkpoint}) -> {done.out}")
+    if done.dtype != done.saved_dtype:
+        print(f"converted the checkpoint's {done.saved_dtype} weights to {done.dtype} (--dtype {args.dtype})")
+    if done.tokenizer_note:
+        print(f"note: {done.tokenizer_note}", file=sys.stderr)
+    tokenizer = f", tokenizer {done.tokenizer}" if done.tokenizer else ""
+    print(f"exported iteration {done.iteration} ({done.checkpoint}) -> {done.out} ({done.dtype}{tokenizer})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from glm52_train.inference import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.ckpt, args.data, iters=args.iters, micro_batch_size=args.micro_batch_size,
+                                 split=args.split, seq_length=args.seq_length, tokenizer=args.tokenizer)
+    print(json.dumps(result.to_dict()) if args.json else result.describe())
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from glm52_train.inference import generate
+
+    result = generate(args.ckpt, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, seed=args.seed, tokenizer=args.tokenizer)
+    print(json.dumps(result.to_dict()) if args.json else result.prompt + result.text)
     return 0
 
 
@@ -404,13 +428,43 @@ def build_parser() -> argparse.ArgumentParser:
                     "Runs under torchrun too: each process converts a share of the tensors.")
     p.add_argument("--ckpt", required=True, help="a checkpoint folder, or a root holding 'latest'")
     p.add_argument("--out", required=True, help="HF folder to write (config.json, safetensors shards, index)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-                   help="dtype of the written tensors")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"],
+                   help="dtype of the written tensors (unset: the checkpoint's own, e.g. fp32 for CPU training)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer files to write beside the weights (unset: the run's data.tokenizer)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, GB")
     p.add_argument("--on-damaged", choices=["stop", "fallback"], default="stop",
                    help="when the newest checkpoint of --ckpt is damaged: stop, or export the newest good one "
                         "after a warning")
     p.set_defaults(func=cmd_export_hf)
+
+    p = _subcommand(sub, "eval", "LM loss and perplexity of a checkpoint on an indexed dataset",
+                    "The model is the one the checkpoint's run config describes; the batches are read as "
+                    "the training loop reads its validation data.")
+    p.add_argument("--ckpt", required=True, help="a checkpoint folder, or a root holding 'latest'")
+    p.add_argument("--data", required=True, metavar="PREFIX", help="a dataset made by prepare-data (PREFIX.bin/.idx)")
+    p.add_argument("--iters", type=int, default=10, help="batches to evaluate")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="sequences per batch (unset: the run's train.micro_batch_size)")
+    p.add_argument("--split", default="0,100,0",
+                   help="evaluate the validation part of this train,validation,test split of PREFIX's documents "
+                        "(the run's data.split, e.g. 98,2,0, gives the documents it validated on)")
+    p.add_argument("--seq-length", type=int, default=None, help="tokens per sequence (unset: the run's data.seq_length)")
+    p.add_argument("--tokenizer", default=None, help="the dataset's tokenizer (unset: the run's data.tokenizer)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (keys include loss, perplexity)")
+    p.set_defaults(func=cmd_eval)
+
+    p = _subcommand(sub, "generate", "continue a prompt with a checkpoint's model (greedy or sampled)",
+                    "Prints the prompt and its continuation; stops at the end-of-document token.")
+    p.add_argument("--ckpt", required=True, help="a checkpoint folder, or a root holding 'latest'")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to add")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the most likely token); above 0: sampled")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only (0: all)")
+    p.add_argument("--seed", type=int, default=1234, help="sampling seed")
+    p.add_argument("--tokenizer", default=None, help="a tokenizers JSON file (unset: the run's data.tokenizer)")
+    p.add_argument("--json", action="store_true", help="print JSON (prompt, text, prompt_tokens, tokens, stopped)")
+    p.set_defaults(func=cmd_generate)
 
     p = _subcommand(sub, "verify-hf", "compare our logits with transformers' on a HF folder",
                     "Exit status 0 when they agree within the tolerance, 1 when not.")
