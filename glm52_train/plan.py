@@ -29,6 +29,10 @@ Megatron-Core's distributed optimizer:
   gradients, computed in the forward pass by the fused KL kernel);
 - logits: fp32 logits saved by the loss for the main head and each MTP step, for the
   micro-batches in flight on the chunk with "L", plus one transient gradient of them;
+- fp8 weights (`train.fp8: blockwise`, counted in "weights" and shown as `fp8_weights` in
+  --json): the FP8 linears' weights quantised once per step (glm52_train/model/fp8.py), 1 byte
+  per element plus an fp32 scale per 128x128 tile, held from a step's first forward to its
+  optimizer step;
 - slack: 10% of the above for allocator fragmentation; fixed: 2.5 GiB of CUDA context, NCCL
   and workspace buffers. Both constants were set once against a measured run of `proxy-h100`
   (docs/benchmarks.md) and are not tuned to any other point.
@@ -73,6 +77,7 @@ class Estimate:
     in_flight: list = field(default_factory=list)  # micro-batches per chunk at the peak
     recompute: str = "full"
     optimizer_name: str = "adamw"
+    fp8_weights: float = 0.0  # of `weights`: the FP8 linears' quantised weights (train.fp8=blockwise)
     ranks: list = field(default_factory=list, repr=False)  # every pipeline rank's estimate, rank order
 
     def to_dict(self, ranks: bool = False) -> dict:
@@ -112,6 +117,21 @@ def _layer_params(m: ModelConfig, layer: int | None, tp: int) -> dict[str, float
         muon += 2 * h * h / tp  # eh_proj
         adam += 3 * h  # enorm, hnorm, final norm
     return {"muon": muon, "adam": adam, "expert": expert}
+
+
+def _fp8_linear_params(m: ModelConfig, layer: int | None, tp: int) -> tuple[float, float]:
+    """(non-expert, routed-expert before EP x ETP) weight elements of one layer's FP8 linears:
+    `_layer_params`' 2-D matrices less what stays in bf16 (the replicated q/kv down projections
+    and the indexer's projections; fp8.py's module docstring)."""
+    p = _layer_params(m, layer, tp)
+    h = m.hidden_size
+    bf16 = h * m.q_lora_rank + h * (m.kv_lora_rank + m.qk_rope_dim)
+    if layer is None or m.layer_index_pattern[layer] == "F":
+        bf16 += m.q_lora_rank * m.index_heads * m.index_head_dim + h * m.index_head_dim
+    return p["muon"] - bf16, p["expert"]
+
+
+FP8_WEIGHT_BYTES = 1 + FP32 / 128**2  # e4m3 data and one fp32 scale per 128x128 tile
 
 
 # ---- activations ----------------------------------------------------------------------------
@@ -259,6 +279,7 @@ def estimate(
     optimizer: str = "adamw",
     first_stage_layers: int | None = None,
     last_stage_layers: int | None = None,
+    fp8: bool = False,
 ) -> Estimate:
     """Memory per GPU of the busiest pipeline rank (see the module docstring)."""
     if isinstance(recompute, bool):
@@ -278,7 +299,7 @@ def estimate(
     worst: Estimate | None = None
     all_ranks: list[Estimate] = []
     for rank, rank_chunks in enumerate(chunks):
-        muon = adam = expert = 0.0
+        muon = adam = expert = fp8_dense = fp8_expert = 0.0
         mtp_weights = 0
         saved = []
         largest = 0.0
@@ -294,12 +315,16 @@ def estimate(
                     mtp_weights += item == "m"
                     p = _layer_params(m, None if item == "m" else item, tp)
                     muon, adam, expert = muon + p["muon"], adam + p["adam"], expert + p["expert"]
+                    if fp8:
+                        d, e = _fp8_linear_params(m, None if item == "m" else item, tp)
+                        fp8_dense, fp8_expert = fp8_dense + d, fp8_expert + e
             chunk = _chunk_saved_bytes(m, items, tp, layout.sp, tokens, recompute, recompute_modules, micro_batch)
             saved.append(chunk)
             largest = max(largest, chunk[3])
         expert /= ep * etp
         dense = muon + adam
-        weights = BF16 * (dense + expert)
+        fp8_weights = FP8_WEIGHT_BYTES * (fp8_dense + fp8_expert / (ep * etp))
+        weights = BF16 * (dense + expert) + fp8_weights
         grads = FP32 * (dense + expert)
         optim = (muon_bytes * muon + 12 * adam) / (dp * cp) + muon_bytes * expert / expert_dp
         peak, at_peak = -1.0, ()
@@ -320,7 +345,8 @@ def estimate(
         est = Estimate(layout, weights, grads, optim, activations, dsa, logits, slack, FIXED_OVERHEAD, total,
                        total <= gpu_mem_gb * GiB,
                        stage_layers=[sum(isinstance(i, int) for i in items) for items in rank_chunks],
-                       pp_rank=rank, in_flight=list(at_peak), recompute=recompute, optimizer_name=optimizer)
+                       pp_rank=rank, in_flight=list(at_peak), recompute=recompute, optimizer_name=optimizer,
+                       fp8_weights=fp8_weights)
         all_ranks.append(est)
         if worst is None or est.total > worst.total:
             worst = est
