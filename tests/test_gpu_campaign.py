@@ -64,6 +64,9 @@ def test_dry_run_runs_every_check_on_cpu(corpus, tmp_path):
     ran = {r["name"]: r for r in result["checks"]}
     assert ran["train_step"]["json"]["train_step.json"]["tokens_per_s"] > 0
     assert ran["dsa_bench"]["json"]["dsa_bench.json"]
+    step = ran["fp8_step"]["json"]["fp8_step.json"]
+    assert step["bf16_tokens_per_s"] > 0 and step["fp8_tokens_per_s"] > 0
+    assert all(r["bit_exact"] for r in ran["fp8_quant"]["json"]["fp8_quant.json"]["rows"])
     with tarfile.open(out / "raw.tar.gz") as tar:
         assert "raw/train_step/log.txt" in tar.getnames()
     assert sorted(os.listdir(out)) == ["campaign.json", "campaign.log", "raw.tar.gz"]  # 3 of the 8 files back
