@@ -24,6 +24,7 @@ from glm52_train.model.fp8 import (
     power_of_two_scale,
     quantize,
     quantize_reference,
+    quantize_segments,
     quantize_tilings,
 )
 
@@ -246,6 +247,14 @@ def kernel_matches_reference() -> None:
             if not (torch.equal(q.data.view(torch.uint8), want.data.view(torch.uint8))
                     and torch.equal(q.scale, want.scale)):
                 failures.append(f"{name} {tile}")
+    # segments (the local experts' chunks: empty, one token, tails): each as if quantised alone
+    x = wide_range((600, 256), 13).float()
+    sizes = [0, 130, 1, 256, 127, 0, 86]
+    for (row, tok), part in zip(quantize_segments(x, sizes, impl="triton"), torch.split(x, sizes)):
+        for q, tile in ((row, ROW_TILE), (tok, TOKEN_TILE)):
+            want = quantize_reference(part, tile)
+            if not (torch.equal(q.data.view(torch.uint8), want.data.view(torch.uint8)) and torch.equal(q.scale, want.scale)):
+                failures.append(f"segment of {part.shape[0]} rows {tile}")
     # inf and NaN: the tiles holding them get NaN scales, the others are the reference's
     x = torch.randn(256, 256)
     x[3, 200] = float("inf")
@@ -343,6 +352,53 @@ def test_weight_quantised_once_per_step_until_invalidated(single_process):
     with torch.no_grad():
         lin.weight.mul_(0.5)  # seen by autograd's version counter
     assert torch.equal(lin(xs[0])[0], fp8_linear(xs[0], lin.weight))
+
+
+def test_experts_take_their_chunks_quantised_in_one_pass(single_process, monkeypatch):
+    """FP8SequentialMLP quantises all local experts' tokens at once (`quantize_segments`) and
+    each expert's fc1 takes its chunk's slices: outputs and gradients bitwise those of each
+    expert quantising its own chunk (token tiles restart at every chunk)."""
+    from glm52_train.config import get_model_config
+    from glm52_train.model import fp8
+    from glm52_train.model.build import build_model
+    from glm52_train.run_config import RunConfig
+
+    run = RunConfig()
+    run.train.fp8 = "blockwise"
+    experts = build_model(get_model_config("tiny"), run).decoder.layers[1].mlp.experts
+    n = len(experts.local_experts)
+    chunks = [[(37 * e) % 150, (61 * e + 5) % 140] for e in range(n)]  # two source ranks, some empty
+    total = sum(map(sum, chunks))
+    g = torch.Generator().manual_seed(14)
+    x0 = torch.randn(total, experts.local_experts[0].linear_fc1.weight.shape[1], generator=g)
+    probs = torch.rand(total, generator=g)
+    handed = []
+    original = fp8.fp8_linear
+    monkeypatch.setattr(fp8, "fp8_linear", lambda *a, **k: handed.append(len(a) > 5 and a[5] is not None) or original(*a, **k))
+
+    def grads(out, x):
+        out.backward(torch.ones_like(out))
+        return [x.grad] + [p.grad.clone() for p in experts.parameters()]
+
+    x = x0.clone().requires_grad_()
+    out, _ = experts(x, torch.tensor([sum(c) for c in chunks]), probs, source_chunks=chunks)
+    got = grads(out, x)
+    assert sum(handed) == 2 * n  # every chunk's fc1 took the one-pass quantisation
+    experts.zero_grad()
+    for p in experts.parameters():
+        p.grad = None
+    handed.clear()
+    x = x0.clone().requires_grad_()
+    parts, i = [], 0
+    hidden, ps = torch.split(x, sum(chunks, [])), torch.split(probs, sum(chunks, []))
+    for expert, row in zip(experts.local_experts, chunks):  # each chunk quantised by its own fc1
+        for _ in row:
+            parts.append(expert(hidden[i], ps[i])[0])
+            i += 1
+    want_out = torch.cat(parts)
+    want = grads(want_out, x)
+    assert sum(handed) == 0 and torch.equal(out.detach(), want_out.detach())
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_plan_counts_the_quantised_weights(single_process):

@@ -87,15 +87,19 @@ def _bad(x):
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, rows, cols, stride_r, stride_c,
+def _quantize_kernel(x_ptr, rows, cols, stride_r, stride_c, starts, ends,
                      row_q, row_s, tok_q, tok_s, blk_q, blk_s,
-                     ROW: tl.constexpr, TOK: tl.constexpr, BLK: tl.constexpr, B: tl.constexpr):
+                     ROW: tl.constexpr, TOK: tl.constexpr, BLK: tl.constexpr, SEG: tl.constexpr, B: tl.constexpr):
     pr = tl.program_id(0)
     pc = tl.program_id(1)
     gc = tl.cdiv(cols, B)
-    r = pr * B + tl.arange(0, B)
+    if SEG:  # row tile pr covers rows [starts[pr], ends[pr]): token tiles restart at each segment
+        r = tl.load(starts + pr) + tl.arange(0, B)
+        rmask = r < tl.load(ends + pr)
+    else:
+        r = pr * B + tl.arange(0, B)
+        rmask = r < rows
     c = pc * B + tl.arange(0, B)
-    rmask = r < rows
     cmask = c < cols
     mask = rmask[:, None] & cmask[None, :]
     x = tl.load(x_ptr + r[:, None] * stride_r + c[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
@@ -123,13 +127,36 @@ def _quantize_kernel(x_ptr, rows, cols, stride_r, stride_c,
         tl.store(blk_q + out, _e4m3_bits(x, pre, post).to(tl.uint8), mask=mask)
 
 
-def quantize_tiles(x: torch.Tensor, row: bool = False, token: bool = False, block: bool = False):
+def segment_tiles(sizes: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """For consecutive row segments of `sizes` rows: each 128-row tile's (start, end) row, tiles
+    starting afresh at every segment, and each segment's first tile index (plus the total)."""
+    starts, ends, first = [], [], [0]
+    at = 0
+    for n in sizes:
+        starts += range(at, at + n, BLOCK)
+        ends += [at + n] * len(range(at, at + n, BLOCK))
+        at += n
+        first.append(len(starts))
+    return starts, ends, first
+
+
+def quantize_tiles(x: torch.Tensor, row: bool = False, token: bool = False, block: bool = False,
+                   segments: list[int] | None = None):
     """One launch over the 2-D `x`: for each tiling asked, (e4m3 data [rows, cols], fp32 scales)
     with scales [rows, C/128] (1x128), [R/128, cols] (128x1) or [R/128, C/128] (128x128);
-    None for a tiling not asked."""
+    None for a tiling not asked. `segments`: row counts of consecutive segments (the local
+    experts' token chunks) whose 128x1 tiles must not mix: R/128 is then the tiles of
+    `segment_tiles`, and 128x128 tiles are not offered."""
     rows, cols = x.shape
     gr, gc = triton.cdiv(rows, BLOCK), triton.cdiv(cols, BLOCK)
     dev = x.device
+    seg = segments is not None
+    if seg:
+        if block or sum(segments) != rows:
+            raise ValueError("segments are for 1x128 / 128x1 tiles and must add up to the rows")
+        starts, ends, _ = segment_tiles(segments)
+        gr = len(starts)
+        bounds = torch.tensor([starts, ends], dtype=torch.int32).to(dev, non_blocking=True)
 
     def buffers(on, scale_shape):
         if not on:
@@ -143,11 +170,13 @@ def quantize_tiles(x: torch.Tensor, row: bool = False, token: bool = False, bloc
     if rows and cols:
         dummy = torch.empty(1, dtype=torch.uint8, device=dev)
         dummy_s = torch.empty(1, dtype=torch.float32, device=dev)
+        dummy_i = bounds[0] if seg else torch.empty(1, dtype=torch.int32, device=dev)
         _quantize_kernel[(gr, gc)](x, rows, cols, x.stride(0), x.stride(1),
+                                   dummy_i, bounds[1] if seg else dummy_i,
                                    rq if row else dummy, rs if row else dummy_s,
                                    tq if token else dummy, ts if token else dummy_s,
                                    bq if block else dummy, bs if block else dummy_s,
-                                   ROW=row, TOK=token, BLK=block, B=BLOCK)
+                                   ROW=row, TOK=token, BLK=block, SEG=seg, B=BLOCK)
     else:
         for s in (rs, ts, bs):
             if s is not None:
