@@ -424,6 +424,18 @@ def test_plan_counts_the_quantised_weights(single_process):
     assert plain.fp8_weights == 0 and est.weights == pytest.approx(plain.weights + est.fp8_weights)
 
 
+def test_glm52_plan_counts_fp8_weights_from_the_run_config(tmp_path, capsys):
+    from glm52_train.cli import main as glm52
+    from glm52_train.plan import FP8_WEIGHT_BYTES
+
+    for fp8_key, want in (("blockwise", True), ("null", False)):
+        cfg = tmp_path / f"{fp8_key}.yaml"
+        cfg.write_text(f"model: tiny\ndata: {{seq_length: 256}}\ntrain: {{fp8: {fp8_key}}}\n")
+        assert glm52(["plan", "--config", str(cfg), "--gpus", "1", "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)["fp8_weights"]
+        assert (got > 1e6 / FP8_WEIGHT_BYTES) if want else got == 0
+
+
 @pytest.mark.parametrize("overrides, sentence", [
     (["train.fp8_wgrad=bf16"], "train.fp8_dgrad and train.fp8_wgrad choose the GEMM paths of train.fp8=blockwise"),
     (["train.fp8=blockwise", "train.fp8_dgrad=fp4"], "train.fp8_dgrad must be one of fp8, bf16"),
