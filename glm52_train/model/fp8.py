@@ -131,6 +131,17 @@ def _use_kernel(x: torch.Tensor, impl: str) -> bool:
     return impl == "triton" or (impl == "auto" and x.is_cuda)
 
 
+def _kernel_module(x: torch.Tensor):
+    """glm52_train.kernels.fp8_quant, in Triton's interpreter for CPU tensors."""
+    from glm52_train.kernels.api import enable_interpreter
+
+    if not x.is_cuda:
+        enable_interpreter()
+    from glm52_train.kernels import fp8_quant
+
+    return fp8_quant
+
+
 def quantize_tilings(x: torch.Tensor, row: bool = False, token: bool = False, block: bool = False,
                      impl: str = "auto") -> tuple[Quantized | None, Quantized | None, Quantized | None]:
     """The 1x128, 128x1 and/or 128x128 quantisations of the 2-D `x` (None for those not asked),
@@ -142,13 +153,7 @@ def quantize_tilings(x: torch.Tensor, row: bool = False, token: bool = False, bl
     if x.dim() != 2:
         raise ValueError(f"quantize takes a 2-D tensor, got shape {tuple(x.shape)}")
     if _use_kernel(x, impl):
-        from glm52_train.kernels.api import enable_interpreter
-
-        if not x.is_cuda:
-            enable_interpreter()
-        from glm52_train.kernels.fp8_quant import quantize_tiles
-
-        got = quantize_tiles(x, row, token, block)
+        got = _kernel_module(x).quantize_tiles(x, row, token, block)
         return tuple(None if g is None else Quantized(g[0], g[1], t)
                      for g, t in zip(got, (ROW_TILE, TOKEN_TILE, WEIGHT_TILE)))
     return tuple(quantize_reference(x, t) if on else None
@@ -163,14 +168,9 @@ def quantize_segments(x: torch.Tensor, sizes: list[int], token: bool = True, imp
     per segment in PyTorch's ops otherwise."""
     if not _use_kernel(x, impl):
         return [quantize_tilings(part, row=True, token=token, impl=impl)[:2] for part in torch.split(x, sizes)]
-    from glm52_train.kernels.api import enable_interpreter
-
-    if not x.is_cuda:
-        enable_interpreter()
-    from glm52_train.kernels.fp8_quant import quantize_tiles, segment_tiles
-
-    (rq, rs), tok, _ = quantize_tiles(x, row=True, token=token, segments=list(sizes))
-    first = segment_tiles(sizes)[2]
+    kernel = _kernel_module(x)
+    (rq, rs), tok, _ = kernel.quantize_tiles(x, row=True, token=token, segments=list(sizes))
+    first = kernel.segment_tiles(sizes)[2]
     out, at = [], 0
     for i, n in enumerate(sizes):
         row_q = Quantized(rq[at:at + n], rs[at:at + n], ROW_TILE)
@@ -295,7 +295,7 @@ class _FP8Linear(torch.autograd.Function):
             x_row, x_tok = x_q[0], x_q[1] if want_tok else None
         else:
             x_row, x_tok, _ = quantize_tilings(x, row=True, token=want_tok)
-        ctx.paths, ctx.dtypes, ctx.tiles = (dgrad, wgrad), (x.dtype, weight.dtype), x_tok is not None
+        ctx.paths, ctx.dtypes = (dgrad, wgrad), (x.dtype, weight.dtype)
         keep_w = weight if need_dx and dgrad == "bf16" else None
         keep_x = x if need_dw and wgrad == "bf16" else None
         tok = (x_tok.data, x_tok.scale) if x_tok is not None else (None, None)
@@ -348,7 +348,7 @@ class _WeightCache:
     weight's storage and version counter, so an in-place edit that autograd sees
     (`with torch.no_grad(): w.mul_(2)`) re-quantises too. Memory: 1 byte per weight element
     plus one fp32 per 128x128 tile, held from a step's first forward to its optimizer step
-    (`glm52 plan` counts it as `fp8_weight_bytes`)."""
+    (`glm52 plan` counts it as `fp8_weights`)."""
 
     _fp8_w_cache = None
     _fp8_input = None  # (tensor, its quantisations): handed in by FP8SequentialMLP for one call
