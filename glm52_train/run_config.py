@@ -103,7 +103,7 @@ class OptimizerConfig:
 
 @dataclass
 class DSAConfig:
-    mode: Literal["sparse", "warmup"] = "sparse"
+    mode: Literal["sparse", "warmup", "dense"] = "sparse"  # dense: pre-DSA pretraining (no indexer work)
     loss_coeff: float = 1.0
     backend: Literal["auto", "torch", "triton"] = "auto"  # auto: Triton on GPU, the PyTorch references on CPU
 

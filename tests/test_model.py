@@ -142,16 +142,17 @@ def test_mtp_shares_one_layer_over_three_steps(single_process):
 def test_bad_dsa_mode_is_one_sentence():
     from glm52_train.config import ConfigError
 
-    with pytest.raises(ConfigError, match="dsa.mode must be one of sparse, warmup, got 'dense'"):
-        load_run_config(None, ["dsa.mode=dense"])
+    with pytest.raises(ConfigError, match="dsa.mode must be one of sparse, warmup, dense, got 'dsa'"):
+        load_run_config(None, ["dsa.mode=dsa"])
 
 
-@pytest.mark.parametrize("mode", ["sparse", "warmup"])
+@pytest.mark.parametrize("mode", ["sparse", "warmup", "dense"])
 def test_absorbed_attention_matches_per_head_mla(mode, single_process):
-    """The model's attention (MLA absorbed into MQA on the 576-channel latent) equals
-    Megatron-Core's per-head MLA (its own per-head q/k/v) attending over the same top-k keys:
-    in output, and in the gradients of the input and of every attention weight outside the
-    indexer (whose KL loss only the model's path attaches)."""
+    """The model's attention (sparse: MLA absorbed into MQA on the 576-channel latent; warmup
+    and dense: our per-head SDPA path) equals Megatron-Core's per-head MLA (its own per-head
+    q/k/v) attending over the same top-k keys (every visible key in warmup and dense): in
+    output, and in the gradients of the input and of every attention weight outside the indexer
+    (whose KL loss only the model's path attaches). The dense paths select no top-k."""
     from glm52_train.kernels import reference
     from tests import dsa_per_head as per_head
 
@@ -170,8 +171,11 @@ def test_absorbed_attention_matches_per_head_mla(mode, single_process):
         iq, ik, iw = core._indexer_inputs(x, q_compressed, freqs, mscale)
         causal = reference.allowed_keys(torch.arange(SEQ), torch.arange(SEQ)).unsqueeze(0)
         idx = reference.select_topk(reference.index_scores(iq, ik, iw), causal, cfg.index_topk)
-    assert torch.equal(idx, topk.long())
-    allowed = causal if mode == "warmup" else causal & reference.selection_mask(idx, SEQ)
+    if mode == "sparse":
+        assert torch.equal(idx, topk.long())
+    else:
+        assert topk is None
+    allowed = causal if mode != "sparse" else causal & reference.selection_mask(idx, SEQ)
     want, _ = attn.linear_proj(per_head.masked_attention(query, key, value, allowed, core.softmax_scale))
     assert ((out - want).norm() / want.norm()).item() < 1e-5
 
@@ -215,3 +219,45 @@ def test_one_spec_function_chooses_te_or_local():
     assert local.input_layernorm is RMSNorm and te.input_layernorm is te_ext.TENorm
     assert local.mlp.submodules.experts.module is experts.SequentialMLP
     assert te.mlp.submodules.experts.module is experts.TEGroupedMLP
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_dense_mode_matches_absorbed_dense_reference(packed, single_process):
+    """dsa.mode=dense (per-head MLA through SDPA, one call per document run) equals the
+    absorbed dense reference (MQA on the latent over every visible key, reference.dense_mla)
+    in fp32 within 1e-5: output, and gradients of the input and every attention weight. The
+    indexer does no work (no gradient reaches it)."""
+    from glm52_train.kernels import reference
+    from glm52_train.model.sequence import GLMSequenceParams, TokenLayout
+
+    cfg = get_model_config("tiny")
+    attn = _build(cfg, None, "dsa.mode=dense").train().decoder.layers[0].self_attention
+    core = attn.core_attention
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(SEQ, 1, cfg.hidden_size, generator=g).requires_grad_()
+    r = torch.randn(SEQ, 1, cfg.hidden_size, generator=g)
+    layout = params = None
+    if packed:  # documents of 20, 30 and 14 tokens
+        pos = torch.cat([torch.arange(20), torch.arange(30), torch.arange(14)]).unsqueeze(0)
+        layout = TokenLayout.build(SEQ, x.device, None, pos)
+        params = GLMSequenceParams(qkv_format="sbhd", token_layout=layout)
+
+    out, _, topk = attn(x, packed_seq_params=params)
+    assert topk is None and len(core.dense_plan(SEQ, layout)) == (3 if packed else 1)
+    query, kv, _, w_uv, _, _ = attn.latent_qkv(x, layout)
+    visible = layout.visibility() if packed else {}
+    latent = reference.dense_mla(query, kv, core.softmax_scale, cfg.kv_lora_rank, **visible)
+    want, _ = attn.linear_proj(torch.einsum("sbhc,hdc->sbhd", latent, w_uv).reshape(SEQ, 1, -1))
+    assert ((out - want).norm() / want.norm()).item() < 1e-5
+
+    grads = []
+    for y in (out, want):
+        attn.zero_grad()
+        x.grad = None
+        (y * r).sum().backward(retain_graph=True)
+        grads.append({"input": x.grad.clone(), **{n: p.grad.clone() for n, p in attn.named_parameters()
+                                                  if p.grad is not None}})
+    assert set(grads[0]) == set(grads[1]) and not any(".indexer." in n for n in grads[0])
+    for name, a in grads[0].items():
+        b = grads[1][name]
+        assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() < 1e-5, name
