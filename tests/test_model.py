@@ -261,3 +261,43 @@ def test_dense_mode_matches_absorbed_dense_reference(packed, single_process):
     for name, a in grads[0].items():
         b = grads[1][name]
         assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() < 1e-5, name
+
+
+def test_dense_mode_with_indexer_freeze_is_one_sentence():
+    from glm52_train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dsa.mode=dense leaves unused"):
+        load_run_config(None, ["dsa.mode=dense", "train.freeze=all_but_indexer"]).validate(1)
+
+
+def test_sparse_takes_the_dense_path_exactly_where_topk_covers_every_key(single_process, monkeypatch):
+    """Sparse training on a sequence of top-k tokens: the layer takes the dense path (no top-k
+    returned), and its output, gradients and indexer KL equal those of the sparse kernels
+    forced to run (which select every visible key)."""
+    from glm52_train.model.dsa import DSACoreAttention
+
+    cfg = get_model_config("tiny")
+    seq = cfg.index_topk
+    attn = _build(cfg, None, "dsa.mode=sparse").train().decoder.layers[0].self_attention
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(seq, 2, cfg.hidden_size, generator=g).requires_grad_()
+    r = torch.randn(seq, 2, cfg.hidden_size, generator=g)
+    results = []
+    for forced_sparse in (False, True):
+        if forced_sparse:
+            monkeypatch.setattr(DSACoreAttention, "dense_plan", lambda self, sq, layout: None)
+        DSALossTracker.pop()
+        attn.zero_grad()
+        x.grad = None
+        out, _, topk = attn(x)
+        assert (topk is None) != forced_sparse
+        (out * r).sum().backward()
+        grads = {"input": x.grad.clone(), **{n: p.grad.clone() for n, p in attn.named_parameters()
+                                             if p.grad is not None}}
+        results.append((out.detach(), grads, DSALossTracker.pop()))
+    (out_a, grads_a, kl_a), (out_b, grads_b, kl_b) = results
+    assert ((out_a - out_b).norm() / out_b.norm()).item() < 1e-5
+    assert set(grads_a) == set(grads_b) and any(".indexer." in n for n in grads_a)
+    for name, a in grads_a.items():
+        assert ((a - grads_b[name]).norm() / grads_b[name].norm().clamp_min(1e-12)).item() < 1e-5, name
+    assert set(kl_a) == {1} and abs(kl_a[1] - kl_b[1]) < 1e-5 * max(1.0, abs(kl_b[1]))
