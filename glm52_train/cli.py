@@ -27,7 +27,7 @@ def cmd_info(args) -> int:
     from glm52_train.config import get_model_config
     from glm52_train.model.info import format_info, model_info
 
-    info = model_info(get_model_config(args.model), seq_len=args.seq_len)
+    info = model_info(get_model_config(args.model), seq_len=args.seq_len, dsa_mode=args.dsa_mode)
     print(json.dumps(info.to_dict(), indent=2) if args.json else format_info(info))
     return 0
 
@@ -266,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subcommand(sub, "info", "parameter counts, FLOPs per token and layer layout of a model")
     p.add_argument("--model", required=True, help=f"a model flavor: {models}")
     p.add_argument("--seq-len", type=int, default=4096, help="sequence length the FLOPs per token are counted at")
+    p.add_argument("--dsa-mode", choices=["sparse", "warmup", "dense"], default="sparse",
+                   help="the dsa.mode the attention FLOPs are counted for (dense: every visible key, no indexer)")
     p.add_argument("--json", action="store_true", help="print JSON (keys include total_params, active_params)")
     p.set_defaults(func=cmd_info)
 

@@ -13,6 +13,11 @@ Conventions:
   query against every visible key, so the indexer is the one term that grows with the context.
   Training = 3x forward for weights and sparse attention (backward is two GEMMs per forward GEMM);
   the indexer's dense scoring pass runs forward only (its KL loss and gradient use the top-k set).
+- Per `dsa.mode`: ``dense`` attends to every visible key and does no indexer work; ``warmup``
+  attends to every visible key and its indexer KL covers them all (no top-k scoring pass);
+  ``sparse`` as above, except where the sequence is at most top-k long: then it takes the dense
+  path (model/dsa.py), with no top-k scoring pass and the KL over every visible key. Attention
+  pairs are counted at MLA's per-head dims (q.k 192 + 64, v 256), what the dense path computes.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ class ModelInfo:
     forward_flops_per_token: float
     train_flops_per_token: float
     flops_breakdown: dict
+    dsa_mode: str = "sparse"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,7 +97,9 @@ def attention_keys_per_query(seq_len: int, topk: int) -> tuple[float, float]:
     return visible, attended
 
 
-def model_info(m: ModelConfig, seq_len: int = 4096) -> ModelInfo:
+def model_info(m: ModelConfig, seq_len: int = 4096, dsa_mode: str = "sparse") -> ModelInfo:
+    if dsa_mode not in ("sparse", "warmup", "dense"):
+        raise ValueError(f"dsa_mode must be sparse, warmup or dense, not {dsa_mode!r}")
     m.validate()
     pattern = m.layer_index_pattern
     total = active = 0
@@ -110,20 +118,25 @@ def model_info(m: ModelConfig, seq_len: int = 4096) -> ModelInfo:
     mtp_active = m.mtp_layers * (mtp_layer_a + mtp_extra)
 
     visible, attended = attention_keys_per_query(seq_len, m.index_topk)
+    dense_path = dsa_mode != "sparse" or seq_len <= m.index_topk
+    if dense_path:
+        attended = visible
+    scored = 0.0 if dense_path else visible  # keys the indexer scores for the top-k, per query
+    kl_keys = 0.0 if dsa_mode == "dense" else attended  # keys of the indexer's KL, per query
     per_head = m.qk_head_dim + m.v_head_dim
     attn_fwd = 2 * m.num_heads * per_head * attended * m.num_layers
     n_full = pattern.count("F")
-    indexer_fwd = 2 * m.index_heads * m.index_head_dim * visible * n_full
-    indexer_loss = 2 * m.index_heads * m.index_head_dim * attended * n_full
+    indexer_fwd = 2 * m.index_heads * m.index_head_dim * scored * n_full
+    indexer_loss = 2 * m.index_heads * m.index_head_dim * kl_keys * n_full
     dense_equiv = 2 * m.num_heads * per_head * visible * m.num_layers
     matmul_fwd = 2 * active
     mtp_fwd = m.mtp_steps * (2 * mtp_active + 2 * m.num_heads * per_head * attended
-                             + 2 * m.index_heads * m.index_head_dim * visible + 2 * out)
+                             + 2 * m.index_heads * m.index_head_dim * scored + 2 * out)
     forward = matmul_fwd + attn_fwd + indexer_fwd
     train = 3 * (matmul_fwd + attn_fwd) + indexer_fwd + 3 * indexer_loss + 3 * mtp_fwd
     breakdown = {
         "weights_fwd": matmul_fwd,
-        "sparse_attention_fwd": attn_fwd,
+        "attention_fwd": attn_fwd,
         "indexer_fwd": indexer_fwd,
         "indexer_loss_fwd": indexer_loss,
         "mtp_fwd": mtp_fwd,
@@ -149,6 +162,7 @@ def model_info(m: ModelConfig, seq_len: int = 4096) -> ModelInfo:
         forward_flops_per_token=forward,
         train_flops_per_token=train,
         flops_breakdown=breakdown,
+        dsa_mode=dsa_mode,
     )
 
 
