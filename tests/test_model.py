@@ -301,3 +301,23 @@ def test_sparse_takes_the_dense_path_exactly_where_topk_covers_every_key(single_
     for name, a in grads_a.items():
         assert ((a - grads_b[name]).norm() / grads_b[name].norm().clamp_min(1e-12)).item() < 1e-5, name
     assert set(kl_a) == {1} and abs(kl_a[1] - kl_b[1]) < 1e-5 * max(1.0, abs(kl_b[1]))
+
+
+def test_dense_and_sparse_train_the_same_losses_where_topk_covers_the_sequence(single_process):
+    """Sequences of top-k tokens, indexer loss off: dsa.mode=dense and dsa.mode=sparse (which
+    takes the dense path there) give the same LM losses step for step over a few Adam steps."""
+    cfg = get_model_config("tiny")
+    ids, pos = _batch(cfg.vocab_size, b=1, s=cfg.index_topk, seed=4)
+    dense = _build(cfg, None, "dsa.mode=dense", "dsa.loss_coeff=0").train()
+    sparse = _build(cfg, dense, "dsa.mode=sparse", "dsa.loss_coeff=0").train()
+    curves = []
+    for model in (dense, sparse):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(3):
+            loss, _ = _loss_and_grads(model, ids, pos)
+            opt.step()
+            losses.append(loss.item())
+        curves.append(losses)
+    assert curves[0][0] - curves[0][-1] > 0.05  # it trains
+    assert curves[0] == pytest.approx(curves[1], rel=1e-6)
