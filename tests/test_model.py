@@ -110,11 +110,12 @@ def test_index_share_reuses_the_previous_full_layer(single_process):
 @pytest.mark.parametrize("overrides", [
     ["train.recompute=full"],
     ["train.recompute=selective", "train.recompute_modules=[mla_up_proj,mlp,moe]"],
-], ids=["full", "selective"])
+    ["dsa.mode=warmup", "train.recompute=selective", "train.recompute_modules=[mla_up_proj]"],
+], ids=["full", "selective", "selective_dense_path"])
 def test_recompute_matches(single_process, overrides):
     cfg = get_model_config("tiny")
     ids, pos = _batch(cfg.vocab_size)
-    plain = _build(cfg).train()
+    plain = _build(cfg, None, *[o for o in overrides if o.startswith("dsa.")]).train()
     recomputed = _build(cfg, plain, *overrides).train()
     loss_a, grads_a = _loss_and_grads(plain, ids, pos)
     loss_b, grads_b = _loss_and_grads(recomputed, ids, pos)
