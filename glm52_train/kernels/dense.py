@@ -18,11 +18,13 @@ the diagonal in the lower-right corner (`torch.nn.attention.bias.causal_lower_ri
 SDPA's flash / efficient / cuDNN kernels take without a mask tensor; a plain `is_causal` when
 the run starts its document). One SDPA call per run: a plain sequence is one run, a packed
 sample one per document, a CP rank's two chunks one or two per document they cut. Why this and
-not the alternatives: varlen / nested-tensor SDPA does not take lower-right causal masks with
-queries offset into their documents (CP), and FlexAttention's block masks need torch.compile to
-be memory-linear; runs need neither, at one host synchronisation per layout (the run bounds)
-and one kernel launch per document. On CPU, SDPA runs its CPU kernels (the math path, which
-forms each run's scores; q/k and v head sizes differ in `tiny`).
+not the alternatives: nested / varlen SDPA would still need each CP chunk's queries cut per
+document and offset into it (the runs above) and is not on every backend (CPU), and
+FlexAttention's block masks are memory-linear only under torch.compile; runs need neither, at
+one host synchronisation per layout (the run bounds, shared by the layers) and one kernel launch
+per run, which costs little beside the attention unless documents are very short. Unmeasured on
+a GPU so far (`bench/gpu.py`'s `train_step_dense`). On CPU, SDPA runs its CPU kernels (the math
+path where q/k and v head sizes differ, as in `tiny`, which forms each run's scores).
 
 Departure: SDPA's public API does not return the log-sum-exp, so the warm-up's indexer KL
 recomputes it (`api.mla_lse`, blockwise on the Triton path) instead of reusing the attention's.
