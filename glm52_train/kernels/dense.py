@@ -33,6 +33,7 @@ recomputes it (`api.mla_lse`, blockwise on the Triton path) instead of reusing t
 from __future__ import annotations
 
 import torch
+from torch.autograd.profiler import record_function
 from torch.nn.attention.bias import causal_lower_right
 
 from glm52_train.kernels.reference import default_positions
@@ -76,7 +77,12 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
                     runs: list[Run]) -> torch.Tensor:
     """q [sq, b, n, dqk], k [sk, b, n, dqk], v [sk, b, n, dv] -> out [sq, b, n, dv] over each
     query's visible keys (differentiable). Queries that see no key cannot occur (a query sees
-    itself)."""
+    itself). Labelled `glm52::dense attention` in profiles (training/profile.py)."""
+    with record_function("glm52::dense attention"):
+        return _dense_attention(q, k, v, scale, runs)
+
+
+def _dense_attention(q, k, v, scale: float, runs: list[Run]) -> torch.Tensor:
     qh, kh, vh = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, d]
     outs = []
     for q0, q1, k0, k1 in runs:

@@ -33,6 +33,7 @@ masks with causal & top-k, which is what attending over the selected keys comput
 from __future__ import annotations
 
 import torch
+from torch.autograd.profiler import record_function
 from megatron.core.models.common.embeddings import apply_rotary_pos_emb
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
@@ -249,11 +250,12 @@ class DSACoreAttention(MegatronModule):
         cfg = self.config
         gather = layout.gather if layout is not None else (lambda t: t)
         kv_all = gather(key_value)  # the latent [S, b, kv_lora + rope]: cheap to gather
-        c_kv, k_rot = torch.split(kv_all, [cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim], dim=-1)
-        kv = torch.einsum("tbc,hdc->tbhd", c_kv, kv_up)
-        k_nope, v = torch.split(kv, [cfg.qk_head_dim, cfg.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_rot.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
-        out = self.backend.dense_attention(query, k, v, self.softmax_scale, runs)
+        with record_function("glm52::dense attention"):  # its key / value up-projection included
+            c_kv, k_rot = torch.split(kv_all, [cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim], dim=-1)
+            kv = torch.einsum("tbc,hdc->tbhd", c_kv, kv_up)
+            k_nope, v = torch.split(kv, [cfg.qk_head_dim, cfg.v_head_dim], dim=-1)
+            k = torch.cat([k_nope, k_rot.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
+            out = self.backend.dense_attention(query, k, v, self.softmax_scale, runs)
         want_loss = (
             cfg.dsa_mode != "dense" and self.indexer is not None and self.training
             and torch.is_grad_enabled() and cfg.dsa_loss_coeff > 0
