@@ -21,8 +21,9 @@ Training modes (`config.dsa_mode`), GLM-5's stages in order:
 
 Sparse attention runs in MLA's absorbed form (MQA on the 576-channel latent, see attention.py),
 on the kernels of a `DSABackend` (the PyTorch references or the Triton kernels), chosen in the
-layer spec (spec.py); dense attention runs per head through SDPA (kernels/dense.py). Where the local tokens sit in the sample (context parallelism, packed
-documents) comes in as a `TokenLayout`; None means one plain causal sequence.
+layer spec (spec.py); dense attention runs per head through SDPA (kernels/dense.py). Where
+the local tokens sit in the sample (context parallelism, packed documents) comes in as a
+`TokenLayout`; None means one plain causal sequence.
 
 Departures from the HF reference: the reference computes the indexer under `no_grad` (it is an
 inference implementation); here it is trained. The attention result is identical: the HF model
