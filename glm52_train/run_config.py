@@ -69,6 +69,9 @@ class TrainConfig:
     fp8: Literal["blockwise", "te-e4m3", "te-hybrid"] | None = None
     transformer_engine: Literal["auto", "on", "off"] = "auto"
     clip_grad: float = 1.0
+    # false: gradients accumulated and reduced in bf16 (Megatron-Bridge's GLM-5.2 recipes); the
+    # distributed optimizer casts its shard to fp32 for the step. Ignored under fp32 precision.
+    grad_reduce_in_fp32: bool = True
     recompute: Literal["full", "selective"] | None = None
     # selective: Megatron-Core's recompute modules this stack honours (mla_up_proj, mlp, moe, shared_experts)
     recompute_modules: list[str] = field(default_factory=lambda: ["mla_up_proj"])
