@@ -52,6 +52,7 @@ BF16, FP32 = 2, 4
 FIXED_OVERHEAD = 2.5 * GiB  # CUDA context, NCCL buffers, workspace
 FRAGMENTATION = 1.10
 OPTIMIZERS = ("adamw", "muon")
+GRAD_DTYPES = ("fp32", "bf16")
 
 
 @dataclass
@@ -67,12 +68,14 @@ class Estimate:
     fixed: float
     total: float
     fits: bool
+    grad_copy: float = 0.0  # the step's fp32 copies of bf16 gradient shards beyond the activation peak
     reason: str = ""
     stage_layers: list = field(default_factory=list)
     pp_rank: int = 0
     in_flight: list = field(default_factory=list)  # micro-batches per chunk at the peak
     recompute: str = "full"
     optimizer_name: str = "adamw"
+    grad_dtype: str = "fp32"
     ranks: list = field(default_factory=list, repr=False)  # every pipeline rank's estimate, rank order
 
     def to_dict(self, ranks: bool = False) -> dict:
@@ -167,9 +170,10 @@ def layer_saved_bytes(m: ModelConfig, layer: int | None, tp: int = 1, sp: bool =
 
 def _chunk_saved_bytes(m: ModelConfig, items: list, tp: int, sp: bool, tokens: float, recompute: str,
                        modules, micro_batch: int, act_bytes: int = BF16) -> tuple[float, float, float, float]:
-    """(saved bytes, of which DSA, of which logits, the largest layer's working set) of one
-    micro-batch through one chunk; `act_bytes` is the activation dtype's size."""
-    act = dsa = logits = largest = 0.0
+    """(saved bytes, of which DSA, of which logits, the largest layer's working set, of which
+    DSA under full recomputation) of one micro-batch through one chunk; `act_bytes` is the
+    activation dtype's size."""
+    act = dsa = logits = largest = largest_dsa = 0.0
     seq = tp if sp else 1
     first_layer = True
     for item in items:
@@ -178,7 +182,8 @@ def _chunk_saved_bytes(m: ModelConfig, items: list, tp: int, sp: bool, tokens: f
         layer = None if item == "m" else item
         a, d = layer_saved_bytes(m, layer, tp, sp, act_bytes, modules if recompute == "selective" else (),
                                  micro_batch)
-        largest = max(largest, a * tokens)
+        if a * tokens > largest:
+            largest, largest_dsa = a * tokens, d * tokens
         if recompute == "full":
             # Megatron-Core's uniform recompute (one layer per unit) keeps each layer's input and
             # the IndexShare top-k passed along with it: one int32 tensor per full-indexer layer,
@@ -187,7 +192,8 @@ def _chunk_saved_bytes(m: ModelConfig, items: list, tp: int, sp: bool, tokens: f
             # 8 full-width layers (bench/stage_memory.py, docs/benchmarks.md).
             act += act_bytes * m.hidden_size / seq * tokens
             if layer is None or m.layer_index_pattern[layer] == "F" or first_layer:
-                act += 4 * m.index_topk * tokens
+                act += 4 * m.index_topk * tokens  # the top-k is DSA's
+                dsa += 4 * m.index_topk * tokens
         else:
             act += a * tokens
             dsa += d * tokens
@@ -196,7 +202,7 @@ def _chunk_saved_bytes(m: ModelConfig, items: list, tp: int, sp: bool, tokens: f
         steps = 1 + (m.mtp_steps if m.mtp_layers else 0)
         logits = FP32 * m.vocab_size / tp * steps * tokens  # fp32 logits the loss keeps
         act += logits + BF16 * m.hidden_size / seq * steps * tokens  # and the output layer's input
-    return act, dsa, logits, largest
+    return act, dsa, logits, largest, largest_dsa
 
 
 def schedule_order(pp: int, vpp: int, rank: int, num_microbatches: int) -> list[tuple[str, int]]:
@@ -259,8 +265,11 @@ def estimate(
     optimizer: str = "adamw",
     first_stage_layers: int | None = None,
     last_stage_layers: int | None = None,
+    grad_dtype: str = "fp32",
 ) -> Estimate:
     """Memory per GPU of the busiest pipeline rank (see the module docstring)."""
+    if grad_dtype not in GRAD_DTYPES:
+        raise ConfigError(f"the gradient dtype must be one of {', '.join(GRAD_DTYPES)}, got {grad_dtype!r}.")
     if isinstance(recompute, bool):
         recompute = "full" if recompute else "none"
     why = recompute_problem(recompute, recompute_modules)
@@ -281,7 +290,7 @@ def estimate(
         muon = adam = expert = 0.0
         mtp_weights = 0
         saved = []
-        largest = 0.0
+        largest = rebuilt_dsa = 0.0
         for items in rank_chunks:
             for item in items:
                 if item == "E":
@@ -296,12 +305,16 @@ def estimate(
                     muon, adam, expert = muon + p["muon"], adam + p["adam"], expert + p["expert"]
             chunk = _chunk_saved_bytes(m, items, tp, layout.sp, tokens, recompute, recompute_modules, micro_batch)
             saved.append(chunk)
-            largest = max(largest, chunk[3])
+            if chunk[3] > largest:
+                largest, rebuilt_dsa = chunk[3], chunk[4]
         expert /= ep * etp
         dense = muon + adam
         weights = BF16 * (dense + expert)
-        grads = FP32 * (dense + expert)
+        grads = (BF16 if grad_dtype == "bf16" else FP32) * (dense + expert)
         optim = (muon_bytes * muon + 12 * adam) / (dp * cp) + muon_bytes * expert / expert_dp
+        # bf16 gradients: the distributed optimizer's step works on fp32 copies of its gradient
+        # shard, made after the last backward has freed the activations
+        grad_shard_fp32 = FP32 * ((muon + adam) / (dp * cp) + expert / expert_dp) if grad_dtype == "bf16" else 0.0
         peak, at_peak = -1.0, ()
         for live in schedule_in_flight(pp, vpp, rank, microbatches):
             total_live = sum(n * c[0] for n, c in zip(live, saved))
@@ -311,14 +324,16 @@ def estimate(
         dsa = sum(n * c[1] for n, c in zip(at_peak, saved))
         activations = peak - logits - dsa
         if recompute == "full":
-            activations += largest  # one layer rebuilt at a time in backward
+            activations += largest - rebuilt_dsa  # one layer rebuilt at a time in backward
+            dsa += rebuilt_dsa
         if any("L" in items for items in rank_chunks):
             logits += max(c[2] for c in saved)  # the logits' gradient, one micro-batch at a time
-        parts = weights + grads + optim + activations + dsa + logits
+        grad_copy = max(0.0, grad_shard_fp32 - (activations + dsa + logits))  # a maximum, not a sum
+        parts = weights + grads + optim + activations + dsa + logits + grad_copy
         slack = (FRAGMENTATION - 1) * parts
         total = parts + slack + FIXED_OVERHEAD
         est = Estimate(layout, weights, grads, optim, activations, dsa, logits, slack, FIXED_OVERHEAD, total,
-                       total <= gpu_mem_gb * GiB,
+                       total <= gpu_mem_gb * GiB, grad_copy=grad_copy, grad_dtype=grad_dtype,
                        stage_layers=[sum(isinstance(i, int) for i in items) for items in rank_chunks],
                        pp_rank=rank, in_flight=list(at_peak), recompute=recompute, optimizer_name=optimizer)
         all_ranks.append(est)
@@ -415,8 +430,8 @@ def plan(
     return fitting[:limit], refused[:3]
 
 
-COLUMNS = ("weights", "gradients", "optimizer", "activations", "dsa_buffers", "logits", "slack", "fixed")
-_HEADINGS = ("weights", "grads", "optim", "act", "dsa", "logits", "slack", "fixed")
+COLUMNS = ("weights", "gradients", "optimizer", "activations", "dsa_buffers", "logits", "grad_copy", "slack", "fixed")
+_HEADINGS = ("weights", "grads", "optim", "act", "dsa", "logits", "gcopy", "slack", "fixed")
 
 
 def format_header() -> str:

@@ -113,7 +113,7 @@ def test_muon_keeps_one_buffer_where_adamw_keeps_two():
 
 def _row_total(line: str) -> tuple[list[float], float]:
     cells, total = line.split("=")
-    return [float(x) for x in cells.split()[-8:]], float(total.split()[0])
+    return [float(x) for x in cells.split()[-9:]], float(total.split()[0])
 
 
 def test_printed_columns_add_up_to_the_total(capsys):
