@@ -25,8 +25,9 @@ each number with its source, guesses marked as guesses):
   CP: all-gather of the latent keys and index keys forward, reduce-scatter of their gradients;
 - pipeline: `plan.schedule_order` (Megatron-Core's 1F1B / interleaved order) replayed with
   these per-chunk times, each forward waiting for the previous stage's forward of the same
-  micro-batch (and each backward for the next stage's backward) plus the activation send; the
-  bubble is the critical rank's idle time;
+  micro-batch (and each backward for the next stage's backward) plus the activation send (and
+  the IndexShare top-k where a stage begins on a shared layer); the bubble is the busiest
+  rank's idle time;
 - data parallel: the gradient reduce-scatter and parameter all-gather of the distributed
   optimizer over the rank's (expert-)data-parallel groups, exposed unless the stack overlaps
   them (then only what exceeds the last micro-batch's backward);
@@ -46,7 +47,7 @@ from pathlib import Path
 
 from glm52_train.config import ConfigError, ModelConfig
 from glm52_train.layout import Layout, pipeline_chunks
-from glm52_train.plan import BF16, FP32, _layer_params, layer_saved_bytes, schedule_order
+from glm52_train.plan import BF16, FP32, _layer_params, layer_saved_bytes, relays_topk, schedule_order
 
 RATES_DIR = Path(__file__).resolve().parent.parent / "configs" / "rates"
 DEFAULT_RATES = RATES_DIR / "glm52_train.yaml"
@@ -66,8 +67,12 @@ class StepTime:
     critical_rank: int = 0
     chunk_times: list = field(default_factory=list)  # [rank][chunk] = (forward s, backward s) per micro-batch
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def to_dict(self, chunks: bool = True) -> dict:
+        """Plain values; without `chunks`, less the per-chunk times."""
+        d = asdict(self)
+        if not chunks:
+            del d["chunk_times"]
+        return d
 
 
 def load_rates(path: str | Path | None = None) -> dict:
@@ -354,7 +359,10 @@ def step_time(m: ModelConfig, layout: Layout, seq_len: int, micro_batch: int = 1
     bwd = [[c["bwd"] + c["recompute"] + _bwd_comm(c, recompute) for c in rank] for rank in per]
     tokens = micro_batch * seq_len / lay.cp
     stage_ranks = lay.tp * lay.cp * lay.dp
-    send = R.link(tokens * m.hidden_size * BF16 / (lay.tp if lay.sp else 1), stage_ranks * pp <= R.domain) if pp > 1 else 0.0
+    sent = tokens * m.hidden_size * BF16 / (lay.tp if lay.sp else 1)
+    if pp > 1 and relays_topk(m, lay, first_stage_layers, last_stage_layers):
+        sent += tokens * m.index_topk * 4  # the top-k indices travel with the activations (int32 rows)
+    send = R.link(sent, stage_ranks * pp <= R.domain) if pp > 1 else 0.0
     makespan, busy = replay_pipeline(pp, vpp, microbatches, fwd, bwd, send)
     # data-parallel gradient reduce-scatter and parameter all-gather, and the optimizer, per rank
     dp_time, opt_time = [], []
