@@ -8,6 +8,8 @@ width but is cut down in depth, experts and vocabulary so that training fits one
 
 from __future__ import annotations
 
+import functools
+
 import copy
 import dataclasses
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ class ConfigError(ValueError):
     """A configuration that cannot work; the message is one sentence saying why."""
 
 
+@functools.lru_cache(maxsize=64)
 def index_share_pattern(num_layers: int, topk_freq: int, skip_topk_offset: int) -> str:
     """The IndexShare layout as a string of F (runs its own indexer) and S (reuses the top-k of
     the previous F layer), following the HF reference's `index_topk_freq` /

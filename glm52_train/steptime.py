@@ -41,6 +41,7 @@ as uniform), Muon's Newton-Schulz GEMMs, compute/communication overlap inside a 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -102,7 +103,9 @@ def load_rates(path: str | Path | None = None) -> dict:
     return rates
 
 
+@functools.lru_cache(maxsize=1)
 def load_devices() -> dict:
+    """The vendor peaks per --gpu-type (configs/rates/devices.yaml); read once, not to be modified."""
     import yaml
 
     return yaml.safe_load((RATES_DIR / "devices.yaml").read_text())
