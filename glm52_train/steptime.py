@@ -53,6 +53,10 @@ from glm52_train.plan import BF16, FP32, _layer_params, layer_saved_bytes, relay
 RATES_DIR = Path(__file__).resolve().parent.parent / "configs" / "rates"
 DEFAULT_RATES = RATES_DIR / "glm52_train.yaml"
 GPU_TYPES = ("h100", "h200", "b200", "gb200")
+FLOP_FORMULA = ("glm52 info's train_flops_per_token (glm52_train/model/info.py): 3 x (2 x active parameters + "
+                "sparse attention over min(top-k, visible) keys) + the indexer's forward scoring + 3 x its KL loss + "
+                "3 x the MTP step; 0.936x Megatron-Bridge's count at 2K and 0.908x at 4K (its card's TFLOP/s over "
+                "tokens/s: 286.0 and 304.0 GFLOP per token)")
 BREAKDOWN = ("compute", "recompute", "bubble", "ep_comm", "tp_comm", "cp_comm", "dp_comm", "optimizer")
 
 
@@ -66,6 +70,7 @@ class StepTime:
     gpu_type: str
     stack: str
     critical_rank: int = 0
+    flop_formula: str = FLOP_FORMULA
     chunk_times: list = field(default_factory=list)  # [rank][chunk] = (forward s, backward s) per micro-batch
 
     def to_dict(self, chunks: bool = True) -> dict:
