@@ -304,6 +304,7 @@ def cmd_plan(args) -> int:
     best = fitting[0]
     print(f"recommended: {best.layout.describe()}{best.stage_note()}  ({best.total / GiB:.1f} GiB per GPU, "
           f"{best.time['step_time_s']:.2f} s per step, {best.time['tokens_per_s_per_gpu']:,.1f} tokens/s per GPU)")
+    print("  its step: " + ", ".join(f"{k} {v:.2f} s" for k, v in best.time["breakdown"].items()))
     for est in refused:
         print(f"refused: {est.layout.describe()}: {est.reason}")
     return 0

@@ -376,9 +376,12 @@ def step_time(m: ModelConfig, layout: Layout, seq_len: int, micro_batch: int = 1
     dp_time, opt_time = [], []
     for r, (dense, expert) in enumerate(params):
         # DP ranks are strided by TP x CP; they share an NVLink domain only when all of them fit in one
-        dense_t = R.link(_ring(dense * grad_bytes, dp_group) + _ring(dense * BF16, dp_group),
+        # distributed optimizer: reduce-scatter the gradients, all-gather the bf16 parameters; Muon
+        # (no distributed optimizer here, training/setup.py) all-reduces the gradients instead
+        gather = grad_bytes if optimizer == "muon" else BF16
+        dense_t = R.link(_ring(dense * grad_bytes, dp_group) + _ring(dense * gather, dp_group),
                          lay.tp * dp_group <= R.domain)
-        expert_t = R.link(_ring(expert * grad_bytes, expert_dp) + _ring(expert * BF16, expert_dp),
+        expert_t = R.link(_ring(expert * grad_bytes, expert_dp) + _ring(expert * gather, expert_dp),
                           lay.ep * lay.etp * expert_dp <= R.domain)
         comm = dense_t + expert_t
         if rates["data_parallel"]["overlap"]:

@@ -167,6 +167,7 @@ def test_search_ranks_the_fitting_layouts_fastest_first(capsys):
     speeds = [float(r.split()[-2]) for r in rows]
     assert len(rows) >= 3 and speeds == sorted(speeds, reverse=True)
     assert all(float(r.split()[-3]) > 0 for r in rows)  # a step time per row
+    assert any(line.startswith("  its step: compute") and "bubble" in line for line in out)
     assert glm52(argv + ["--json"]) == 0
     fitting = json.loads(capsys.readouterr().out)["fitting"]
     assert any(e["layout"]["pp"] >= 8 and e["first_stage_layers"] is not None for e in fitting)
