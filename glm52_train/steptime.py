@@ -35,8 +35,10 @@ each number with its source, guesses marked as guesses):
 
 Rank placement is Megatron-Core's default order (TP fastest, then CP, then DP, PP slowest; the
 expert groups ETP, EP, expert-DP): a group stays inside an NVLink domain when its span does.
-Not modelled: host overhead and kernel launches, load imbalance among experts (routing is taken
-as uniform), Muon's Newton-Schulz GEMMs, compute/communication overlap inside a layer.
+Not modelled: host overhead and kernel launches (so a host-bound run is predicted too fast; see
+docs/benchmarks.md), load imbalance among experts (routing is taken as uniform), Muon's
+Newton-Schulz GEMMs, compute/communication overlap inside a layer, the DSA kernels' lower rate
+with fewer heads per rank under TP (taken at the 64-head rate measured).
 """
 
 from __future__ import annotations
@@ -210,9 +212,11 @@ def _layer_cost(m: ModelConfig, layer, lay: Layout, seq_len: int, tokens: float,
     routed = 0.0
     if moe:
         copies = tokens / tp * m.moe_topk  # routed copies each rank computes (uniform routing)
-        per_expert = copies * lay.ep / m.num_experts
-        rows = per_expert if R.r["experts"]["kind"] == "sequential" else copies
-        routed = R.gemm(2 * 3 * h * m.moe_ffn_size * copies / lay.etp, rows / lay.etp)
+        # ETP splits each expert's FFN over ETP ranks that all-gather their tokens: the same FLOPs
+        # per rank, ETP x the rows per GEMM
+        per_expert = copies * lay.etp * lay.ep / m.num_experts
+        rows = per_expert if R.r["experts"]["kind"] == "sequential" else copies * lay.etp
+        routed = R.gemm(2 * 3 * h * m.moe_ffn_size * copies, rows)
         # dispatch + combine of each copy, bf16 hidden; the EP group spans ETP x EP consecutive ranks
         sent = copies * h * BF16
         span = lay.ep * lay.etp
