@@ -164,7 +164,7 @@ def test_bad_run_config_is_one_sentence(golden_data, tmp_path):
     assert errors == ["glm52 pretrain: error: train.global_batch_size (3) must be a multiple of "
                       "micro_batch_size x data-parallel size (2 x 1)."]
     proc = pretrain(cfg, "train.itres=3", check=False)
-    assert proc.returncode == 2 and "unknown key(s) itres" in proc.stderr
+    assert proc.returncode == 2 and "unknown key train.itres (did you mean train.iters?)" in proc.stderr
 
 
 @pytest.mark.slow
