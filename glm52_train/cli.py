@@ -39,7 +39,7 @@ def cmd_info(args) -> int:
         raise ConfigError("give --model NAME or --config FILE.")
     else:
         model = get_model_config(args.model)
-    info = model_info(model, seq_len=args.seq_len)
+    info = model_info(model, seq_len=args.seq_len, dsa_mode=args.dsa_mode)
     print(json.dumps(info.to_dict(), indent=2) if args.json else format_info(info))
     return 0
 
@@ -368,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="the model of this run config (its model section)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="with --config: overrides, e.g. model.num_layers=6")
     p.add_argument("--seq-len", type=int, default=4096, help="sequence length the FLOPs per token are counted at")
+    p.add_argument("--dsa-mode", choices=["sparse", "warmup", "dense"], default="sparse",
+                   help="the dsa.mode the attention FLOPs are counted for (dense: every visible key, no indexer)")
     p.add_argument("--json", action="store_true", help="print JSON (keys include total_params, active_params)")
     p.set_defaults(func=cmd_info)
 

@@ -104,7 +104,9 @@ class OptimizerConfig:
 
 @dataclass
 class DSAConfig:
-    mode: Literal["sparse", "warmup"] = "sparse"  # warmup: dense attention while the indexer learns (with train.freeze)
+    # dense: pre-DSA pretraining (no indexer work); warmup: dense attention while the indexer
+    # learns (with train.freeze); sparse: top-k attention (dense path where top-k covers every key)
+    mode: Literal["sparse", "warmup", "dense"] = "sparse"
     loss_coeff: float = 1.0  # weight of the indexer's KL loss
     backend: Literal["auto", "torch", "triton"] = "auto"  # auto: Triton on GPU, the PyTorch references on CPU
 
@@ -241,6 +243,9 @@ class RunConfig:
         need(world % model_parallel == 0,
              f"the world size {world} is not divisible by tp x pp x cp = {p.tp} x {p.pp} x {p.cp}.")
         layout = self.layout(world)
+        need(not (t.freeze == "all_but_indexer" and self.dsa.mode == "dense"),
+             "train.freeze=all_but_indexer trains only the indexers, which dsa.mode=dense leaves unused: "
+             "the indexer warm-up is dsa.mode=warmup.")
         need(t.micro_batch_size >= 1 and t.global_batch_size >= 1, "batch sizes must be positive.")
         need(t.global_batch_size % (t.micro_batch_size * layout.dp) == 0,
              f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "

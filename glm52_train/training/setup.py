@@ -48,6 +48,8 @@ def build(cfg: RunConfig) -> TrainingParts:
     chunks, config = build_model_chunks(model_cfg, cfg, cfg.data.seq_length)
     if cfg.train.freeze == "all_but_indexer":
         freeze_all_but_indexer(chunks)
+    if cfg.dsa.mode == "dense":
+        freeze_indexer(chunks)
     bf16 = cfg.use_bf16()
     chunks = wrap_ddp(chunks, config, bf16, distributed_optimizer=cfg.optimizer.name != "muon",
                       grad_reduce_in_fp32=cfg.train.grad_reduce_in_fp32)
@@ -151,6 +153,15 @@ def freeze_all_but_indexer(chunks) -> int:
     if trainable == 0:
         raise ConfigError("train.freeze=all_but_indexer leaves nothing to train: the model has no indexer.")
     return trainable
+
+
+def freeze_indexer(chunks) -> None:
+    """dsa.mode=dense: the indexers do no work; kept out of the optimizer (no weight decay
+    either), they reach the checkpoints as initialised, for the warm-up stage to train."""
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            if ".indexer." in name:
+                param.requires_grad_(False)
 
 
 def wrap_ddp(chunks, config, bf16: bool, distributed_optimizer: bool = True, grad_reduce_in_fp32: bool = True):
