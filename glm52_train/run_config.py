@@ -13,7 +13,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -76,6 +76,9 @@ class TrainConfig:
     max_skipped_steps: int = 10  # consecutive non-finite steps before the run stops
     exit_after_iters: int | None = None  # stop (with a checkpoint) after this many steps of this run
     collective_timeout_minutes: float = 30.0  # a collective waiting longer ends the run, naming the ranks that hung
+    # on resume: continue from the checkpoint's step on this config's schedule (iters, lr, min_lr, warm-up, decay)
+    # instead of refusing a schedule that differs from the checkpoint's (Megatron-LM's --override-opt_param-scheduler)
+    override_schedule: bool = False
 
 
 @dataclass
@@ -126,6 +129,8 @@ class CheckpointConfig:
     interval: int = 1000
     keep_last: int | None = 3
     resume: str | None = "auto"  # auto | none | PATH
+    # with resume none: an earlier run in `dir` / `logging.run_dir` is moved aside (to DIR.old-N) instead of refused
+    overwrite: bool = False
     init_from: str | None = None  # weights only: fresh optimizer, schedule and data position
     on_damaged: Literal["stop", "fallback"] = "stop"  # newest checkpoint damaged: stop, or load the newest good one
     async_save: bool = False  # write checkpoints in a forked process while training goes on
@@ -134,7 +139,7 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     run_dir: str | None = None  # default runs/<run name>
-    name: str | None = None
+    name: str | None = None  # the run's name (default: the config file's name, e.g. tiny for configs/tiny.yaml)
     wandb: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "glm52"
     wandb_entity: str | None = None
@@ -155,6 +160,8 @@ class RunConfig:
     mtp: MTPConfig = field(default_factory=MTPConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # the YAML file this config was loaded from (load_run_config sets it): not a config key
+    config_file: ClassVar[str | None] = None
 
     # ---- derived ---------------------------------------------------------------------------
     def model_config(self) -> ModelConfig:
@@ -173,8 +180,32 @@ class RunConfig:
         raise ConfigError(f"model must be a flavor name or a mapping, got {type(self.model).__name__}.")
 
     @property
-    def name(self) -> str:
-        return self.logging.name or self.model_config().name
+    def run_name(self) -> str:
+        """What the run's folders are named after (checkpoints/NAME, runs/NAME) and W&B calls it:
+        `logging.name`, else the config file's name without its suffix (configs/tiny.yaml -> tiny),
+        else, for a config built without a file, `run-` and 8 hex digits of a hash of what makes the
+        run itself (the fields a resume checks, glm52_train.training.identity), so that two such
+        configs share folders only when one may resume the other. Never the model's flavor: two runs
+        of one model with other data or settings are two runs."""
+        if self.logging.name:
+            return self.logging.name
+        if self.config_file:
+            return Path(self.config_file).stem
+        import hashlib
+        import json
+
+        from glm52_train.training.identity import identity
+
+        record = json.dumps(identity(self.to_dict()), sort_keys=True, default=str)
+        return f"run-{hashlib.sha256(record.encode()).hexdigest()[:8]}"
+
+    def checkpoint_dir(self) -> Path:
+        """`checkpoint.dir`, else checkpoints/<run name>."""
+        return Path(self.checkpoint.dir or f"checkpoints/{self.run_name}")
+
+    def run_dir(self) -> Path:
+        """`logging.run_dir`, else runs/<run name>."""
+        return Path(self.logging.run_dir or f"runs/{self.run_name}")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -263,6 +294,8 @@ class RunConfig:
                                   and o.muon_rms_scale > 0),
              "optimizer.muon_ns_coeffs needs 3 numbers, muon_ns_steps at least 1, muon_momentum in [0, 1) "
              "and muon_rms_scale above 0.")
+        need(not self.checkpoint.overwrite or self.checkpoint.resume in (None, "none"),
+             "--overwrite (checkpoint.overwrite) starts the run over: give it with --resume none.")
         need(self.checkpoint.resume in (None, "auto", "none") or Path(self.checkpoint.resume).exists(),
              f"checkpoint.resume {self.checkpoint.resume!r} is neither auto, none, nor an existing path.")
         need(t.log_interval >= 1 and t.eval_interval >= 1, "log and eval intervals must be at least 1.")
@@ -393,4 +426,6 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> Run
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections.")
     data = apply_overrides(data, overrides or [])
-    return _build(RunConfig, data, "")
+    cfg = _build(RunConfig, data, "")
+    cfg.config_file = path
+    return cfg
