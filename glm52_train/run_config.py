@@ -13,7 +13,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -76,9 +76,7 @@ class TrainConfig:
     max_skipped_steps: int = 10  # consecutive non-finite steps before the run stops
     exit_after_iters: int | None = None  # stop (with a checkpoint) after this many steps of this run
     collective_timeout_minutes: float = 30.0  # a collective waiting longer ends the run, naming the ranks that hung
-    # on resume: continue from the checkpoint's step on this config's schedule (iters, lr, min_lr, warm-up, decay)
-    # instead of refusing a schedule that differs from the checkpoint's (Megatron-LM's --override-opt_param-scheduler)
-    override_schedule: bool = False
+    override_schedule: bool = False  # resume on this schedule though it differs from the checkpoint's (else refused)
 
 
 @dataclass
@@ -129,8 +127,7 @@ class CheckpointConfig:
     interval: int = 1000
     keep_last: int | None = 3
     resume: str | None = "auto"  # auto | none | PATH
-    # with resume none: an earlier run in `dir` / `logging.run_dir` is moved aside (to DIR.old-N) instead of refused
-    overwrite: bool = False
+    overwrite: bool = False  # with resume none: move an earlier run in dir / run_dir aside (to DIR.old-N), not refuse
     init_from: str | None = None  # weights only: fresh optimizer, schedule and data position
     on_damaged: Literal["stop", "fallback"] = "stop"  # newest checkpoint damaged: stop, or load the newest good one
     async_save: bool = False  # write checkpoints in a forked process while training goes on
@@ -139,7 +136,7 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     run_dir: str | None = None  # default runs/<run name>
-    name: str | None = None  # the run's name (default: the config file's name, e.g. tiny for configs/tiny.yaml)
+    name: str | None = None  # names the run's folders (default: the config file's name, tiny for configs/tiny.yaml)
     wandb: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "glm52"
     wandb_entity: str | None = None
@@ -160,8 +157,6 @@ class RunConfig:
     mtp: MTPConfig = field(default_factory=MTPConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    # the YAML file this config was loaded from (load_run_config sets it): not a config key
-    config_file: ClassVar[str | None] = None
 
     # ---- derived ---------------------------------------------------------------------------
     def model_config(self) -> ModelConfig:
@@ -182,15 +177,14 @@ class RunConfig:
     @property
     def run_name(self) -> str:
         """What the run's folders are named after (checkpoints/NAME, runs/NAME) and W&B calls it:
-        `logging.name`, else the config file's name without its suffix (configs/tiny.yaml -> tiny),
-        else, for a config built without a file, `run-` and 8 hex digits of a hash of what makes the
-        run itself (the fields a resume checks, glm52_train.training.identity), so that two such
-        configs share folders only when one may resume the other. Never the model's flavor: two runs
-        of one model with other data or settings are two runs."""
+        `logging.name`, which load_run_config sets to the config file's name without its suffix
+        when the file gives none (configs/tiny.yaml -> tiny); for a config built without a file,
+        `run-` and 8 hex digits of a hash of what makes the run itself (the fields a resume checks,
+        glm52_train.training.identity), so that two such configs share folders only when one may
+        resume the other. Never the model's flavor: two runs of one model with other data or
+        settings are two runs."""
         if self.logging.name:
             return self.logging.name
-        if self.config_file:
-            return Path(self.config_file).stem
         import hashlib
         import json
 
@@ -426,6 +420,6 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> Run
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections.")
     data = apply_overrides(data, overrides or [])
-    cfg = _build(RunConfig, data, "")
-    cfg.config_file = path
-    return cfg
+    if path and isinstance(data.setdefault("logging", {}), dict) and data["logging"].get("name") is None:
+        data["logging"]["name"] = Path(path).stem  # the run is named after its file (RunConfig.run_name)
+    return _build(RunConfig, data, "")
