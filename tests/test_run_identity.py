@@ -98,6 +98,15 @@ def test_resume_only_this_runs_checkpoints_on_its_schedule_and_never_write_over_
     assert float(note.split("; lr ")[1].split()[0]) == pytest.approx(records[2]["lr"], rel=1e-2)
     old_id = (run / "wandb_run_id").read_text()
 
+    # checkpoints saved before the schedule was recorded (all before issue 22): their run config gives it
+    from glm52_train import checkpoint
+
+    meta_file = ws / ckpt / "iter_0000004" / checkpoint.META_NAME
+    meta = json.loads(meta_file.read_text())
+    del meta["schedule"]
+    meta_file.write_text(checkpoint._meta_text(meta))
+    assert "(train.iters (4 -> 6))" in _refused(_glm52(ws, "train.iters=6"))
+
     # starting over where checkpoints are: refused; with --overwrite the earlier run is moved aside
     line = _refused(_glm52(ws, "--resume", "none"))
     assert line.startswith(f"glm52 pretrain: error: {ckpt} holds the checkpoints of an earlier run "
@@ -106,6 +115,7 @@ def test_resume_only_this_runs_checkpoints_on_its_schedule_and_never_write_over_
     assert over.returncode == 0, over.stderr[-3000:]
     assert "resumed" not in over.stdout
     assert "--overwrite: moved the earlier run's checkpoints from checkpoints/a to checkpoints/a.old-1" in over.stdout
+    assert "runs/a held an earlier run's metrics and this run starts at step 0: moved them to runs/a.old-1" in over.stdout
     assert sorted(p.name for p in (ws / "checkpoints" / "a.old-1").iterdir()) == ["iter_0000002", "iter_0000004",
                                                                                    "latest"]
     assert (ws / ckpt / "latest").read_text().strip() == "iter_0000002"
