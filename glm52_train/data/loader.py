@@ -42,14 +42,14 @@ def check_data(cfg: RunConfig, model: ModelConfig, tokenizer: Tokenizer) -> list
     return metas
 
 
-def build_datasets(cfg: RunConfig, tokenizer: Tokenizer, train_samples: int, valid_samples: int):
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+def dataset_config(cfg: RunConfig, tokenizer: Tokenizer):
+    """Megatron-Core's GPTDatasetConfig of a run's data (the blend, split, seed and sequence)."""
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     paths = [s.path for s in cfg.data.blend]
     weights = [s.weight for s in cfg.data.blend] if len(paths) > 1 else None
     cache = cfg.data.cache_dir or str(Path(paths[0]).parent / "megatron-index-cache")
-    config = GPTDatasetConfig(
+    return GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.data.seq_length,
         blend=(paths, weights),
@@ -62,6 +62,13 @@ def build_datasets(cfg: RunConfig, tokenizer: Tokenizer, train_samples: int, val
         path_to_cache=cache,
         mmap_bin_files=True,
     )
+
+
+def build_datasets(cfg: RunConfig, tokenizer: Tokenizer, train_samples: int, valid_samples: int):
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    config = dataset_config(cfg, tokenizer)
     sizes = [train_samples, valid_samples, 0]
     train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     if train is None:
