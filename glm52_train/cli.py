@@ -392,7 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                     epilog=_keys_epilog())
     p.add_argument("--config", required=True, help="a run config YAML, e.g. configs/tiny.yaml")
     p.add_argument("--resume", default=None,
-                   help="auto (the newest good checkpoint), none, or a checkpoint path (unset: checkpoint.resume)")
+                   help="auto (the newest good checkpoint of this run; another run configuration's is refused), "
+                        "none (start over; refused where checkpoints are, unless --overwrite), or a checkpoint path "
+                        "(resumed even if another configuration saved it) (unset: checkpoint.resume)")
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start from these weights with a fresh optimizer, schedule and data position")
     p.add_argument("--overwrite", action="store_true",
