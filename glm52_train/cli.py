@@ -129,6 +129,8 @@ def cmd_pretrain(args) -> int:
         overrides.append(f"checkpoint.resume={args.resume}")
     if args.init_from is not None:
         overrides.append(f"checkpoint.init_from={args.init_from}")
+    if args.overwrite:
+        overrides.append("checkpoint.overwrite=true")
     cfg = load_run_config(args.config, overrides)
     with faults.name_hung_ranks(cfg.train.collective_timeout_minutes):
         return pretrain(cfg)
@@ -444,9 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
                     epilog=_keys_epilog())
     p.add_argument("--config", required=True, help="a run config YAML, e.g. configs/tiny.yaml")
     p.add_argument("--resume", default=None,
-                   help="auto (the newest good checkpoint), none, or a checkpoint path (unset: checkpoint.resume)")
+                   help="auto (the newest good checkpoint of this run; another run configuration's is refused), "
+                        "none (start over; refused where checkpoints are, unless --overwrite), or a checkpoint path "
+                        "(resumed even if another configuration saved it) (unset: checkpoint.resume)")
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start from these weights with a fresh optimizer, schedule and data position")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --resume none: move an earlier run's checkpoints and metrics in this run's folders "
+                        "aside (to DIR.old-N) instead of refusing")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.iters=50")
     p.set_defaults(func=cmd_pretrain)
 
