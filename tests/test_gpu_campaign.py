@@ -67,6 +67,9 @@ def test_dry_run_runs_every_check_on_cpu(corpus, tmp_path):
     step = ran["fp8_step"]["json"]["fp8_step.json"]
     assert step["bf16_tokens_per_s"] > 0 and step["fp8_tokens_per_s"] > 0
     assert all(r["bit_exact"] for r in ran["fp8_quant"]["json"]["fp8_quant.json"]["rows"])
+    assert ran["train_step_dense"]["json"]["train_step.json"]["dsa_mode"] == "dense"
+    assert ran["train_step_dense"]["json"]["train_step.json"]["tokens_per_s"] > 0
+    assert ran["layer_2048_dense_vs_sparse"]["json"]["dense_vs_sparse.json"]["dense_speedup"] > 0
     with tarfile.open(out / "raw.tar.gz") as tar:
         assert "raw/train_step/log.txt" in tar.getnames()
     assert sorted(os.listdir(out)) == ["campaign.json", "campaign.log", "raw.tar.gz"]  # 3 of the 8 files back
