@@ -192,13 +192,13 @@ def build_optimizer(cfg: RunConfig, chunks, config, bf16: bool, expert_load: Exp
         optimizer = build_muon_optimizer(cfg, chunks, cfg.model_config(), opt_config)
     else:
         optimizer = get_megatron_optimizer(opt_config, chunks)
-    decay_iters = o.decay_iters or cfg.train.iters
+    decay_iters = cfg.decay_length()
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=o.lr,
         min_lr=o.min_lr,
-        lr_warmup_steps=o.warmup_iters,
+        lr_warmup_steps=cfg.warmup_length(),
         lr_decay_steps=decay_iters,
         lr_decay_style={"wsd": "WSD"}.get(o.schedule, o.schedule),
         start_wd=o.weight_decay,
