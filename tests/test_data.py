@@ -205,3 +205,49 @@ def test_embedded_corpus_is_written_under_the_output_prefix_only(tmp_path, capsy
     after = {p: p.stat().st_mtime_ns for p in package_data.rglob("*") if p.is_file() and "cache" not in p.parts}
     assert after == before
     assert (sorted(p.name for p in cache.iterdir()) if cache.is_dir() else []) == cache_before
+
+
+@pytest.fixture
+def twenty_documents(tmp_path):
+    """The first 20 documents of the golden corpus: data.split "98,2,0" leaves validation none."""
+    from tests.conftest import GOLDEN_CORPUS
+
+    src = tmp_path / "twenty.jsonl"
+    src.write_text("".join(Path(GOLDEN_CORPUS).read_text().splitlines(keepends=True)[:20]))
+    prefix = str(tmp_path / "twenty")
+    prepare_data([str(src)], prefix, TOKENIZER, workers=1)
+    return prefix
+
+
+def test_a_split_without_training_documents_is_one_sentence(twenty_documents):
+    from glm52_train.data.loader import check_data, split_documents
+    from glm52_train.run_config import DataSource, RunConfig
+
+    assert split_documents("98,2,0", 20) == [20, 0, 0] and split_documents("90,10,0", 20) == [18, 2, 0]
+    cfg = RunConfig()
+    cfg.data.blend = [DataSource(twenty_documents)]
+    cfg.data.split = "1,99,0"
+    with pytest.raises(ConfigError) as err:
+        check_data(cfg, get_model_config("tiny"), Tokenizer(TOKENIZER))
+    assert str(err.value) == f"data.split '1,99,0' leaves dataset {twenty_documents} (20 documents) no training documents."
+    cfg.data.split = "0,1,0"
+    with pytest.raises(ConfigError, match=r"the training share above 0"):
+        check_data(cfg, get_model_config("tiny"), Tokenizer(TOKENIZER))
+
+
+@pytest.mark.slow
+def test_an_empty_validation_split_is_skipped_saying_so_not_a_hang(twenty_documents, tmp_path):
+    """20 documents under data.split "98,2,0": Megatron-Core would loop forever building the
+    empty validation split; the run says validation is skipped and trains."""
+    from tests.train_helpers import metrics, pretrain, tiny_run_config
+
+    cfg = tiny_run_config(tmp_path, twenty_documents, data={"split": "98,2,0"},
+                          train={"iters": 2, "eval_interval": 1}, optimizer={"warmup_iters": None},
+                          logging={"wandb": "disabled"}, checkpoint={"enable": False})
+    proc = pretrain(cfg, timeout=180)
+    note = (f"validation skipped: data.split '98,2,0' leaves no validation documents in {twenty_documents} "
+            f"(20 documents); a larger validation share (e.g. data.split=90,10,0) gives some.")
+    assert note in proc.stdout.splitlines()
+    logged = metrics(tmp_path / "run")
+    assert [m["step"] for m in logged if "loss" in m] == [1, 2]
+    assert not any("val_loss" in m for m in logged)

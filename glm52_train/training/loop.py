@@ -38,6 +38,8 @@ def pretrain(cfg: RunConfig) -> int:
                               checkpointer.dir if checkpointer.enable else None))
     state = checkpointer.resume()
     data = setup.Data(cfg, parts, state.consumed_samples)
+    if data.note:
+        logger.message(data.note)
     logger.start(state.iteration, cfg.to_dict())
     metrics = Metrics(cfg, parts, logger)
     profiler = StepProfiler(cfg.logging.profile_at, cfg.logging.profile_steps, logger.run_dir, parts.chunks,

@@ -16,7 +16,7 @@ from megatron.core.transformer.module import Float16Module
 
 from glm52_train import compat, parallel
 from glm52_train.config import ConfigError, ModelConfig
-from glm52_train.data.loader import build_datasets, check_data, dataloader
+from glm52_train.data.loader import build_datasets, check_data, check_splits, dataloader, read_documents
 from glm52_train.data.tokenizer import Tokenizer
 from glm52_train.model.build import build_model, transformer_config
 from glm52_train.run_config import RunConfig
@@ -108,6 +108,8 @@ class Data:
         gbs = cfg.train.global_batch_size
         evals = cfg.train.iters // cfg.train.eval_interval + 1
         self.micro_batch_size, self.num_chunks = cfg.train.micro_batch_size, len(parts.chunks)
+        paths = [s.path for s in cfg.data.blend]
+        self.note = check_splits(cfg, {p: read_documents(p) for p in paths})  # validation skipped, or None
         train, self.valid = build_datasets(cfg, parts.tokenizer, cfg.train.iters * gbs, evals * cfg.train.eval_iters * gbs)
         self.train = self._iterators(train, consumed_samples, cfg.data.num_workers)
 
