@@ -59,12 +59,17 @@ def cmd_verify_hf(args) -> int:
     return 0 if result.ok else 1
 
 
+PREPARE_DEFAULT_PREFIX = "data/cache/stdlib"  # the embedded corpus `make train` trains on
+
+
 def cmd_prepare_data(args) -> int:
-    from glm52_train.data.prepare import prepare_data
+    from glm52_train.data.prepare import prepare_data, refuse_existing
 
     inputs = list(args.input or [])
     if not inputs and not args.embedded:
         raise ConfigError("give --input files or --embedded.")
+    if not args.overwrite:  # before anything is written, the embedded corpus included
+        refuse_existing(args.output_prefix, default=args.output_prefix == PREPARE_DEFAULT_PREFIX)
     if not 0 <= args.max_bad_share <= 1:
         raise ConfigError(f"--max-bad-share must be between 0 and 1, got {args.max_bad_share:g}.")
     if args.embedded:
@@ -75,6 +80,7 @@ def cmd_prepare_data(args) -> int:
     meta = prepare_data(
         inputs, args.output_prefix, args.tokenizer, text_key=args.text_key, workers=args.workers,
         eod_token=args.eod_token, min_tokens=args.min_tokens, max_bad_share=args.max_bad_share,
+        overwrite=args.overwrite,
     )
     for note in meta["skipped_rows_notes"]:
         print(f"skipped {note}", file=sys.stderr)
@@ -305,8 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedded", action="store_true",
                    help="add the embedded corpus (the Python standard library's sources), written as "
                         "PREFIX.embedded.jsonl beside the output")
-    p.add_argument("--output-prefix", default="data/cache/stdlib", metavar="PREFIX",
+    p.add_argument("--output-prefix", default=PREPARE_DEFAULT_PREFIX, metavar="PREFIX",
                    help="writes PREFIX.bin, PREFIX.idx and PREFIX.json (and caches beside them)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset already at PREFIX (without it, an existing one is refused)")
     p.add_argument("--tokenizer", default="data/tokenizer/tokenizer.json", help="a tokenizers JSON file or its folder")
     p.add_argument("--text-key", default="text", help="the field holding each document's text (json/parquet)")
     p.add_argument("--workers", type=int, default=None, help="tokenizing processes (unset: the cores, at most 8)")

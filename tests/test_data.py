@@ -251,3 +251,71 @@ def test_an_empty_validation_split_is_skipped_saying_so_not_a_hang(twenty_docume
     logged = metrics(tmp_path / "run")
     assert [m["step"] for m in logged if "loss" in m] == [1, 2]
     assert not any("val_loss" in m for m in logged)
+
+
+def test_an_existing_dataset_is_refused_without_overwrite(tmp_path, monkeypatch, capsys):
+    """prepare-data never replaces a dataset unasked: the output prefix given, or the default
+    one (data/cache/stdlib, the corpus `make train` trains on), is refused in one sentence with
+    its files untouched; --overwrite replaces it."""
+    src = tmp_path / "a.jsonl"
+    src.write_text(json.dumps({"text": "def f(x):\n    return x\n"}) + "\n")
+    prefix = str(tmp_path / "out" / "ds")
+    args = ["prepare-data", "--input", str(src), "--output-prefix", prefix, "--tokenizer", TOKENIZER, "--workers", "1"]
+    assert glm52(args) == 0
+    capsys.readouterr()
+    before = {s: Path(prefix + s).read_bytes() for s in (".bin", ".idx", ".json")}
+    assert glm52(args) == 2
+    assert _stderr_errors(capsys.readouterr().err) == [
+        f"glm52 prepare-data: error: {prefix} already holds a dataset ({prefix}.bin, .idx, .json); pass "
+        "--overwrite to replace it, or give another --output-prefix."]
+    assert {s: Path(prefix + s).read_bytes() for s in before} == before
+    src.write_text(json.dumps({"text": "import os\n"}) + "\n")
+    assert glm52(args + ["--overwrite"]) == 0
+    assert _docs(prefix) == [Tokenizer(TOKENIZER).tokenize("import os\n") + [Tokenizer(TOKENIZER).eod]]
+
+    monkeypatch.chdir(tmp_path)  # a checkout whose embedded corpus exists
+    (tmp_path / "data" / "cache").mkdir(parents=True)
+    for suffix in (".bin", ".idx", ".json"):
+        (tmp_path / "data" / "cache" / f"stdlib{suffix}").write_text("mine")
+    assert glm52(["prepare-data", "--embedded"]) == 2
+    assert _stderr_errors(capsys.readouterr().err) == [
+        "glm52 prepare-data: error: data/cache/stdlib (the default --output-prefix) already holds a dataset "
+        "(data/cache/stdlib.bin, .idx, .json); pass --overwrite to replace it, or give another --output-prefix."]
+    assert sorted(p.name for p in (tmp_path / "data" / "cache").iterdir()) == ["stdlib.bin", "stdlib.idx", "stdlib.json"]
+    assert all(p.read_text() == "mine" for p in (tmp_path / "data" / "cache").iterdir())
+
+
+def test_make_data_builds_a_missing_corpus_and_leaves_an_existing_one(tmp_path):
+    """The Makefile's `data` target: on a fresh clone it runs prepare-data (with --overwrite:
+    make only gets there when the corpus is missing or older than the tokenizer); when the
+    corpus exists, nothing (make's own check of the target file)."""
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    from tests.train_helpers import ROOT
+
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / "data" / "tokenizer").mkdir(parents=True)
+    shutil.copy(TOKENIZER, tmp_path / "data" / "tokenizer" / "tokenizer.json")
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "python").symlink_to("/bin/true")
+    time.sleep(0.01)
+    (tmp_path / ".venv" / ".installed").touch()  # set up
+
+    def make(*args):
+        return subprocess.run(["make", *args, "data"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    dry = make("-n")
+    assert dry.returncode == 0 and dry.stdout.splitlines() == [
+        ".venv/bin/glm52 prepare-data --embedded --output-prefix data/cache/stdlib --overwrite"]
+    (tmp_path / "data" / "cache").mkdir()
+    for suffix in (".bin", ".idx", ".json"):
+        (tmp_path / "data" / "cache" / f"stdlib{suffix}").write_text("made")
+    assert make("-q").returncode == 0  # up to date: `make data` runs nothing
+    os.utime(tmp_path / ".venv" / ".installed")  # a later `make setup` does not re-tokenize either
+    assert make("-q").returncode == 0
