@@ -220,13 +220,17 @@ def read_dataset_meta(prefix: str) -> dict:
     except json.JSONDecodeError as e:
         raise ConfigError(f"dataset {prefix}: {prefix}.json is damaged ({e}).") from None
     try:
-        index = IndexedDataset(prefix, mmap=True)
+        # Megatron-Core's IndexedDataset.__del__ deletes attributes that a failed __init__ never
+        # set, printing "Exception ignored in ... AttributeError" after our sentence: preset them.
+        index = IndexedDataset.__new__(IndexedDataset)
+        index.index = index.bin_reader = None
+        index.__init__(prefix, mmap=True)
         lengths = index.sequence_lengths
         itemsize = index.index.dtype_size
         dtype = index.index.dtype
         n_docs = len(index.document_indices) - 1
     except Exception as e:  # noqa: BLE001 - IndexedDataset asserts on bad headers
-        raise ConfigError(f"dataset {prefix}: {prefix}.idx is corrupt ({type(e).__name__}: {e}).") from None
+        raise ConfigError(f"dataset {prefix}: {prefix}.idx is truncated or corrupt ({type(e).__name__}: {e}).") from None
     expected_bytes = int(np.asarray(lengths, dtype=np.int64).sum()) * itemsize
     actual_bytes = Path(prefix + ".bin").stat().st_size
     if actual_bytes != expected_bytes:
