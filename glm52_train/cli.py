@@ -100,6 +100,13 @@ def cmd_pretrain(args) -> int:
     if args.init_from is not None:
         overrides.append(f"checkpoint.init_from={args.init_from}")
     cfg = load_run_config(args.config, overrides)
+    if args.check_config:
+        from glm52_train.training.setup import check_run
+
+        world = check_run(cfg)
+        print(f"{args.config}: the run config, its tokenizer and data check out for {world} "
+              f"process{'es' if world > 1 else ''}.")
+        return 0
     with faults.name_hung_ranks(cfg.train.collective_timeout_minutes):
         return pretrain(cfg)
 
@@ -333,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (the newest good checkpoint), none, or a checkpoint path (unset: checkpoint.resume)")
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start from these weights with a fresh optimizer, schedule and data position")
+    p.add_argument("--check-config", action="store_true",
+                   help="check the config, its tokenizer and data for WORLD_SIZE processes, then exit "
+                        "(launch/torchrun.sh runs this once before torchrun)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.iters=50")
     p.set_defaults(func=cmd_pretrain)
 

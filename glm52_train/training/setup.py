@@ -57,6 +57,17 @@ def build(cfg: RunConfig) -> TrainingParts:
     return TrainingParts(model_cfg, tokenizer, chunks, optimizer, scheduler, expert_load, num_microbatches)
 
 
+def check_run(cfg: RunConfig) -> int:
+    """What `build` refuses before it joins a process group, without one: the config for the
+    WORLD_SIZE processes of the launch, the host memory of the LOCAL_WORLD_SIZE ones on this
+    machine, the tokenizer and every dataset of the blend. Returns the world size checked."""
+    world = parallel.world_size_from_env()
+    cfg.validate(world)
+    check_host_memory(cfg)
+    check_data(cfg, cfg.model_config(), Tokenizer(cfg.data.tokenizer))
+    return world
+
+
 def available_host_memory() -> int | None:
     """Bytes this machine can still give (MemAvailable), or None where /proc/meminfo is absent."""
     try:
