@@ -90,6 +90,18 @@ def cmd_prepare_data(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
+    from glm52_train.training.stop import StopSignals
+
+    if not args.check_config:  # first: a stop signal during the imports is not lost
+        signals = StopSignals()
+        try:
+            return _pretrain(args, signals)
+        finally:
+            signals.close()
+    return _pretrain(args, None)
+
+
+def _pretrain(args, signals) -> int:
     from glm52_train.run_config import load_run_config
     from glm52_train.training import faults
     from glm52_train.training.loop import pretrain
@@ -108,7 +120,7 @@ def cmd_pretrain(args) -> int:
               f"process{'es' if world > 1 else ''}.")
         return 0
     with faults.name_hung_ranks(cfg.train.collective_timeout_minutes):
-        return pretrain(cfg)
+        return pretrain(cfg, signals)
 
 
 def cmd_init_weights(args) -> int:
@@ -420,6 +432,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"glm52 {args.command}: interrupted (Ctrl-C).", file=sys.stderr, flush=True)
         return 130
+    except BaseException as e:
+        from glm52_train.training.stop import SetupStopped
+
+        if not isinstance(e, SetupStopped):
+            raise
+        print(e.sentence(), file=sys.stderr, flush=True)
+        return 0
 
 
 if __name__ == "__main__":

@@ -119,6 +119,9 @@ class Data:
         gbs = cfg.train.global_batch_size
         evals = cfg.train.iters // cfg.train.eval_interval + 1
         self.micro_batch_size, self.num_chunks = cfg.train.micro_batch_size, len(parts.chunks)
+        from glm52_train.training import faults
+
+        faults.hang_in_setup()  # GLM52_FAULT_HANG_IN_SETUP (tests); nothing when unset
         paths = [s.path for s in cfg.data.blend]
         self.note = check_splits(cfg, {p: read_documents(p) for p in paths})  # validation skipped, or None
         train, self.valid = build_datasets(cfg, parts.tokenizer, cfg.train.iters * gbs, evals * cfg.train.eval_iters * gbs)
