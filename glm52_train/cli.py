@@ -8,8 +8,10 @@ import os
 import sys
 import warnings
 
-from glm52_train.checkpoint import CheckpointError
 from glm52_train.config import ConfigError
+
+# torch and Megatron-Core are imported by the commands that use them, never here: `glm52 --help`,
+# `info` and `plan` answer without them (tests/test_cli.py::test_light_commands_import_no_torch).
 
 
 def _quiet() -> None:
@@ -27,7 +29,17 @@ def cmd_info(args) -> int:
     from glm52_train.config import get_model_config
     from glm52_train.model.info import format_info, model_info
 
-    info = model_info(get_model_config(args.model), seq_len=args.seq_len)
+    if args.config or args.overrides:
+        from glm52_train.run_config import load_run_config
+
+        if args.model:
+            raise ConfigError("give --model NAME or --config FILE [key=value ...], not both.")
+        model = load_run_config(args.config, list(args.overrides)).model_config()
+    elif not args.model:
+        raise ConfigError("give --model NAME or --config FILE.")
+    else:
+        model = get_model_config(args.model)
+    info = model_info(model, seq_len=args.seq_len)
     print(json.dumps(info.to_dict(), indent=2) if args.json else format_info(info))
     return 0
 
@@ -44,10 +56,34 @@ def cmd_export_hf(args) -> int:
     from glm52_train.hf.interop import export_hf
 
     done = export_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_gb=args.max_shard_gb,
-                     on_damaged=args.on_damaged, warn=lambda text: print(text, file=sys.stderr))
+                     on_damaged=args.on_damaged, warn=lambda text: print(text, file=sys.stderr),
+                     tokenizer=args.tokenizer)
     if done.stale_removed:
         print(f"removed {len(done.stale_removed)} shard(s) of an earlier export from {done.out}")
-    print(f"exported iteration {done.iteration} ({done.checkpoint}) -> {done.out}")
+    if done.dtype != done.saved_dtype:
+        print(f"converted the checkpoint's {done.saved_dtype} weights to {done.dtype} (--dtype {args.dtype})")
+    if done.tokenizer_note:
+        print(f"note: {done.tokenizer_note}", file=sys.stderr)
+    tokenizer = f", tokenizer {done.tokenizer}" if done.tokenizer else ""
+    print(f"exported iteration {done.iteration} ({done.checkpoint}) -> {done.out} ({done.dtype}{tokenizer})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from glm52_train.inference import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.ckpt, args.data, iters=args.iters, micro_batch_size=args.micro_batch_size,
+                                 split=args.split, seq_length=args.seq_length, tokenizer=args.tokenizer)
+    print(json.dumps(result.to_dict()) if args.json else result.describe())
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from glm52_train.inference import generate
+
+    result = generate(args.ckpt, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, seed=args.seed, tokenizer=args.tokenizer)
+    print(json.dumps(result.to_dict()) if args.json else result.prompt + result.text)
     return 0
 
 
@@ -263,6 +299,20 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    from glm52_train import run_config
+
+    if args.action == "keys":
+        print(run_config.format_keys())
+        return 0
+    cfg = run_config.load_run_config(args.config, list(args.overrides))
+    cfg.model_config().validate()
+    print(f"# {args.config or 'the defaults'}{' with ' + ' '.join(args.overrides) if args.overrides else ''}: "
+          "the config glm52 pretrain runs (checked against the world size when it starts)")
+    print(run_config.dump_config(cfg), end="")
+    return 0
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """Every option's help ends with its default, where it has one."""
 
@@ -274,9 +324,22 @@ class _HelpFormatter(argparse.HelpFormatter):
         return text
 
 
-def _subcommand(sub, name: str, summary: str, description: str = ""):
+class _KeysHelpFormatter(_HelpFormatter):
+    """Keeps the epilog (the table of run-config keys) as written."""
+
+    def _fill_text(self, text, width, indent):
+        return text if "\n" in text else super()._fill_text(text, width, indent)
+
+
+def _subcommand(sub, name: str, summary: str, description: str = "", epilog: str | None = None):
     return sub.add_parser(name, help=summary, description=f"{summary}.{' ' + description if description else ''}",
-                          formatter_class=_HelpFormatter)
+                          epilog=epilog, formatter_class=_KeysHelpFormatter if epilog else _HelpFormatter)
+
+
+def _keys_epilog() -> str:
+    from glm52_train.run_config import format_keys
+
+    return "run-config keys (give any as key=value; `glm52 config keys` prints this table):\n" + format_keys()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,8 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     models = ", ".join(MODELS)
 
-    p = _subcommand(sub, "info", "parameter counts, FLOPs per token and layer layout of a model")
-    p.add_argument("--model", required=True, help=f"a model flavor: {models}")
+    p = _subcommand(sub, "info", "architecture, parameter counts and FLOPs per token of a model",
+                    "The model is a flavor (--model), or a run config's (--config, with model.FIELD=VALUE overrides).")
+    p.add_argument("--model", default=None, help=f"a model flavor: {models}")
+    p.add_argument("--config", default=None, help="the model of this run config (its model section)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="with --config: overrides, e.g. model.num_layers=6")
     p.add_argument("--seq-len", type=int, default=4096, help="sequence length the FLOPs per token are counted at")
     p.add_argument("--json", action="store_true", help="print JSON (keys include total_params, active_params)")
     p.set_defaults(func=cmd_info)
@@ -346,7 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare_data)
 
     p = _subcommand(sub, "pretrain", "train from a YAML run config with key=value overrides",
-                    "Any run-config key can be overridden as section.key=value, before or after the options.")
+                    "Any run-config key can be overridden as section.key=value, before or after the options; "
+                    "`glm52 config show --config FILE key=value ...` prints the config a run would use.",
+                    epilog=_keys_epilog())
     p.add_argument("--config", required=True, help="a run config YAML, e.g. configs/tiny.yaml")
     p.add_argument("--resume", default=None,
                    help="auto (the newest good checkpoint), none, or a checkpoint path (unset: checkpoint.resume)")
@@ -357,6 +425,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "(launch/torchrun.sh runs this once before torchrun)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.iters=50")
     p.set_defaults(func=cmd_pretrain)
+
+    p = _subcommand(sub, "config", "list the run-config keys, or print the config a run would use",
+                    "`glm52 config keys`: every key with its type, default and meaning; `glm52 config show --config "
+                    "FILE [key=value ...]`: the effective config as YAML.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION",
+                               help="keys (every run-config key) or show (the effective config)")
+    keys = actions.add_parser("keys", help="every run-config key with its type, default and meaning",
+                              description="Every run-config key with its type, default and meaning.")
+    keys.set_defaults(func=cmd_config)
+    show = actions.add_parser("show", help="the effective config of --config with key=value overrides, as YAML",
+                              description="The effective config of --config with key=value overrides, as YAML.",
+                              formatter_class=_HelpFormatter)
+    show.add_argument("--config", default=None, help="a run config YAML (unset: the defaults)")
+    show.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.iters=50")
+    show.set_defaults(func=cmd_config)
 
     p = _subcommand(sub, "init-weights", "initialise a model once, as a weights checkpoint",
                     "Runs under any parallel layout can start from it (pretrain --init-from).")
@@ -375,13 +458,43 @@ def build_parser() -> argparse.ArgumentParser:
                     "Runs under torchrun too: each process converts a share of the tensors.")
     p.add_argument("--ckpt", required=True, help="a checkpoint folder, or a root holding 'latest'")
     p.add_argument("--out", required=True, help="HF folder to write (config.json, safetensors shards, index)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-                   help="dtype of the written tensors")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"],
+                   help="dtype of the written tensors (unset: the checkpoint's own, e.g. fp32 for CPU training)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer files to write beside the weights (unset: the run's data.tokenizer)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, GB")
     p.add_argument("--on-damaged", choices=["stop", "fallback"], default="stop",
                    help="when the newest checkpoint of --ckpt is damaged: stop, or export the newest good one "
                         "after a warning")
     p.set_defaults(func=cmd_export_hf)
+
+    p = _subcommand(sub, "eval", "LM loss and perplexity of a checkpoint on an indexed dataset",
+                    "The model is the one the checkpoint's run config describes; the batches are read as "
+                    "the training loop reads its validation data.")
+    p.add_argument("--ckpt", required=True, help="a checkpoint folder, or a root holding 'latest'")
+    p.add_argument("--data", required=True, metavar="PREFIX", help="a dataset made by prepare-data (PREFIX.bin/.idx)")
+    p.add_argument("--iters", type=int, default=10, help="batches to evaluate")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="sequences per batch (unset: the run's train.micro_batch_size)")
+    p.add_argument("--split", default="0,100,0",
+                   help="evaluate the validation part of this train,validation,test split of PREFIX's documents "
+                        "(the run's data.split, e.g. 98,2,0, gives the documents it validated on)")
+    p.add_argument("--seq-length", type=int, default=None, help="tokens per sequence (unset: the run's data.seq_length)")
+    p.add_argument("--tokenizer", default=None, help="the dataset's tokenizer (unset: the run's data.tokenizer)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (keys include loss, perplexity)")
+    p.set_defaults(func=cmd_eval)
+
+    p = _subcommand(sub, "generate", "continue a prompt with a checkpoint's model (greedy or sampled)",
+                    "Prints the prompt and its continuation; stops at the end-of-document token.")
+    p.add_argument("--ckpt", required=True, help="a checkpoint folder, or a root holding 'latest'")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to add")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the most likely token); above 0: sampled")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only (0: all)")
+    p.add_argument("--seed", type=int, default=1234, help="sampling seed")
+    p.add_argument("--tokenizer", default=None, help="a tokenizers JSON file (unset: the run's data.tokenizer)")
+    p.add_argument("--json", action="store_true", help="print JSON (prompt, text, prompt_tokens, tokens, stopped)")
+    p.set_defaults(func=cmd_generate)
 
     p = _subcommand(sub, "verify-hf", "compare our logits with transformers' on a HF folder",
                     "Exit status 0 when they agree within the tolerance, 1 when not.")
@@ -409,6 +522,30 @@ def _error(command: str, error: Exception) -> int:
     return 2
 
 
+def _dashed_key(argv: list[str]) -> str | None:
+    """`--train.iters 10` (or `--train.iters=10`) to a command taking run-config overrides: the
+    sentence pointing at `train.iters=10`, or None. No option of glm52 has a dot in its name."""
+    if not argv or argv[0] not in ("pretrain", "config", "info"):
+        return None
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return None
+        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            key, _, value = arg[2:].partition("=")
+            if not value:
+                following = argv[i + 1] if i + 1 < len(argv) else ""
+                value = following if following and not following.startswith("-") and "=" not in following else "VALUE"
+            return f"unrecognized argument {arg}: run-config keys are given as key=value, without dashes: {key}={value}"
+    return None
+
+
+def _user_error(error: Exception) -> bool:
+    """A bad config or an unusable checkpoint: one sentence, not a traceback. CheckpointError can
+    only come from glm52_train.checkpoint, so its module is looked up only once it is loaded."""
+    checkpoint = sys.modules.get("glm52_train.checkpoint")
+    return isinstance(error, ConfigError) or (checkpoint is not None and isinstance(error, checkpoint.CheckpointError))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         _quiet()
@@ -416,18 +553,24 @@ def main(argv: list[str] | None = None) -> int:
         print("glm52: interrupted (Ctrl-C).", file=sys.stderr, flush=True)
         return 130
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    dotted = _dashed_key(argv)
+    if dotted:
+        return _error(argv[0], dotted)
     args, extra = parser.parse_known_args(argv)
     if extra:
         # argparse takes positionals only before or after all options: `pretrain --resume X a=1`
         # leaves the overrides after the options over. Every other extra is an error.
-        if args.command == "pretrain" and all("=" in e and not e.startswith("-") for e in extra):
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError) as e:
+    except Exception as e:
+        if not _user_error(e):
+            raise
         return _error(args.command, e)
     except KeyboardInterrupt:
         print(f"glm52 {args.command}: interrupted (Ctrl-C).", file=sys.stderr, flush=True)

@@ -8,14 +8,53 @@ width but is cut down in depth, experts and vocabulary so that training fits one
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
+import difflib
+import functools
+import inspect
+import io
+import textwrap
+import tokenize
 from dataclasses import dataclass
 from typing import Any
 
 
 class ConfigError(ValueError):
     """A configuration that cannot work; the message is one sentence saying why."""
+
+
+def closest(word: str, choices) -> str | None:
+    """The choice a misspelt `word` most likely meant, or None when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+@functools.cache
+def field_help(cls) -> dict[str, str]:
+    """Each field's one-line description, read from the class's source: the comment ending the
+    field's line, or else the comment lines right above it. The comments are the one source of
+    truth for `glm52 config keys` and `glm52 pretrain --help`."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    trailing, alone = {}, {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            (trailing if tok.line[: tok.start[1]].strip() else alone)[tok.start[0]] = text
+    out = {}
+    for node in ast.parse(source).body[0].body:
+        if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
+            continue
+        lines = [trailing[n] for n in range(node.lineno, node.end_lineno + 1) if n in trailing]
+        if not lines:
+            row, above = node.lineno - 1, []
+            while row in alone:
+                above.insert(0, alone[row])
+                row -= 1
+            lines = above
+        out[node.target.id] = " ".join(lines)
+    return out
 
 
 def index_share_pattern(num_layers: int, topk_freq: int, skip_topk_offset: int) -> str:
@@ -33,46 +72,46 @@ class ModelConfig:
     """Architecture of a GLM-5.2-family model. Field names follow the paper's vocabulary; the HF
     names they map to are in `glm52_train/hf/mapping.py`. Frozen: a variant is `replace(...)`."""
 
-    name: str = "custom"
-    vocab_size: int = 154880
-    hidden_size: int = 6144
-    num_layers: int = 78
-    num_dense_layers: int = 3
-    dense_ffn_size: int = 12288
+    name: str = "custom"  # shown in logs and folders; a modified flavor is named FLAVOR+field=value
+    vocab_size: int = 154880  # embedding rows (at least the tokenizer's vocabulary)
+    hidden_size: int = 6144  # model width
+    num_layers: int = 78  # decoder layers (MTP layers not counted)
+    num_dense_layers: int = 3  # the first layers, with a dense MLP instead of experts
+    dense_ffn_size: int = 12288  # SwiGLU width of a dense layer's MLP
     # Multi-head latent attention
-    num_heads: int = 64
-    q_lora_rank: int = 2048
-    kv_lora_rank: int = 512
-    qk_nope_dim: int = 192
-    qk_rope_dim: int = 64
-    v_head_dim: int = 256
+    num_heads: int = 64  # attention heads
+    q_lora_rank: int = 2048  # rank of the compressed query (q_a -> q_b)
+    kv_lora_rank: int = 512  # rank of the compressed key-value latent (the KV cache per token)
+    qk_nope_dim: int = 192  # per-head query/key channels without rotary embedding
+    qk_rope_dim: int = 64  # per-head query/key channels with rotary embedding (one key shared by all heads)
+    v_head_dim: int = 256  # per-head value channels
     # DeepSeek sparse attention (lightning indexer) and IndexShare
-    index_heads: int = 32
-    index_head_dim: int = 128
-    index_topk: int = 2048
-    index_pattern: str = ""  # F/S per layer; empty -> derived from freq/offset
-    index_topk_freq: int = 4
-    index_skip_topk_offset: int = 3
+    index_heads: int = 32  # heads of the lightning indexer
+    index_head_dim: int = 128  # channels per indexer head
+    index_topk: int = 2048  # keys each query attends to (DSA top-k)
+    index_pattern: str = ""  # IndexShare per layer: F runs an indexer, S reuses the last F's top-k (empty: freq/offset)
+    index_topk_freq: int = 4  # IndexShare: after the offset, every freq-th layer runs its own indexer
+    index_skip_topk_offset: int = 3  # IndexShare: the first layers that all run their own indexer
     # Mixture of experts
-    num_experts: int = 256
-    moe_topk: int = 8
-    moe_ffn_size: int = 2048
-    num_shared_experts: int = 1
-    routed_scaling_factor: float = 2.5
-    moe_groups: int = 1
-    moe_topk_groups: int = 1
+    num_experts: int = 256  # routed experts per MoE layer
+    moe_topk: int = 8  # routed experts per token
+    moe_ffn_size: int = 2048  # SwiGLU width of one expert (routed or shared)
+    num_shared_experts: int = 1  # experts every token goes through, beside the routed ones
+    routed_scaling_factor: float = 2.5  # scale of the routed experts' weighted sum
+    moe_groups: int = 1  # expert groups for group-limited routing (1: none)
+    moe_topk_groups: int = 1  # groups a token's experts may come from
     # Multi-token prediction: `mtp_layers` distinct modules trained over `mtp_steps` depths
     # (steps beyond the layer count reuse the layers' weights, as GLM-5 does with 1 layer, 3 steps).
-    mtp_layers: int = 1
-    mtp_steps: int = 1
+    mtp_layers: int = 1  # distinct multi-token-prediction modules
+    mtp_steps: int = 1  # extra tokens predicted (depths), reusing the MTP modules
     # Norms, positions, embeddings
-    norm_eps: float = 1e-5
-    latent_norm_eps: float = 1e-6  # q_a / kv_a RMSNorm (the HF reference leaves them at 1e-6)
-    max_position_embeddings: int = 1048576
-    rope_theta: float = 8e6
-    rope_scaling: dict[str, Any] | None = None
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    norm_eps: float = 1e-5  # RMSNorm epsilon of the layers and the final norm
+    latent_norm_eps: float = 1e-6  # epsilon of the q_a / kv_a RMSNorms (the HF reference leaves them at 1e-6)
+    max_position_embeddings: int = 1048576  # longest sequence the rotary embedding is set up for
+    rope_theta: float = 8e6  # rotary embedding base
+    rope_scaling: dict[str, Any] | None = None  # YaRN context extension, as in HF configs (null: none)
+    tie_embeddings: bool = False  # the output head shares the input embedding's weights
+    init_std: float = 0.02  # standard deviation of the initial weights
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -228,6 +267,8 @@ __all__ = [
     "MODELS",
     "GLM52_744B",
     "get_model_config",
+    "closest",
+    "field_help",
     "index_share_pattern",
     "needs_topk_relay",
 ]

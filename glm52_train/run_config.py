@@ -17,38 +17,38 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from glm52_train.config import ConfigError, ModelConfig, get_model_config
+from glm52_train.config import MODELS, ConfigError, ModelConfig, closest, field_help, get_model_config
 from glm52_train.layout import Layout, layout_problems, recompute_problem
 
 
 @dataclass
 class DataSource:
     path: str  # prefix of PREFIX.bin / PREFIX.idx / PREFIX.json
-    weight: float = 1.0
+    weight: float = 1.0  # share of the samples drawn from this dataset (normalised over the blend)
 
 
 @dataclass
 class DataConfig:
-    tokenizer: str = "data/tokenizer/tokenizer.json"
-    blend: list[DataSource] = field(default_factory=list)
-    split: str = "98,2,0"
-    seq_length: int = 4096
+    tokenizer: str = "data/tokenizer/tokenizer.json"  # a tokenizers JSON file or its folder
+    blend: list[DataSource] = field(default_factory=list)  # datasets made by glm52 prepare-data, each {path, weight}
+    split: str = "98,2,0"  # train,validation,test shares of each dataset's documents
+    seq_length: int = 4096  # tokens per sample
     packed: bool = False  # several documents per sample, attention kept within each document
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes (0: load in the training process)
     cache_dir: str | None = None  # where Megatron-Core caches its sample indices
 
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    vpp: int | None = None
-    ep: int = 1
-    etp: int | None = None
-    cp: int = 1
-    sp: bool = False
-    first_stage_layers: int | None = None
-    last_stage_layers: int | None = None
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size
+    vpp: int | None = None  # virtual pipeline stages per pipeline rank (interleaved schedule; null: 1)
+    ep: int = 1  # expert-parallel size
+    etp: int | None = None  # tensor-parallel size inside each expert (null: parallel.tp)
+    cp: int = 1  # context-parallel size (the sequence split over ranks)
+    sp: bool = False  # sequence parallelism over the tensor-parallel ranks (needs tp > 1)
+    first_stage_layers: int | None = None  # decoder layers on the first pipeline stage (null: an even split)
+    last_stage_layers: int | None = None  # decoder layers on the last pipeline stage (null: an even split)
     # Megatron-Core's pipeline_model_parallel_layout, e.g. "Et|tt|tmL" (E embedding, t decoder
     # layer, m MTP step, L loss; | between stages; PP x VPP stages): instead of the counts above
     layout: str | None = None
@@ -56,23 +56,23 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = 1234
-    micro_batch_size: int = 1
-    global_batch_size: int = 8
-    iters: int = 1000
-    eval_interval: int = 100
-    eval_iters: int = 8
-    log_interval: int = 10
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    seed: int = 1234  # initialisation and data-order seed
+    micro_batch_size: int = 1  # sequences per micro-batch on each data-parallel rank
+    global_batch_size: int = 8  # sequences per optimizer step, over all ranks and micro-batches
+    iters: int = 1000  # optimizer steps of the whole run
+    eval_interval: int = 100  # steps between validation passes
+    eval_iters: int = 8  # global batches per validation pass
+    log_interval: int = 10  # steps between log lines
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # weights and compute (auto: bf16 on GPU, fp32 on CPU)
     # blockwise: DeepSeek-V3's FP8 recipe on torch (glm52_train/model/fp8.py), emulated on CPUs;
     # te-e4m3 / te-hybrid: Transformer Engine's recipes (TE importable on a GPU); null: no FP8
     fp8: Literal["blockwise", "te-e4m3", "te-hybrid"] | None = None
-    transformer_engine: Literal["auto", "on", "off"] = "auto"
-    clip_grad: float = 1.0
-    recompute: Literal["full", "selective"] | None = None
+    transformer_engine: Literal["auto", "on", "off"] = "auto"  # auto: TE's layers where importable on a GPU
+    clip_grad: float = 1.0  # largest global gradient norm (0: no clipping)
+    recompute: Literal["full", "selective"] | None = None  # activation recomputation (null: none)
     # selective: Megatron-Core's recompute modules this stack honours (mla_up_proj, mlp, moe, shared_experts)
     recompute_modules: list[str] = field(default_factory=lambda: ["mla_up_proj"])
-    freeze: Literal["all_but_indexer"] | None = None  # the DSA dense warm-up
+    freeze: Literal["all_but_indexer"] | None = None  # all_but_indexer: train only the DSA indexers (the dense warm-up)
     max_skipped_steps: int = 10  # consecutive non-finite steps before the run stops
     exit_after_iters: int | None = None  # stop (with a checkpoint) after this many steps of this run
     collective_timeout_minutes: float = 30.0  # a collective waiting longer ends the run, naming the ranks that hung
@@ -80,34 +80,32 @@ class TrainConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["adamw", "muon"] = "adamw"
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    schedule: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
-    # null: warmup_fraction of the decay length (Megatron-LM's --lr-warmup-fraction), so a shortened
-    # run keeps a proportionate warm-up; a number is used as given and must be below the decay length
-    warmup_iters: int | None = None
-    warmup_fraction: float = 0.1  # used when warmup_iters is null
-    decay_iters: int | None = None  # default: train.iters
+    name: Literal["adamw", "muon"] = "adamw"  # the optimizer
+    lr: float = 3e-4  # peak learning rate, reached at the end of the warm-up
+    min_lr: float = 3e-5  # learning rate at the end of the decay
+    weight_decay: float = 0.1  # decoupled weight decay (not on norms and biases)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
+    schedule: Literal["cosine", "wsd", "linear", "constant"] = "cosine"  # learning-rate decay after the warm-up
+    warmup_iters: int | None = None  # steps of linear warm-up from 0 to lr (null: warmup_fraction of the decay length)
+    warmup_fraction: float = 0.1  # warm-up share of the decay length when warmup_iters is null (Megatron-LM's --lr-warmup-fraction)
+    decay_iters: int | None = None  # steps of warm-up plus decay (null: train.iters)
     wsd_decay_iters: int | None = None  # the final decay of WSD (default 10% of decay_iters)
     # optimizer.name=muon (glm52_train/training/muon.py): Muon for 2-D hidden matrices, AdamW
     # (lr, betas, eps above) for the rest, one schedule and weight decay for both
-    muon_momentum: float = 0.95
-    muon_nesterov: bool = True
+    muon_momentum: float = 0.95  # Muon's momentum
+    muon_nesterov: bool = True  # Nesterov momentum for Muon
     muon_ns_steps: int = 5  # Newton-Schulz iterations
-    muon_ns_coeffs: list[float] = field(default_factory=lambda: [3.4445, -4.7750, 2.0315])
+    muon_ns_coeffs: list[float] = field(default_factory=lambda: [3.4445, -4.7750, 2.0315])  # Newton-Schulz a, b, c
     muon_rms_scale: float = 0.2  # update = rms_scale * sqrt(max(m, n)) * orth(U): RMS 0.2, like AdamW's
     muon_split_heads: bool = True  # MLA q/kv up-projections orthogonalised per head (GLM-5)
 
 
 @dataclass
 class DSAConfig:
-    mode: Literal["sparse", "warmup"] = "sparse"
-    loss_coeff: float = 1.0
+    mode: Literal["sparse", "warmup"] = "sparse"  # warmup: dense attention while the indexer learns (with train.freeze)
+    loss_coeff: float = 1.0  # weight of the indexer's KL loss
     backend: Literal["auto", "torch", "triton"] = "auto"  # auto: Triton on GPU, the PyTorch references on CPU
 
 
@@ -119,15 +117,15 @@ class MoEConfig:
 
 @dataclass
 class MTPConfig:
-    loss_scale: float = 0.3
+    loss_scale: float = 0.3  # weight of the multi-token-prediction loss
 
 
 @dataclass
 class CheckpointConfig:
     enable: bool = True  # false: neither resume nor save (benchmarks, smoke runs)
-    dir: str | None = None
-    interval: int = 1000
-    keep_last: int | None = 3
+    dir: str | None = None  # default checkpoints/<run name>
+    interval: int = 1000  # steps between saves (and one at the end)
+    keep_last: int | None = 3  # checkpoints kept, the newest (null: all)
     resume: str | None = "auto"  # auto | none | PATH
     init_from: str | None = None  # weights only: fresh optimizer, schedule and data position
     on_damaged: Literal["stop", "fallback"] = "stop"  # newest checkpoint damaged: stop, or load the newest good one
@@ -137,13 +135,13 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     run_dir: str | None = None  # default runs/<run name>
-    name: str | None = None
-    wandb: Literal["offline", "online", "disabled"] = "offline"
-    wandb_project: str = "glm52"
-    wandb_entity: str | None = None
-    tensorboard: bool = False
+    name: str | None = None  # the run's name (null: the model's name)
+    wandb: Literal["offline", "online", "disabled"] = "offline"  # Weights & Biases logging
+    wandb_project: str = "glm52"  # W&B project
+    wandb_entity: str | None = None  # W&B entity (null: your default)
+    tensorboard: bool = False  # also write TensorBoard event files into run_dir
     profile_at: int | None = None  # profile steps profile_at .. +profile_steps-1 (run_dir/profile/)
-    profile_steps: int = 3
+    profile_steps: int = 3  # steps profiled from logging.profile_at
 
 
 @dataclass
@@ -171,8 +169,15 @@ class RunConfig:
             known = set(base.to_dict())
             unknown = sorted(set(fields) - known)
             if unknown:
-                raise ConfigError(f"model: unknown field(s) {', '.join(unknown)}.")
-            return base.replace(**fields)
+                meant = closest(unknown[0], known)
+                raise ConfigError(_unknown_key(f"model.{unknown[0]}", f"model.{meant}" if meant else None))
+            hints = get_type_hints(ModelConfig)
+            fields = {k: _coerce(v, hints[k], f"model.{k}") for k, v in fields.items()}
+            model = base.replace(**fields)
+            changed = [k for k in fields if k != "name" and fields[k] != getattr(base, k)]
+            if "base" in self.model and "name" not in fields and changed:  # never called by the flavor's name alone
+                model = model.replace(name=modified_name(base.name, {k: fields[k] for k in changed}))
+            return model
         raise ConfigError(f"model must be a flavor name or a mapping, got {type(self.model).__name__}.")
 
     def decay_length(self) -> int:
@@ -361,6 +366,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+def _unknown_key(key: str, meant: str | None) -> str:
+    hint = f" (did you mean {meant}?)" if meant else ""
+    return f"unknown key {key}{hint}; `glm52 config keys` lists every key."
+
+
 def _build(cls, data: Any, where: str):
     if isinstance(data, cls):
         return data
@@ -370,7 +380,14 @@ def _build(cls, data: Any, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}.")
+        key, prefix = unknown[0], f"{where}." if where else ""
+        below = data[key]
+        tail = next(iter(below)) if isinstance(below, dict) and len(below) == 1 else None
+        meant = closest(key, names)
+        section = get_type_hints(cls).get(meant) if meant else None
+        if tail and dataclasses.is_dataclass(section) and tail in {f.name for f in dataclasses.fields(section)}:
+            key, meant = f"{key}.{tail}", f"{meant}.{tail}"  # `trian.iters` -> `train.iters`
+        raise ConfigError(_unknown_key(prefix + key, prefix + meant if meant else None))
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -389,6 +406,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         node = data
+        if parts[0] == "model" and len(parts) > 1 and not isinstance(data.get("model"), dict):
+            # model.num_layers=6 over the config's flavor (tiny when it names none): a modified flavor
+            data["model"] = {"base": data.get("model", RunConfig.model)}
         for part in parts[:-1]:
             if not isinstance(node.get(part, {}), dict):
                 raise ConfigError(f"override {key}: {part} is not a section.")
@@ -411,3 +431,90 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> Run
             raise ConfigError(f"{path} must hold a mapping of sections.")
     data = apply_overrides(data, overrides or [])
     return _build(RunConfig, data, "")
+
+
+# ---- documentation: `glm52 config keys`, `glm52 pretrain --help`, `glm52 config show` ------------
+
+def modified_name(base: str, changes: dict) -> str:
+    """The name of a flavor with fields changed: `tiny+num_layers=6` (a structured value by its
+    field name alone), so that logs, `info` and `config show` never call it by the flavor's name."""
+    def part(key, value):
+        return key if isinstance(value, (dict, list)) else f"{key}={value}"
+
+    return f"{base}+" + ",".join(part(k, v) for k, v in changes.items())
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin is list:
+        inner = args[0]
+        if dataclasses.is_dataclass(inner):
+            return "list of {" + ", ".join(f.name for f in dataclasses.fields(inner)) + "}"
+        return f"list of {_type_name(inner)}"
+    if origin is not None and type(None) in args:
+        return " or ".join(_type_name(a) if a is not type(None) else "null" for a in args)
+    if origin is dict:
+        return "mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _default_text(value: Any) -> str:
+    if value is dataclasses.MISSING:
+        return "(required)"
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
+@dataclass
+class Key:
+    """One run-config key as `glm52 config keys` lists it."""
+
+    name: str
+    type: str
+    default: str
+    help: str
+
+
+def _section_keys(cls, prefix: str) -> list[Key]:
+    hints, docs, out = get_type_hints(cls), field_help(cls), []
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = f.default
+        out.append(Key(f"{prefix}{f.name}", _type_name(hints[f.name]), _default_text(default), docs.get(f.name, "")))
+    return out
+
+
+def config_keys() -> list[Key]:
+    """Every key of the run config, section by section, then the model's fields (model.*)."""
+    keys = [Key("model", "flavor or mapping", _default_text(RunConfig.model),
+                f"a flavor ({', '.join(MODELS)}) or a mapping of the model.* fields below, "
+                "with base: FLAVOR to start from")]
+    hints = get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _section_keys(hints[f.name], f"{f.name}.")
+    keys += _section_keys(ModelConfig, "model.")
+    return keys
+
+
+def format_keys(keys: list[Key] | None = None) -> str:
+    """The keys as a table, one line each: name, type, default, meaning."""
+    keys = keys if keys is not None else config_keys()
+    name_w = max(len(k.name) for k in keys)
+    type_w = min(max(len(k.type) for k in keys), 22)
+    default_w = min(max(len(k.default) for k in keys), 14)
+    lines = [f"  {'KEY':<{name_w}}  {'TYPE':<{type_w}}  {'DEFAULT':<{default_w}}  MEANING"]
+    for k in keys:
+        if k.name.startswith("model.") and not lines[-1].lstrip().startswith("model."):
+            lines.append("  model.*: the model's fields (override a flavor's as model.FIELD=VALUE; the defaults "
+                         "are glm52-744b's, where a mapping without base starts)")
+        lines.append(f"  {k.name:<{name_w}}  {k.type:<{type_w}}  {k.default:<{default_w}}  {k.help}")
+    return "\n".join(lines)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The effective config as YAML: what `glm52 pretrain` with the same file and overrides runs."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False, width=1000)

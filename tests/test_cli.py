@@ -146,3 +146,81 @@ def test_torchrun_config_error_is_printed_once_last_with_status_2(golden_data, t
     text = log.read_text()
     sentence = "glm52 pretrain: error: train.iters must be a positive whole number, got -5."
     assert text.count(sentence) == 1 and text.rstrip().splitlines()[-1] == sentence, tail(log)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["pretrain", "--help"], ["info", "--model", "glm52-744b"],
+                                  ["plan", "--model", "tiny", "--gpus", "8"],
+                                  ["plan", "--config", "configs/tiny.yaml", "--gpus", "1"]])
+def test_light_commands_import_no_torch(argv):
+    """`glm52 --help`, `info` and `plan` answer in well under 2 s because they import neither torch
+    nor Megatron-Core (checked by what the process imported, not by a clock)."""
+    script = ("import sys; from glm52_train.cli import main\n"
+              "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+              "heavy = sorted(m for m in ('torch', 'megatron', 'megatron.core', 'transformers') if m in sys.modules)\n"
+              "print('HEAVY', heavy, code)")
+    proc = subprocess.run([sys.executable, "-c", script, *argv], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.splitlines()[-1] in ("HEAVY [] 0", "HEAVY [] 1"), proc.stdout[-500:] + proc.stderr[-2000:]
+
+
+def test_pretrain_help_lists_every_run_config_key_with_type_default_and_meaning(capsys):
+    from glm52_train.run_config import config_keys
+
+    with pytest.raises(SystemExit):
+        glm52(["pretrain", "--help"])
+    help_text = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in help_text.splitlines() if line.startswith("  ") and line.split()}
+    keys = config_keys()
+    assert len(keys) > 100 and all(k.help for k in keys), [k.name for k in keys if not k.help]
+    for key in keys:
+        assert key.name in rows, key.name
+        assert rows[key.name].split(None, 1)[1].startswith(key.type) and key.help in rows[key.name], rows[key.name]
+    assert rows["train.iters"].split() == ["train.iters", "int", "1000", "optimizer", "steps", "of", "the", "whole",
+                                           "run"]
+    assert rows["train.precision"].split()[1:3] == ["auto|bf16|fp32", "auto"]
+    assert rows["model.num_layers"].split()[1:3] == ["int", "78"]
+    assert glm52(["config", "keys"]) == 0
+    table = capsys.readouterr().out
+    assert table.strip() in help_text
+
+
+def test_config_show_prints_the_config_a_run_uses(tmp_path, capsys):
+    import yaml
+
+    from glm52_train.run_config import load_run_config
+
+    args = ["--config", "configs/tiny.yaml", "train.iters=7", "model.num_layers=6", "model.index_pattern=FSFSFS"]
+    assert glm52(["config", "show", *args]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# configs/tiny.yaml with train.iters=7 model.num_layers=6 model.index_pattern=FSFSFS: ")
+    shown = yaml.safe_load(out)
+    assert shown["train"]["iters"] == 7 and shown["optimizer"]["lr"] == 3e-3  # tiny.yaml's own lr
+    assert shown["model"]["name"] == "tiny+num_layers=6,index_pattern=FSFSFS" and shown["model"]["num_layers"] == 6
+    again = tmp_path / "shown.yaml"
+    again.write_text(out)
+    assert load_run_config(str(again)).to_dict() == load_run_config(args[1], args[2:]).to_dict()
+
+
+@pytest.mark.parametrize("override, sentence", [
+    ("trian.iters=10", "unknown key trian.iters (did you mean train.iters?)"),
+    ("train.itres=10", "unknown key train.itres (did you mean train.iters?)"),
+    ("optimzer.lr=1e-3", "unknown key optimzer.lr (did you mean optimizer.lr?)"),
+    ("model.num_layerz=6", "unknown key model.num_layerz (did you mean model.num_layers?)"),
+    ("zzz=1", "unknown key zzz"),
+])
+def test_a_misspelt_key_says_did_you_mean(override, sentence, capsys):
+    assert glm52(["pretrain", "--config", "configs/tiny.yaml", override]) == 2
+    assert _errors(capsys.readouterr().err) == [
+        f"glm52 pretrain: error: {sentence}; `glm52 config keys` lists every key."]
+
+
+@pytest.mark.parametrize("argv, meant", [
+    (["pretrain", "--config", "configs/tiny.yaml", "--train.iters", "10"], "train.iters=10"),
+    (["pretrain", "--config", "configs/tiny.yaml", "--optimizer.lr=1e-3", "train.iters=3"], "optimizer.lr=1e-3"),
+    (["config", "show", "--config", "configs/tiny.yaml", "--train.iters"], "train.iters=VALUE"),
+])
+def test_a_dashed_key_points_at_key_value(argv, meant, capsys):
+    assert glm52(argv) == 2
+    (line,) = _errors(capsys.readouterr().err)
+    assert line.startswith(f"glm52 {argv[0]}: error: unrecognized argument --") and line.endswith(
+        f"run-config keys are given as key=value, without dashes: {meant}")

@@ -1,5 +1,7 @@
 """Bad model configs are refused with one sentence naming the problem."""
 
+import dataclasses
+
 import pytest
 
 from glm52_train.config import ConfigError, ModelConfig, get_model_config, index_share_pattern
@@ -37,6 +39,44 @@ def test_round_trip_and_unknown_fields():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="unknown model field"):
         ModelConfig.from_dict({**cfg.to_dict(), "num_layerz": 3})
+
+
+def test_every_model_field_is_documented():
+    """Each ModelConfig field has its one line (the comment on its line), which `glm52 config keys`
+    lists as model.FIELD."""
+    from glm52_train.config import field_help
+    from glm52_train.run_config import config_keys
+
+    docs = field_help(ModelConfig)
+    fields = [f.name for f in dataclasses.fields(ModelConfig)]
+    assert sorted(docs) == sorted(fields)
+    assert all(len(docs[f]) > 8 for f in fields), [f for f in fields if len(docs[f]) <= 8]
+    listed = {k.name: k for k in config_keys()}
+    assert listed["model.index_topk"].help == docs["index_topk"] == "keys each query attends to (DSA top-k)"
+    assert listed["model.index_topk"].type == "int" and listed["model.index_topk"].default == "2048"
+
+
+@pytest.mark.parametrize("overrides, name", [
+    (["model=tiny", "model.num_layers=6", "model.index_pattern=FSFSFS"], "tiny+num_layers=6,index_pattern=FSFSFS"),
+    (["model.base=tiny", "model.moe_topk=2"], "tiny"),  # tiny's own value: not a change
+    (["model.base=tiny", "model.rope_scaling={rope_type: yarn, factor: 2}"], "tiny+rope_scaling"),
+    (["model.base=tiny", "model.hidden_size=256", "model.name=wide"], "wide"),
+    (["model.hidden_size=256"], "tiny+hidden_size=256"),  # over the default flavor
+    (["model={hidden_size: 256}"], "custom"),  # a mapping without base: no flavor to be mistaken for
+])
+def test_a_modified_model_is_named_as_such(overrides, name):
+    from glm52_train.run_config import load_run_config
+
+    assert load_run_config(None, overrides).model_config().name == name
+
+
+def test_unknown_model_field_says_did_you_mean():
+    from glm52_train.run_config import load_run_config
+
+    with pytest.raises(ConfigError) as err:
+        load_run_config(None, ["model.num_layrs=6"]).model_config()
+    assert str(err.value) == ("unknown key model.num_layrs (did you mean model.num_layers?); "
+                              "`glm52 config keys` lists every key.")
 
 
 def test_a_run_shorter_than_its_warm_up_gets_a_proportionate_one():

@@ -220,19 +220,20 @@ def twenty_documents(tmp_path):
 
 
 def test_a_split_without_training_documents_is_one_sentence(twenty_documents):
-    from glm52_train.data.loader import check_data, split_documents
+    from glm52_train.data.loader import split_documents
     from glm52_train.run_config import DataSource, RunConfig
+    from glm52_train.training.setup import check_training_data
 
     assert split_documents("98,2,0", 20) == [20, 0, 0] and split_documents("90,10,0", 20) == [18, 2, 0]
     cfg = RunConfig()
     cfg.data.blend = [DataSource(twenty_documents)]
     cfg.data.split = "1,99,0"
     with pytest.raises(ConfigError) as err:
-        check_data(cfg, get_model_config("tiny"), Tokenizer(TOKENIZER))
+        check_training_data(cfg, get_model_config("tiny"), Tokenizer(TOKENIZER))
     assert str(err.value) == f"data.split '1,99,0' leaves dataset {twenty_documents} (20 documents) no training documents."
     cfg.data.split = "0,1,0"
     with pytest.raises(ConfigError, match=r"the training share above 0"):
-        check_data(cfg, get_model_config("tiny"), Tokenizer(TOKENIZER))
+        check_training_data(cfg, get_model_config("tiny"), Tokenizer(TOKENIZER))
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 transformers' own GLM-5.2 config."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -61,10 +62,44 @@ def test_flops_count_sparse_attention_honestly():
     assert short.flops_breakdown["sparse_attention_fwd"] < long.flops_breakdown["sparse_attention_fwd"]
     assert long.flops_breakdown["sparse_attention_fwd"] < 2 * model_info(cfg, 8192).flops_breakdown["sparse_attention_fwd"]
     assert long.flops_breakdown["indexer_fwd"] > 30 * short.flops_breakdown["indexer_fwd"]
-    assert long.flops_breakdown["dense_attention_fwd_equivalent"] > 10 * long.flops_breakdown["sparse_attention_fwd"]
+    assert long.dense_attention_fwd_equivalent > 10 * long.flops_breakdown["sparse_attention_fwd"]
 
 
 def test_unknown_model_is_one_sentence(capsys):
     assert glm52(["info", "--model", "glm99"]) == 2
     err = capsys.readouterr().err
     assert "unknown model 'glm99'" in err and err.count("\n") == 1
+
+
+def test_info_prints_the_architecture_and_flop_rows_that_add_up(capsys):
+    """`glm52 info` shows what the counts come from, and each FLOP total is the sum of its rows."""
+    assert glm52(["info", "--model", "tiny", "--seq-len", "256"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    text = "\n".join(lines)
+    for row in ("layers             4: 1 dense + 3 MoE  [DMMM]", "hidden size        128, vocabulary 8,192",
+                "attention          MLA, 4 heads", "DSA                top-32 keys per query; indexer 4 heads x 32",
+                "IndexShare         2 full + 2 shared  [FSFS]", "MoE                8 routed experts, top-2, + 1 shared",
+                "MTP                1 layer(s) over 1 step(s)"):
+        assert row in text, row
+
+    def mflops(line):  # the number before the unit: "    3 x MTP forward   7.48 M"
+        return float(re.search(r"\s([\d.,]+) M(\s|$)", line).group(1))
+
+    for total in ("  forward ", "  train "):
+        at = next(i for i, line in enumerate(lines) if line.startswith(total))
+        rows = [mflops(line) for line in lines[at + 1:] if line.startswith("    ")][:4 if "train" in total else 3]
+        assert abs(sum(rows) - mflops(lines[at])) <= 0.01 * len(rows), (total, rows, lines[at])
+
+    assert glm52(["info", "--model", "glm52-744b", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert sum(info["flops_breakdown"].values()) == pytest.approx(info["forward_flops_per_token"], rel=1e-12)
+    assert sum(info["train_flops_breakdown"].values()) == pytest.approx(info["train_flops_per_token"], rel=1e-12)
+    assert info["architecture"]["index_topk"] == 2048 and info["architecture"]["moe_topk"] == 8
+
+
+def test_info_names_a_modified_model(capsys):
+    args = ["info", "--config", "configs/tiny.yaml", "model.num_layers=6", "model.index_pattern=FSFSFS"]
+    assert glm52(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("model              tiny+num_layers=6,index_pattern=FSFSFS\n")
+    assert "layers             6: 1 dense + 5 MoE  [DMMMMM]" in out

@@ -39,12 +39,7 @@ import functools
 import importlib
 import warnings
 
-import torch
-
-from glm52_train.compat import platform, upstream
 from glm52_train.compat.items import ALWAYS, NO_CUDA, NO_TE, PINNED, Item, Patch
-
-ITEMS: tuple[Item, ...] = tuple(sorted(platform.ITEMS + upstream.ITEMS, key=lambda item: item.number))
 
 _installed: dict[str, Patch] = {}
 _applied = False
@@ -54,7 +49,24 @@ class VersionWarning(UserWarning):
     """Megatron-Core is not the version the compatibility items were written against."""
 
 
+@functools.cache
+def _items() -> tuple[Item, ...]:
+    # The items' modules import torch: loaded on first use, so that `import glm52_train` (and
+    # `glm52 --help`, `info`, `plan`) stays free of torch and Megatron-Core.
+    from glm52_train.compat import platform, upstream
+
+    return tuple(sorted(platform.ITEMS + upstream.ITEMS, key=lambda item: item.number))
+
+
+def __getattr__(name: str):
+    if name == "ITEMS":  # the registry, as `compat.ITEMS`
+        return _items()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def cuda_available() -> bool:
+    import torch
+
     return torch.cuda.is_available()
 
 
@@ -85,7 +97,7 @@ def megatron_version() -> str:
 def check_version(version: str | None = None) -> list[Item]:
     """The items not checked against this Megatron-Core version (warns when there are any)."""
     version = version or megatron_version()
-    stale = [i for i in ITEMS if version not in i.versions]
+    stale = [i for i in _items() if version not in i.versions]
     if stale:
         warnings.warn(
             f"megatron-core {version} is not the pinned {PINNED}; re-check compatibility items "
@@ -102,7 +114,7 @@ def apply() -> None:
     if _applied:
         return
     check_version()
-    for candidate in ITEMS:
+    for candidate in _items():
         if candidate.name not in _installed and applies(candidate):
             patch = Patch()
             candidate.install(patch)
@@ -111,7 +123,7 @@ def apply() -> None:
 
 
 def installed() -> list[Item]:
-    return [i for i in ITEMS if i.name in _installed]
+    return [i for i in _items() if i.name in _installed]
 
 
 def describe() -> str:
@@ -135,4 +147,6 @@ def removed(name: str):
 
 @functools.cache
 def default_device() -> torch.device:
+    import torch
+
     return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")

@@ -38,7 +38,8 @@ class _EagerFuserFinder(importlib.abc.MetaPathFinder):
 
         def exec_module(module) -> None:
             run_module(module)
-            module.disable_jit_fuser()
+            if needed():  # torch is imported by now: Megatron-Core imports it first
+                module.disable_jit_fuser()
 
         spec.loader.exec_module = exec_module
         return spec
@@ -54,13 +55,14 @@ def needed() -> bool:
 
 
 def install() -> bool:
-    """Disable Megatron-Core's `torch.compile` decorator on a host without CUDA; True if it did
-    (before Megatron-Core's import, so that no function was compiled)."""
-    if not needed():
-        return False
+    """Disable Megatron-Core's `torch.compile` decorator on a host without CUDA; True when the
+    finder is in place before Megatron-Core's import (so that no function is compiled there).
+    Whether CUDA is present is asked only once `megatron.core.jit` executes (torch is loaded by
+    then), so that `import glm52_train` does not import torch."""
     jit = sys.modules.get(TARGET)
     if jit is not None:  # too late for what is already decorated; later imports get the plain function
-        jit.disable_jit_fuser()
+        if needed():
+            jit.disable_jit_fuser()
         return False
     if _FINDER not in sys.meta_path:
         sys.meta_path.insert(0, _FINDER)

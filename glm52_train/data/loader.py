@@ -40,7 +40,6 @@ def check_data(cfg: RunConfig, model: ModelConfig, tokenizer: Tokenizer) -> list
                 f"{model.name!r}'s {model.vocab_size} embeddings (ids 0-{model.vocab_size - 1})."
             )
         metas.append(meta)
-    check_splits(cfg, {source.path: meta["documents"] for source, meta in zip(cfg.data.blend, metas)})
     return metas
 
 
@@ -89,14 +88,14 @@ def check_splits(cfg: RunConfig, documents: dict[str, int]) -> str | None:
             f"{', '.join(empty_valid)}; a larger validation share (e.g. data.split=90,10,0) gives some.")
 
 
-def build_datasets(cfg: RunConfig, tokenizer: Tokenizer, train_samples: int, valid_samples: int):
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+def dataset_config(cfg: RunConfig, tokenizer: Tokenizer):
+    """Megatron-Core's GPTDatasetConfig of a run's data (the blend, split, seed and sequence)."""
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     paths = [s.path for s in cfg.data.blend]
     weights = [s.weight for s in cfg.data.blend] if len(paths) > 1 else None
     cache = cfg.data.cache_dir or str(Path(paths[0]).parent / "megatron-index-cache")
-    config = GPTDatasetConfig(
+    return GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.data.seq_length,
         blend=(paths, weights),
@@ -109,10 +108,17 @@ def build_datasets(cfg: RunConfig, tokenizer: Tokenizer, train_samples: int, val
         path_to_cache=cache,
         mmap_bin_files=True,
     )
+
+
+def build_datasets(cfg: RunConfig, tokenizer: Tokenizer, train_samples: int, valid_samples: int):
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    config = dataset_config(cfg, tokenizer)
     # Only the splits the run reads are built: never the test split, and no validation split
     # where one of the datasets has no validation documents (check_splits; Megatron-Core would
     # hang building it). The train split's documents stay those of data.split either way.
-    documents = {p: read_documents(p) for p in paths}
+    documents = {s.path: read_documents(s.path) for s in cfg.data.blend}
     skip_valid = valid_samples == 0 or check_splits(cfg, documents) is not None
     config.split_matrix = [config.split_matrix[0], None if skip_valid else config.split_matrix[1], None]
     sizes = [train_samples, 0 if skip_valid else valid_samples, 0]

@@ -90,32 +90,67 @@ class Exported:
     checkpoint: Path
     iteration: int
     stale_removed: list[str]
+    dtype: str = "float32"  # of the written tensors
+    saved_dtype: str = "float32"  # of the checkpoint's model tensors
+    tokenizer: Path | None = None  # the tokenizer whose files were written, if any
+    tokenizer_note: str | None = None  # why none was written
 
 
-def export_hf(ckpt_dir: str, out_dir: str, dtype: str = "bfloat16", max_shard_gb: float = 5.0,
-              on_damaged: str = "stop", warn=print) -> Exported:
-    """Checkpoint -> HF `glm_moe_dsa` folder (config.json, safetensors shards, index).
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def saved_dtypes(path: Path) -> dict[str, torch.dtype]:
+    """The dtype of each model tensor of a checkpoint, by its sharded key, from its metadata."""
+    from megatron.core import dist_checkpointing
+
+    return {key: t.dtype for key, t in dist_checkpointing.load_tensors_metadata(str(path)).items()
+            if getattr(t, "dtype", None) is not None}
+
+
+def export_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None, max_shard_gb: float = 5.0,
+              on_damaged: str = "stop", warn=print, tokenizer: str | None = None) -> Exported:
+    """Checkpoint -> HF `glm_moe_dsa` folder (config.json, safetensors shards, index, and the
+    tokenizer's files).
 
     Like `import_hf`: the model is built on the meta device and each process (one, or every
     process under torchrun, `out_dir` on a filesystem they share) loads, converts and writes
     only its share of the tensors; process 0 names the files and writes the index. Each process
     checks the checksums of the files it reads; a damaged newest checkpoint of a root stops the
     export, or with `on_damaged="fallback"` the newest good one is exported after a warning.
-    Shards of an earlier export in `out_dir` are replaced, never left beside the new ones."""
+    Shards of an earlier export in `out_dir` are replaced, never left beside the new ones.
+
+    The tensors are read in the dtype they were saved in and written in it (fp32 training
+    weights stay fp32) unless `dtype` (bf16, fp16, fp32) asks for another; the router's
+    correction bias stays fp32 either way, as transformers keeps it. The tokenizer (`tokenizer`,
+    or the run's `data.tokenizer`) is written as tokenizer.json, tokenizer_config.json and
+    special_tokens_map.json for transformers' AutoTokenizer, and config.json's end-of-text and
+    padding ids are its own; a weights-only checkpoint records no tokenizer, so none is written
+    unless one is given."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     def load(path: Path):
         meta = checkpoint.verify_checkpoint(path)
         model_config = model_config_of_checkpoint(path)
+        dtypes = saved_dtypes(path)
         request = {}
         for name, entry in _my_entries(model_config).items():
             if not isinstance(entry, ShardedObject):  # the layers' empty extra states are not read
-                entry.data = torch.empty(entry.data.shape, dtype=entry.data.dtype)
+                saved = dtypes.get(entry.key, entry.data.dtype)
+                entry.data = torch.empty(entry.data.shape, dtype=saved)
                 request[name] = entry
-        return meta, model_config, checkpoint.load_sharded(path, {"model": request}, meta)["model"]
+        return meta, model_config, dtypes, checkpoint.load_sharded(path, {"model": request}, meta)["model"]
 
-    path, (meta, model_config, loaded) = checkpoint.load_newest(ckpt_dir, load, on_damaged, warn)
-    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of bf16, fp16, fp32.")
+    path, (meta, model_config, dtypes, loaded) = checkpoint.load_newest(ckpt_dir, load, on_damaged, warn)
+    saved = _main_dtype(loaded)
+    torch_dtype = DTYPES[dtype] if dtype else saved
+    tok, note = _tokenizer_of(meta, tokenizer)
     out = Path(out_dir)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if rank == 0:
@@ -128,9 +163,61 @@ def export_hf(ckpt_dir: str, out_dir: str, dtype: str = "bfloat16", max_shard_gb
     stale = None
     if rank == 0:
         stale = finish_hf_folder(out, model_config, [f for part in everyone for f in part], torch_dtype)
+        if tok is not None:
+            write_tokenizer(out, tok, model_config)
     box = [stale]
     torch.distributed.broadcast_object_list(box, src=0)
-    return Exported(out, path, int(meta["iteration"]), box[0])
+    return Exported(out, path, int(meta["iteration"]), box[0], _dtype_name(torch_dtype), _dtype_name(saved),
+                    tok.path if tok is not None else None, note)
+
+
+def _main_dtype(loaded: dict) -> torch.dtype:
+    """The dtype holding most of the loaded model's values (this process's share; the same
+    answer on every process of a checkpoint saved in one dtype)."""
+    count: dict[torch.dtype, int] = {}
+    for t in loaded.values():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            count[t.dtype] = count.get(t.dtype, 0) + t.numel()
+    mine = max(count, key=count.get) if count else torch.float32
+    everyone: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, (sum(count.values()), mine))
+    return max(everyone, key=lambda x: x[0])[1]
+
+
+def _tokenizer_of(meta: dict, given: str | None):
+    """The tokenizer to export and, when there is none, why (one sentence)."""
+    from glm52_train.data.tokenizer import Tokenizer
+
+    if given:
+        return Tokenizer(given), None
+    path = meta.get("run", {}).get("data", {}).get("tokenizer")
+    if not path:
+        return None, ("this weights-only checkpoint records no tokenizer, so no tokenizer files were written "
+                      "(give --tokenizer PATH).")
+    try:
+        return Tokenizer(path), None
+    except ConfigError as e:
+        return None, f"the run's tokenizer cannot be read ({e}) so no tokenizer files were written (give --tokenizer PATH)."
+
+
+def write_tokenizer(out: Path, tok, model_config: ModelConfig) -> None:
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json as transformers'
+    PreTrainedTokenizerFast reads them, and the tokenizer's end-of-text / padding ids in
+    config.json (transformers' generate stops at eos_token_id)."""
+    import shutil
+
+    shutil.copyfile(tok.path, out / "tokenizer.json")
+    eos = tok.hf.id_to_token(tok.eod)
+    pad = tok.hf.id_to_token(tok.pad) if tok.pad >= 0 else None
+    special = {"eos_token": eos, **({"pad_token": pad} if pad else {})}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "bos_token": None, "unk_token": None,
+              "model_max_length": model_config.max_position_embeddings, "clean_up_tokenization_spaces": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    cfg_file = out / "config.json"
+    hf_config = json.loads(cfg_file.read_text())
+    hf_config.update(eos_token_id=tok.eod, pad_token_id=tok.pad if pad else None)
+    cfg_file.write_text(json.dumps(hf_config, indent=2) + "\n")
 
 
 @dataclass

@@ -74,7 +74,10 @@ class ModelInfo:
     seq_len: int
     forward_flops_per_token: float
     train_flops_per_token: float
-    flops_breakdown: dict
+    flops_breakdown: dict  # the forward's terms: they add up to forward_flops_per_token
+    train_flops_breakdown: dict  # the training step's terms: they add up to train_flops_per_token
+    dense_attention_fwd_equivalent: float  # what dense attention would cost (counted in neither)
+    architecture: dict  # widths, heads, experts, top-k, MTP: the numbers the counts come from
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,11 +128,21 @@ def model_info(m: ModelConfig, seq_len: int = 4096) -> ModelInfo:
         "weights_fwd": matmul_fwd,
         "sparse_attention_fwd": attn_fwd,
         "indexer_fwd": indexer_fwd,
-        "indexer_loss_fwd": indexer_loss,
-        "mtp_fwd": mtp_fwd,
-        "dense_attention_fwd_equivalent": dense_equiv,
+    }
+    train_breakdown = {
+        "weights_and_attention_fwd_bwd": 3 * (matmul_fwd + attn_fwd),
+        "indexer_fwd": indexer_fwd,
+        "indexer_loss_fwd_bwd": 3 * indexer_loss,
+        "mtp_fwd_bwd": 3 * mtp_fwd,
     }
     layout = "".join("D" if not m.is_moe_layer(i) else "M" for i in range(m.num_layers))
+    architecture = dict(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_heads=m.num_heads, q_lora_rank=m.q_lora_rank,
+        kv_lora_rank=m.kv_lora_rank, qk_nope_dim=m.qk_nope_dim, qk_rope_dim=m.qk_rope_dim, v_head_dim=m.v_head_dim,
+        dense_ffn_size=m.dense_ffn_size, num_experts=m.num_experts, moe_topk=m.moe_topk,
+        num_shared_experts=m.num_shared_experts, moe_ffn_size=m.moe_ffn_size, index_topk=m.index_topk,
+        index_heads=m.index_heads, index_head_dim=m.index_head_dim, mtp_layers=m.mtp_layers, mtp_steps=m.mtp_steps,
+    )
     return ModelInfo(
         name=m.name,
         total_params=total,
@@ -149,7 +162,20 @@ def model_info(m: ModelConfig, seq_len: int = 4096) -> ModelInfo:
         forward_flops_per_token=forward,
         train_flops_per_token=train,
         flops_breakdown=breakdown,
+        train_flops_breakdown=train_breakdown,
+        dense_attention_fwd_equivalent=dense_equiv,
+        architecture=architecture,
     )
+
+
+_ROW_NAMES = {
+    "weights_fwd": "weights (2 x active params)",
+    "sparse_attention_fwd": "sparse attention (top-k keys)",
+    "indexer_fwd": "indexer scoring (all keys)",
+    "weights_and_attention_fwd_bwd": "3 x (weights + sparse attention)",
+    "indexer_loss_fwd_bwd": "3 x indexer KL loss (top-k keys)",
+    "mtp_fwd_bwd": "3 x MTP forward",
+}
 
 
 def format_info(info: ModelInfo) -> str:
@@ -159,17 +185,34 @@ def format_info(info: ModelInfo) -> str:
     def flops(n: float) -> str:
         return f"{n / 1e9:,.2f} G" if n >= 1e8 else f"{n / 1e6:,.2f} M"
 
+    a = info.architecture
+    mtp = (f"{a['mtp_layers']} layer(s) over {a['mtp_steps']} step(s), each a full "
+           f"{'MoE' if info.moe_layers else 'dense'} layer with its own indexer" if a["mtp_steps"] else "none")
     lines = [
         f"model              {info.name}",
+        f"layers             {info.layers}: {info.dense_layers} dense + {info.moe_layers} MoE  [{info.layout}] "
+        "(D dense MLP, M mixture of experts)",
+        f"hidden size        {a['hidden_size']:,}, vocabulary {a['vocab_size']:,}",
+        f"attention          MLA, {a['num_heads']} heads: query rank {a['q_lora_rank']}, key-value rank "
+        f"{a['kv_lora_rank']}, qk {a['qk_nope_dim']}+{a['qk_rope_dim']} rope, v {a['v_head_dim']}",
+        f"DSA                top-{a['index_topk']:,} keys per query; indexer {a['index_heads']} heads x "
+        f"{a['index_head_dim']}",
+        f"IndexShare         {info.indexer_layers} full + {info.shared_index_layers} shared  [{info.index_pattern}] "
+        "(F runs its indexer, S reuses the last F's top-k)",
+        f"MoE                {a['num_experts']} routed experts, top-{a['moe_topk']}, + {a['num_shared_experts']} "
+        f"shared; expert width {a['moe_ffn_size']:,}, dense MLP width {a['dense_ffn_size']:,}",
+        f"MTP                {mtp}",
         f"total params       {info.total_params:,} ({b(info.total_params)}; MTP excluded)",
         f"active params      {info.active_params:,} ({b(info.active_params)} per token, input embedding excluded)",
         f"embedding params   {info.embedding_params:,} (+ output head {info.output_params:,})",
         f"MTP params         {info.mtp_params:,} ({b(info.mtp_params)}; shares embedding and head)",
-        f"layers             {info.layers}: {info.dense_layers} dense + {info.moe_layers} MoE  [{info.layout}]",
-        f"IndexShare         {info.indexer_layers} full + {info.shared_index_layers} shared  [{info.index_pattern}]",
-        f"FLOPs/token @ {info.seq_len:<7} forward {flops(info.forward_flops_per_token)}, "
-        f"train {flops(info.train_flops_per_token)}",
+        f"FLOPs/token @ {info.seq_len} tokens (a multiply-add is 2 FLOPs)",
+        f"  forward                              {flops(info.forward_flops_per_token)}  (main model, = the rows below)",
     ]
-    for k, v in info.flops_breakdown.items():
-        lines.append(f"  {k:<32} {flops(v)}")
+    lines += [f"    {_ROW_NAMES[k]:<34} {flops(v)}" for k, v in info.flops_breakdown.items()]
+    lines.append(f"  train                                {flops(info.train_flops_per_token)}  "
+                 "(forward + backward, MTP included, = the rows below)")
+    lines += [f"    {_ROW_NAMES[k]:<34} {flops(v)}" for k, v in info.train_flops_breakdown.items()]
+    lines.append(f"  dense attention would be             {flops(info.dense_attention_fwd_equivalent)}  "
+                 "(forward, all keys; counted in neither)")
     return "\n".join(lines)

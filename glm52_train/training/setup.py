@@ -44,7 +44,7 @@ def build(cfg: RunConfig) -> TrainingParts:
     parallel.initialize(cfg.parallel, seed=cfg.train.seed, timeout_minutes=cfg.train.collective_timeout_minutes)
     model_cfg = cfg.model_config()
     tokenizer = Tokenizer(cfg.data.tokenizer)
-    check_data(cfg, model_cfg, tokenizer)
+    check_training_data(cfg, model_cfg, tokenizer)
     chunks, config = build_model_chunks(model_cfg, cfg, cfg.data.seq_length)
     if cfg.train.freeze == "all_but_indexer":
         freeze_all_but_indexer(chunks)
@@ -64,8 +64,14 @@ def check_run(cfg: RunConfig) -> int:
     world = parallel.world_size_from_env()
     cfg.validate(world)
     check_host_memory(cfg)
-    check_data(cfg, cfg.model_config(), Tokenizer(cfg.data.tokenizer))
+    check_training_data(cfg, cfg.model_config(), Tokenizer(cfg.data.tokenizer))
     return world
+
+
+def check_training_data(cfg: RunConfig, model_cfg: ModelConfig, tokenizer: Tokenizer) -> None:
+    """The blend's files (check_data), and a data.split leaving each dataset training documents."""
+    metas = check_data(cfg, model_cfg, tokenizer)
+    check_splits(cfg, {source.path: meta["documents"] for source, meta in zip(cfg.data.blend, metas)})
 
 
 def available_host_memory() -> int | None:
