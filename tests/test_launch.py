@@ -72,6 +72,7 @@ def test_torchrun_dry_run_prints_each_nodes_command():
     assert no_endpoint.returncode == 2 and "needs --rdzv-endpoint HOST:PORT" in no_endpoint.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_sh_checks_the_config_once_before_torchrun(golden_data, tmp_path):
     """A bad option, or a dataset whose .idx was cut short, under launch/torchrun.sh with
     --max-restarts: one sentence from the check before torchrun starts, exit status 2, no
