@@ -69,6 +69,7 @@ class TrainConfig:
     fp8: Literal["blockwise", "te-e4m3", "te-hybrid"] | None = None
     transformer_engine: Literal["auto", "on", "off"] = "auto"  # auto: TE's layers where importable on a GPU
     clip_grad: float = 1.0  # largest global gradient norm (0: no clipping)
+    grad_reduce_in_fp32: bool = True  # false: gradients accumulated and reduced in bf16 (Megatron-Bridge's GLM-5.2 recipes)
     recompute: Literal["full", "selective"] | None = None  # activation recomputation (null: none)
     # selective: Megatron-Core's recompute modules this stack honours (mla_up_proj, mlp, moe, shared_experts)
     recompute_modules: list[str] = field(default_factory=lambda: ["mla_up_proj"])
@@ -104,7 +105,9 @@ class OptimizerConfig:
 
 @dataclass
 class DSAConfig:
-    mode: Literal["sparse", "warmup"] = "sparse"  # warmup: dense attention while the indexer learns (with train.freeze)
+    # dense: pre-DSA pretraining (no indexer work); warmup: dense attention while the indexer
+    # learns (with train.freeze); sparse: top-k attention (dense path where top-k covers every key)
+    mode: Literal["sparse", "warmup", "dense"] = "sparse"
     loss_coeff: float = 1.0  # weight of the indexer's KL loss
     backend: Literal["auto", "torch", "triton"] = "auto"  # auto: Triton on GPU, the PyTorch references on CPU
 
@@ -253,6 +256,9 @@ class RunConfig:
         need(world % model_parallel == 0,
              f"the world size {world} is not divisible by tp x pp x cp = {p.tp} x {p.pp} x {p.cp}.")
         layout = self.layout(world)
+        need(not (t.freeze == "all_but_indexer" and self.dsa.mode == "dense"),
+             "train.freeze=all_but_indexer trains only the indexers, which dsa.mode=dense leaves unused: "
+             "the indexer warm-up is dsa.mode=warmup.")
         need(t.micro_batch_size >= 1 and t.global_batch_size >= 1, "batch sizes must be positive.")
         need(t.global_batch_size % (t.micro_batch_size * layout.dp) == 0,
              f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "

@@ -10,7 +10,9 @@
   linear in the sequence; on CPU tensors they run in Triton's interpreter (tests, tiny sizes);
 - ``auto``: ``triton`` for CUDA tensors, ``torch`` otherwise.
 
-The dense warm-up attention has no Triton kernel: every backend runs the reference for it.
+Dense attention (`dsa.mode: dense`, the warm-up's main attention, the sparse shortcut) runs per
+head through torch's scaled_dot_product_attention on every backend (`kernels/dense.py`: cuDNN or
+flash kernels on GPUs, the CPU kernels on CPUs); the warm-up's indexer KL stays on the backend.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from glm52_train.kernels import api, reference
+from glm52_train.kernels import api, dense
 
 BackendName = Literal["auto", "torch", "triton"]
 _IMPL = {"auto": "auto", "torch": "reference", "triton": "triton"}
@@ -44,9 +46,9 @@ class DSABackend:
         """(out [sq, b, n, v_dim], lse [b, n, sq] fp32, no gradient) over the selected keys."""
         return api.sparse_mla(q, kv, idx, scale, v_dim, return_lse=True, impl=self.impl)
 
-    def dense_mla(self, q, kv, scale: float, v_dim: int, **visibility):
-        """out [sq, b, n, v_dim] over every visible key (the warm-up stage)."""
-        return reference.dense_mla(q, kv, scale, v_dim, **visibility)
+    def dense_attention(self, q, k, v, scale: float, runs):
+        """Per-head out [sq, b, n, dv] over every visible key (SDPA on every backend)."""
+        return dense.dense_attention(q, k, v, scale, runs)
 
     def indexer_kl_loss(self, iq, ik, iw, q, kv, idx, scale: float, v_dim: int, lse=None, **visibility):
         """Mean KL(main attention || indexer) over queries; gradients reach iq, ik, iw only."""

@@ -146,7 +146,7 @@ def run_header(cfg, model_cfg, world: int, device: str, run_dir: Path, checkpoin
     where checkpoints and metrics go."""
     from glm52_train.model.info import model_info
 
-    info = model_info(model_cfg, cfg.data.seq_length)
+    info = model_info(model_cfg, cfg.data.seq_length, cfg.dsa.mode)
     precision = "bf16" if cfg.use_bf16() else "fp32"
     mtp = f", MTP {info.mtp_params / 1e6:,.2f}M" if info.mtp_params else ""
     data = []
