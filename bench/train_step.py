@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     from glm52_train.run_config import load_run_config
 
     cfg = load_run_config(args.config, overrides)
-    run_dir = cfg.logging.run_dir or f"runs/{cfg.name}"
+    run_dir = str(cfg.run_dir())
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if os.path.exists(metrics_path):
         os.remove(metrics_path)  # this run's records only

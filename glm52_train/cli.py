@@ -147,6 +147,8 @@ def _pretrain(args, signals) -> int:
         overrides.append(f"checkpoint.resume={args.resume}")
     if args.init_from is not None:
         overrides.append(f"checkpoint.init_from={args.init_from}")
+    if args.overwrite:
+        overrides.append("checkpoint.overwrite=true")
     cfg = load_run_config(args.config, overrides)
     if args.check_config:
         from glm52_train.training.setup import check_run
@@ -471,12 +473,17 @@ def build_parser() -> argparse.ArgumentParser:
                     epilog=_keys_epilog())
     p.add_argument("--config", required=True, help="a run config YAML, e.g. configs/tiny.yaml")
     p.add_argument("--resume", default=None,
-                   help="auto (the newest good checkpoint), none, or a checkpoint path (unset: checkpoint.resume)")
+                   help="auto (the newest good checkpoint of this run; another run configuration's is refused), "
+                        "none (start over; refused where checkpoints are, unless --overwrite), or a checkpoint path "
+                        "(resumed even if another configuration saved it) (unset: checkpoint.resume)")
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start from these weights with a fresh optimizer, schedule and data position")
     p.add_argument("--check-config", action="store_true",
                    help="check the config, its tokenizer and data for WORLD_SIZE processes, then exit "
                         "(launch/torchrun.sh runs this once before torchrun)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --resume none: move an earlier run's checkpoints and metrics in this run's folders "
+                        "aside (to DIR.old-N) instead of refusing")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.iters=50")
     p.set_defaults(func=cmd_pretrain)
 

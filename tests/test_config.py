@@ -86,8 +86,11 @@ def test_a_run_shorter_than_its_warm_up_gets_a_proportionate_one():
     from glm52_train.run_config import load_run_config
 
     def warmup(*overrides):
+        from glm52_train.training.identity import schedule_of
+
         cfg = load_run_config("configs/tiny.yaml", list(overrides))
         cfg.validate(world_size=1)
+        assert schedule_of(cfg.to_dict())["warmup_iters"] == cfg.warmup_length()  # what the scheduler runs
         return cfg.warmup_length()
 
     assert warmup() == 20

@@ -140,7 +140,7 @@ def test_readme_cpu_examples_run_as_written(workspace):
         ran.append(command.split()[1])
     assert "prepare-data" in ran and "pretrain" in ran and "info" in ran and "--dry-run" in ran
     assert (workspace / "data" / "cache" / "mycorpus.bin").is_file()
-    assert (workspace / "checkpoints" / "tiny" / "latest").is_file()
+    assert (workspace / "checkpoints" / "tiny-lr1e-3" / "latest").is_file()  # logging.name names the run
 
 
 @pytest.mark.slow

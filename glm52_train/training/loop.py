@@ -18,7 +18,7 @@ from glm52_train import compat, parallel
 from glm52_train.config import ConfigError
 from glm52_train.run_config import RunConfig
 from glm52_train.training import faults, setup
-from glm52_train.training.checkpointer import Checkpointer
+from glm52_train.training.checkpointer import Checkpointer, check_start
 from glm52_train.training.logs import RunLogger, run_header
 from glm52_train.training.metrics import Metrics
 from glm52_train.training.profile import StepProfiler, format_breakdown
@@ -31,6 +31,7 @@ def pretrain(cfg: RunConfig, signals: StopSignals | None = None) -> int:
     line installs them before importing torch), else installed here."""
     signals = signals or StopSignals()  # before setup: a signal then stops the run at once
     cfg.validate(parallel.world_size_from_env())
+    check_start(cfg)  # --resume none into a folder holding checkpoints: refused before building anything
     parts = setup.build(cfg)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     logger = RunLogger(cfg, active=(rank == world - 1))

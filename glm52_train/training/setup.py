@@ -20,6 +20,7 @@ from glm52_train.data.loader import build_datasets, check_data, check_splits, da
 from glm52_train.data.tokenizer import Tokenizer
 from glm52_train.model.build import build_model, transformer_config
 from glm52_train.run_config import RunConfig
+from glm52_train.training.identity import make_scheduler, schedule_of
 from glm52_train.training.metrics import ExpertLoad
 
 
@@ -61,13 +62,17 @@ def build(cfg: RunConfig) -> TrainingParts:
 
 
 def check_run(cfg: RunConfig) -> int:
-    """What `build` refuses before it joins a process group, without one: the config for the
+    """What `pretrain` refuses before it joins a process group, without one: the config for the
     WORLD_SIZE processes of the launch, the host memory of the LOCAL_WORLD_SIZE ones on this
-    machine, the tokenizer and every dataset of the blend. Returns the world size checked."""
+    machine, the tokenizer, every dataset of the blend and the start (check_start). Returns the
+    world size checked."""
     world = parallel.world_size_from_env()
     cfg.validate(world)
     check_host_memory(cfg)
     check_training_data(cfg, cfg.model_config(), Tokenizer(cfg.data.tokenizer))
+    from glm52_train.training.checkpointer import check_start
+
+    check_start(cfg)  # the resume (another run's checkpoint, a changed schedule) or --resume none over a run
     return world
 
 
@@ -228,24 +233,7 @@ def build_optimizer(cfg: RunConfig, chunks, config, bf16: bool, expert_load: Exp
         optimizer = build_muon_optimizer(cfg, chunks, cfg.model_config(), opt_config)
     else:
         optimizer = get_megatron_optimizer(opt_config, chunks)
-    decay_iters = cfg.decay_length()
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=o.lr,
-        min_lr=o.min_lr,
-        lr_warmup_steps=cfg.warmup_length(),
-        lr_decay_steps=decay_iters,
-        lr_decay_style={"wsd": "WSD"}.get(o.schedule, o.schedule),
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
-        wd_incr_steps=decay_iters,
-        wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=False,
-        override_opt_param_scheduler=True,
-        wsd_decay_steps=(o.wsd_decay_iters or max(1, decay_iters // 10)) if o.schedule == "wsd" else None,
-        lr_wsd_decay_style="linear" if o.schedule == "wsd" else None,
-    )
+    scheduler = make_scheduler(optimizer, schedule_of(cfg.to_dict()), o.weight_decay)
     # Megatron-Core's schedules call these through the model config.
     config.finalize_model_grads_func = (finalize_model_grads if expert_load is None
                                         else expert_load.around(finalize_model_grads))
