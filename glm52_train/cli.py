@@ -608,13 +608,20 @@ def _user_error(error: Exception) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        _quiet()
-    except KeyboardInterrupt:
-        print("glm52: interrupted (Ctrl-C).", file=sys.stderr, flush=True)
-        return 130
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # anywhere: while the parser is built, during imports, or while a command works
+        label = f"glm52 {command}" if command and command.replace("-", "").isalpha() else "glm52"
+        print(f"{label}: interrupted (Ctrl-C).", file=sys.stderr, flush=True)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
+    _quiet()
+    parser = build_parser()
     dotted = _dashed_key(argv)
     if dotted:
         return _error(argv[0], dotted)
@@ -626,17 +633,13 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-
     try:
         return args.func(args)
     except Exception as e:
         if not _user_error(e):
             raise
         return _error(args.command, e)
-    except KeyboardInterrupt:
-        print(f"glm52 {args.command}: interrupted (Ctrl-C).", file=sys.stderr, flush=True)
-        return 130
-    except BaseException as e:
+    except BaseException as e:  # a stop signal in setup (KeyboardInterrupt goes on to main)
         from glm52_train.training.stop import SetupStopped
 
         if not isinstance(e, SetupStopped):
