@@ -300,6 +300,83 @@ class TestInterpreter:
         assert not torch.isnan(q.grad).any() and not torch.isnan(kv.grad).any()
         assert (q.grad[1] == 0).all()
 
+    @pytest.mark.parametrize("case", ["odd", "cp", "docs"])
+    def test_sparse_mla_key_major_backward(self, request, monkeypatch, case):
+        """The atomics-free backward (dkv key-major over the inverted selection) against float64,
+        and bitwise-equal gradients from two backward passes."""
+        if _delegated(request):
+            return
+        _poison(monkeypatch)
+        g = torch.Generator().manual_seed(11 + len(case))
+        b, n, dv, dr, topk = 2, 16, 32, 16, 12
+        spec = {"odd": DSACase(seq=37, queries=9), "cp": DSACase(seq=24, cp=(1, 3)),
+                "docs": DSACase(seq=30, docs=3)}[case]
+        vis = spec.visibility(g, "cpu")
+        sq, sk = spec.num_queries, spec.seq
+        q_pos = vis.get("q_pos", spec.query_indices())
+        allowed = reference.visible(sq, sk, "cpu", q_pos, vis.get("k_pos"), vis.get("q_doc"), vis.get("k_doc"))
+        idx = _random_selection(b, sq, sk, topk, allowed.unsqueeze(0).expand(b, sq, sk), g, "cpu")
+        if case == "odd":  # key 0 is chosen by every query; the last 3 slots are empty
+            idx = torch.where(idx == 0, idx[..., :1].expand_as(idx), idx)
+            idx[..., 0] = 0
+            idx[..., -3:] = -1
+        q = torch.randn(sq, b, n, dv + dr, generator=g).bfloat16().requires_grad_()
+        kv = torch.randn(sk, b, dv + dr, generator=g).bfloat16().requires_grad_()
+        dout = torch.randn(sq, b, n, dv, generator=g).bfloat16()
+        scale = (dv + dr) ** -0.5
+        grads = []
+        for _ in range(2):
+            q.grad = kv.grad = None
+            out = api.sparse_mla(q, kv, idx, scale, dv, impl="triton", fwd_cfg=dict(BK=16),
+                                 bwd_cfg=dict(BK=16, atomic=False))
+            out.backward(dout)
+            grads.append((q.grad.clone(), kv.grad.clone()))
+        assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+        inverse = api.inverted_selection(idx, sk)
+        assert api.inverted_selection(idx, sk) is inverse  # built once per indices tensor
+        assert int(inverse.offsets[-1]) == inverse.queries.numel() <= int((idx >= 0).sum())
+        qd, kvd = q.detach().double().requires_grad_(), kv.detach().double().requires_grad_()
+        ref_out, _ = reference.sparse_mla(qd, kvd, idx, scale, dv)
+        ref_out.backward(dout.double())
+        assert _rel(grads[0][0], qd.grad) < BF16_TOL
+        assert _rel(grads[0][1], kvd.grad) < BF16_TOL
+        unchosen = ~reference.selection_mask(idx.long(), sk).any(1)  # [b, sk]
+        assert (grads[0][1].permute(1, 0, 2)[unchosen] == 0).all()
+
+    @pytest.mark.parametrize("heads", [8, 32, 64])
+    def test_head_counts(self, request, monkeypatch, heads):
+        """Every per-rank head count (TP1..TP8 of 64; 16 is covered above): forward, both
+        backwards and the KL loss. Fewer than 16 heads run padded to 16 rows."""
+        if _delegated(request):
+            return
+        _poison(monkeypatch)
+        g = torch.Generator().manual_seed(heads)
+        sq, sk, b, dv, dr, topk, ih, idim = 5, 19, 1, 32, 16, 8, 4, 16
+        q = torch.randn(sq, b, heads, dv + dr, generator=g).bfloat16().requires_grad_()
+        kv = torch.randn(sk, b, dv + dr, generator=g).bfloat16().requires_grad_()
+        allowed = reference.visible(sq, sk, "cpu").unsqueeze(0).expand(b, sq, sk)
+        idx = _random_selection(b, sq, sk, topk, allowed, g, "cpu")
+        scale = (dv + dr) ** -0.5
+        dout = torch.randn(sq, b, heads, dv, generator=g).bfloat16()
+        qd, kvd = q.detach().double().requires_grad_(), kv.detach().double().requires_grad_()
+        ref_out, ref_lse = reference.sparse_mla(qd, kvd, idx, scale, dv)
+        ref_out.backward(dout.double())
+        for atomic in (True, False):
+            q.grad = kv.grad = None
+            out, lse = api.sparse_mla(q, kv, idx, scale, dv, impl="triton", return_lse=True,
+                                      fwd_cfg=dict(BK=16), bwd_cfg=dict(BK=16, atomic=atomic))
+            out.backward(dout)
+            assert _rel(out, ref_out) < BF16_TOL and _rel(lse, ref_lse) < 1e-5
+            assert _rel(q.grad, qd.grad) < BF16_TOL, f"dq, atomic={atomic}"
+            assert _rel(kv.grad, kvd.grad) < BF16_TOL, f"dkv, atomic={atomic}"
+        iq = torch.randn(sq, b, ih, idim, generator=g).bfloat16().requires_grad_()
+        ik = torch.randn(sk, b, idim, generator=g).bfloat16().requires_grad_()
+        iw = (0.3 * torch.randn(sq, b, ih, generator=g)).requires_grad_()
+        loss = api.indexer_kl_loss(iq, ik, iw, q.detach(), kv.detach(), idx, scale, dv, impl="triton")
+        ref = reference.indexer_kl_loss(iq.double(), ik.double(), iw.double(), q.double(), kv.double(),
+                                        idx, scale, dv)
+        assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item())
+
     @pytest.mark.parametrize("mode", ["sparse", "sparse+lse", "dense", "dense+docs"])
     def test_indexer_kl_loss(self, request, monkeypatch, mode):
         if _delegated(request):

@@ -215,3 +215,17 @@ def test_one_spec_function_chooses_te_or_local():
     assert local.input_layernorm is RMSNorm and te.input_layernorm is te_ext.TENorm
     assert local.mlp.submodules.experts.module is experts.SequentialMLP
     assert te.mlp.submodules.experts.module is experts.TEGroupedMLP
+
+
+def test_dsa_deterministic_reaches_the_core_attention():
+    """`dsa.deterministic: true` selects the atomics-free sparse attention backward in every
+    DSA layer's backend (the kernels' own tests check that backward)."""
+    from glm52_train.kernels.backend import DSABackend
+    from glm52_train.model.build import transformer_config
+    from glm52_train.model.spec import glm52_layer_spec
+
+    for value, want in (("false", False), ("true", True)):
+        config = transformer_config(get_model_config("tiny"), load_run_config(None, [f"dsa.deterministic={value}"]))
+        backend = glm52_layer_spec(config, moe=False, use_te=False).submodules.self_attention.submodules \
+            .core_attention.params["backend"]
+        assert backend == DSABackend("auto", deterministic=want)

@@ -10,6 +10,9 @@
   linear in the sequence; on CPU tensors they run in Triton's interpreter (tests, tiny sizes);
 - ``auto``: ``triton`` for CUDA tensors, ``torch`` otherwise.
 
+``deterministic``: the Triton sparse attention backward computes dkv key-major without
+atomics (`sparse_mla(..., bwd_cfg={"atomic": False})`); the references are deterministic on CPU.
+
 The dense warm-up attention has no Triton kernel: every backend runs the reference for it.
 """
 
@@ -27,6 +30,7 @@ _IMPL = {"auto": "auto", "torch": "reference", "triton": "triton"}
 @dataclass(frozen=True)
 class DSABackend:
     name: BackendName = "auto"
+    deterministic: bool = False  # Triton backward without atomics (bitwise-reproducible dkv)
 
     def __post_init__(self) -> None:
         if self.name not in _IMPL:
@@ -42,7 +46,8 @@ class DSABackend:
 
     def sparse_mla(self, q, kv, idx, scale: float, v_dim: int):
         """(out [sq, b, n, v_dim], lse [b, n, sq] fp32, no gradient) over the selected keys."""
-        return api.sparse_mla(q, kv, idx, scale, v_dim, return_lse=True, impl=self.impl)
+        bwd_cfg = {"atomic": False} if self.deterministic else None
+        return api.sparse_mla(q, kv, idx, scale, v_dim, return_lse=True, impl=self.impl, bwd_cfg=bwd_cfg)
 
     def dense_mla(self, q, kv, scale: float, v_dim: int, **visibility):
         """out [sq, b, n, v_dim] over every visible key (the warm-up stage)."""
@@ -53,8 +58,8 @@ class DSABackend:
         return api.indexer_kl_loss(iq, ik, iw, q, kv, idx, scale, v_dim, **visibility, lse=lse, impl=self.impl)
 
 
-def dsa_backend(name: str) -> DSABackend:
-    return DSABackend(name)
+def dsa_backend(name: str, deterministic: bool = False) -> DSABackend:
+    return DSABackend(name, deterministic)
 
 
 __all__ = ["BackendName", "DSABackend", "dsa_backend"]

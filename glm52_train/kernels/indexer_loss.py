@@ -56,13 +56,14 @@ def _kl_kernel(
     s_iqs, s_iqb, s_iqh, s_iks, s_ikb, s_iws, s_iwb, s_iwh,
     s_qs, s_qb, s_qh, s_ks, s_kb, s_ib, s_is, s_lb, s_lh, s_lossb,
     s_diks, s_dikb,
-    H: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+    H: tl.constexpr, HP: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
     IH: tl.constexpr, ID: tl.constexpr, BK: tl.constexpr,
     SPARSE: tl.constexpr, HAVE_LSE: tl.constexpr, LOSS_PASS: tl.constexpr, GRAD: tl.constexpr,
 ):
     i = tl.program_id(0)
     b = tl.program_id(1)
-    h = tl.arange(0, H)
+    h = tl.arange(0, HP)  # heads padded to 16 for tl.dot; rows h >= H are masked zeros
+    hm = h < H
     da = tl.arange(0, DA)
     db = tl.arange(0, DB)
     g = tl.arange(0, IH)
@@ -77,8 +78,8 @@ def _kl_kernel(
         n_keys = hi - lo
     idx_row = IDX + b.to(tl.int64) * s_ib + i.to(tl.int64) * s_is
     q_row = Q + i.to(tl.int64) * s_qs + b * s_qb + h[:, None] * s_qh
-    q_a = tl.load(q_row + da[None, :])
-    q_b = tl.load(q_row + DA + db[None, :])
+    q_a = tl.load(q_row + da[None, :], mask=hm[:, None], other=0.0)
+    q_b = tl.load(q_row + DA + db[None, :], mask=hm[:, None], other=0.0)
     lse_ptr = b.to(tl.int64) * s_lb + h * s_lh + i
     if LOSS_PASS:
         iq = tl.load(IQ + i.to(tl.int64) * s_iqs + b * s_iqb + g[:, None] * s_iqh + e[None, :])
@@ -87,8 +88,8 @@ def _kl_kernel(
     # Pass A: logsumexp of the indexer scores (log2 domain) and, if needed, the attention lse.
     m_i = -float("inf")
     l_i = 0.0
-    m_a = tl.full([H], float("-inf"), tl.float32)
-    l_a = tl.zeros([H], tl.float32)
+    m_a = tl.full([HP], float("-inf"), tl.float32)
+    l_a = tl.zeros([HP], tl.float32)
     for t in range(0, n_keys, BK):
         j, valid = _keys(idx_row, lo, hi, t, BK, SPARSE, topk)
         if not HAVE_LSE:
@@ -108,11 +109,11 @@ def _kl_kernel(
             l_i = l_i * tl.exp2(m_i - mi_safe) + tl.sum(tl.exp2(sc - mi_safe), 0)
             m_i = mi_new
     if HAVE_LSE:
-        lse2 = tl.load(LSE_IN + lse_ptr) * 1.4426950408889634
+        lse2 = tl.load(LSE_IN + lse_ptr, mask=hm, other=0.0) * 1.4426950408889634
     else:
         empty = l_a == 0.0
         lse2 = tl.where(empty, float("-inf"), m_a + tl.log2(tl.where(empty, 1.0, l_a)))
-        tl.store(LSE_OUT + lse_ptr, lse2 * 0.6931471805599453)
+        tl.store(LSE_OUT + lse_ptr, lse2 * 0.6931471805599453, mask=hm)
 
     if LOSS_PASS:
         # Pass B: target p, loss, and dL/dI pushed through the ReLU into iq, ik, iw.
@@ -124,7 +125,7 @@ def _kl_kernel(
         for t in range(0, n_keys, BK):
             j, valid = _keys(idx_row, lo, hi, t, BK, SPARSE, topk)
             s = _attn_scores(q_a, q_b, KV + j * s_ks + b * s_kb, valid, DA, DB)
-            p = tl.sum(tl.exp2(s * scale_log2 - lse2[:, None]), 0) / H
+            p = tl.sum(tl.where(hm[:, None], tl.exp2(s * scale_log2 - lse2[:, None]), 0.0), 0) / H
             p = tl.where(valid, p, 0.0)
             ik = tl.load(IK + j[:, None] * s_iks + b * s_ikb + e[None, :], mask=valid[:, None], other=0.0)
             si = tl.dot(iq, tl.trans(ik))
@@ -192,7 +193,7 @@ def _launch(iq, ik, iw, q, kv, idx, scale, ranges, lse, v_dim, loss_pass, grad, 
             idx.stride(0), idx.stride(1), lse_in.stride(0), lse_in.stride(1), loss.stride(0),
             dik.stride(0) if grad else 0, dik.stride(1) if grad else 0,
         )
-        meta = dict(H=n, DA=da, DB=dbb, IH=ih, ID=idim, SPARSE=sparse, HAVE_LSE=lse is not None,
+        meta = dict(H=n, HP=max(16, n), DA=da, DB=dbb, IH=ih, ID=idim, SPARSE=sparse, HAVE_LSE=lse is not None,
                     LOSS_PASS=loss_pass, GRAD=grad)
         tuned = dict(BK=c["BK"], num_warps=c["num_warps"], num_stages=c["num_stages"])
         fallbacks = [tuned, dict(tuned, num_stages=1), dict(tuned, BK=16, num_stages=1)]
