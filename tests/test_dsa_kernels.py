@@ -151,6 +151,33 @@ def test_visible_ranges_match_mask():
         indexer.visible_ranges(sq, sk, "cpu", q_pos=qp, k_pos=kp.flip(0), q_doc=qd, k_doc=kd)
 
 
+def test_invert_selection_lists_each_keys_queries():
+    """The key-major view of a selection: per block of 16 keys, the queries that chose any of
+    them (ascending, once each) and which keys; together exactly the selected pairs."""
+    sm = _mod("sparse_mla")
+    g = torch.Generator().manual_seed(4)
+    for sq, sk, topk in ((1, 1, 3), (13, 45, 7), (29, 17, 20)):
+        allowed = torch.ones(2, sq, sk, dtype=torch.bool)
+        idx = _random_selection(2, sq, sk, topk, allowed, g, "cpu")
+        idx[torch.rand(idx.shape, generator=g) < 0.2] = -1
+        idx[0, :, 0] = torch.where((idx[0] == 3).any(-1), idx[0, :, 0], 3)  # key 3 chosen by all
+        inv = sm.invert_selection(idx, sk)
+        assert inv.nbytes == 4 * (2 * inv.queries.numel() + inv.offsets.numel())
+        got = set()
+        for group in range(2 * inv.n_blocks):
+            sample, blk = divmod(group, inv.n_blocks)
+            lo, hi = int(inv.offsets[group]), int(inv.offsets[group + 1])
+            queries = inv.queries[lo:hi]
+            assert (queries[1:] > queries[:-1]).all()
+            for i, mask in zip(queries.tolist(), inv.masks[lo:hi].tolist()):
+                assert mask != 0
+                got |= {(sample, i, blk * 16 + t) for t in range(16) if mask >> t & 1}
+        want = {(s_, i, j) for s_ in range(2) for i in range(sq) for j in idx[s_, i].tolist() if j >= 0}
+        assert got == want
+    with pytest.raises(ValueError, match="key block"):
+        sm.invert_selection(idx, sk, block=8)
+
+
 # ----------------------------------------------------------------------------------------------
 # Triton kernels in the interpreter (tiny sizes; every code path)
 # ----------------------------------------------------------------------------------------------
@@ -468,8 +495,9 @@ def test_gpu_indexer_topk(monkeypatch, dsa_case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [False, True], ids=["split-bwd", "fused-bwd"])
-def test_gpu_sparse_mla(monkeypatch, dsa_case, fused):
+@pytest.mark.parametrize("bwd", [dict(fused=False), dict(fused=True), dict(atomic=False)],
+                         ids=["split-bwd", "fused-bwd", "no-atomics-bwd"])
+def test_gpu_sparse_mla(monkeypatch, dsa_case, bwd):
     _poison(monkeypatch)
     dev = "cuda"
     g, vis, full, sq, sk = _case_inputs(dsa_case, dev)
@@ -479,9 +507,14 @@ def test_gpu_sparse_mla(monkeypatch, dsa_case, fused):
     allowed = reference.visible(sq, sk, dev, **full).unsqueeze(0).expand(b, sq, sk)
     idx = _random_selection(b, sq, sk, topk, allowed, g, dev)
     scale = (dv + dr) ** -0.5
-    out, lse = api.sparse_mla(q, kv, idx, scale, dv, return_lse=True, bwd_cfg=dict(fused=fused))
+    out, lse = api.sparse_mla(q, kv, idx, scale, dv, return_lse=True, bwd_cfg=bwd)
     dout = torch.randn(out.shape, generator=g).to(dev, torch.bfloat16)
-    out.backward(dout)
+    out.backward(dout, retain_graph=True)
+    if bwd.get("atomic", True) is False:  # deterministic: a second backward, bitwise equal
+        first = (q.grad.clone(), kv.grad.clone())
+        q.grad = kv.grad = None
+        out.backward(dout)
+        assert torch.equal(first[0], q.grad) and torch.equal(first[1], kv.grad)
     kvd = kv.detach().double().requires_grad_()
     num = {k: 0.0 for k in ("out", "lse", "dq")}
     den = dict(num)

@@ -201,7 +201,7 @@ class InvertedSelection:
     queries [U] int32 and masks [U] int32 (bit t: key block * block + t was chosen) for the U
     distinct (key block, query) pairs, U <= the number of selected pairs; offsets [b *
     n_blocks + 1] int32 into them. Memory: 8 bytes per distinct pair (at most 8 * topk bytes
-    per query, twice the int32 top-k itself) plus 4 per key block. Built by
+    per query, twice the int32 top-k itself) plus 4 per key block; `nbytes` has it. Built by
     `invert_selection` in O(S * top-k); a function of the indices only, so the IndexShare
     layers that attend with the same top-k can share it (`api.sparse_mla(..., inverse=)`)."""
 
@@ -224,39 +224,39 @@ class InvertedSelection:
 def invert_selection(idx: torch.Tensor, num_keys: int, block: int = 16) -> InvertedSelection:
     """[b, sq, topk] indices (-1 = none) -> the `InvertedSelection` over `num_keys` keys.
 
-    One stable sort of the selected pairs by key block (int32 keys, int64 permutation): the
-    pairs come in query-major order, so each block's queries stay ascending. Transient memory
-    about 33 bytes per selected pair (the sort's keys, values and permutation, the run
-    boundaries and their ids). Deterministic: an integer sort, prefix sums and a binary search."""
+    One stable sort of the (query, slot) pairs by key block (int32 keys, int64 permutation):
+    the pairs come in query-major order, so each block's queries stay ascending; empty slots
+    sort last and are cut off. Transient memory about 30 bytes per top-k slot (the sorted
+    blocks, the permutation, query, bit, run starts and a prefix sum of the bits).
+    Deterministic: an integer sort, prefix sums and a binary search."""
     if not 16 <= block <= 31:
         raise ValueError(f"key block = {block} must be in 16..31 (one int32 bit per key, tl.dot N >= 16)")
     b, sq, topk = idx.shape
     dev = idx.device
     n_blocks = -(-num_keys // block)
-    if b * n_blocks >= 2**31 or sq >= 2**31:
-        raise ValueError(f"{b} x {n_blocks} key blocks overflow the int32 offsets")
-    flat = idx.reshape(-1)
-    valid = flat >= 0
-    pos = torch.nonzero(valid).squeeze(1)  # flat (sample, query, slot) positions, ascending
-    keys = flat[pos].long()
-    sample = pos // (sq * topk)
-    group = (sample * n_blocks + keys // block).to(torch.int32)
+    if b * n_blocks >= 2**31 - 1 or b * sq * topk >= 2**31:
+        raise ValueError(f"{b} x {n_blocks} key blocks or {b * sq * topk} slots overflow int32")
+    idx = idx.to(torch.int32)
+    sample = torch.arange(b, dtype=torch.int32, device=dev).view(b, 1, 1) * n_blocks
+    group = torch.where(idx >= 0, sample + idx // block, b * n_blocks).reshape(-1)
     group, order = torch.sort(group, stable=True)
-    pos, keys = pos[order], keys[order]
-    query = (pos // topk) % sq
-    bit = (1 << (keys % block)).to(torch.int32)
-    new = torch.ones(pos.numel(), dtype=torch.bool, device=dev)
-    if pos.numel() > 1:
+    query = ((order // topk) % sq).to(torch.int32)
+    bit = torch.bitwise_left_shift(torch.ones((), dtype=torch.int32, device=dev), idx.reshape(-1)[order] % block)
+    del order
+    new = torch.ones(group.numel(), dtype=torch.bool, device=dev)
+    if group.numel() > 1:
         new[1:] = (group[1:] != group[:-1]) | (query[1:] != query[:-1])
     first = torch.nonzero(new).squeeze(1)
-    # a run's mask: the sum (= OR, the bits differ) of its bits, from a prefix sum (no scatter)
-    prefix = torch.cumsum(bit.long(), 0)
-    last = torch.cat([first[1:], first.new_tensor([pos.numel()])]) - 1
-    masks = (prefix[last] - prefix[first] + bit[first]).to(torch.int32)
-    queries = query[first].to(torch.int32)
+    del new
     bounds = torch.arange(b * n_blocks + 1, dtype=torch.int32, device=dev)
     offsets = torch.searchsorted(group[first].contiguous(), bounds).to(torch.int32)
-    return InvertedSelection(queries, masks, offsets, sq, num_keys, block)
+    runs = int(offsets[-1])  # runs past this one are the empty slots'
+    # a run's mask: the sum (= OR: the bits differ) of its bits, from a prefix sum (no scatter)
+    prefix = torch.cumsum(bit, 0, dtype=torch.int64)
+    last = torch.cat([first[1:], first.new_tensor([group.numel()])])[:runs] - 1
+    first = first[:runs]
+    masks = (prefix[last] - prefix[first] + bit[first]).to(torch.int32)
+    return InvertedSelection(query[first].contiguous(), masks, offsets, sq, num_keys, block)
 
 
 # Launch configurations for the H100 (docs/kernels.md). Forward: 64 keys per step, 8 warps,
