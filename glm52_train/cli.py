@@ -159,7 +159,7 @@ def _plan_inputs(args) -> dict:
     given = {k: getattr(args, k) for k in ("tp", "pp", "vpp", "ep", "etp", "cp", "layout")}
     q = dict(seq_len=args.seq_len or 4096, micro_batch=args.micro_batch or 1, global_batch=args.global_batch,
              recompute=args.recompute or "full", modules=_modules(args.recompute_modules),
-             optimizer=args.optimizer or "adamw", first=None, last=None)
+             optimizer=args.optimizer or "adamw", first=None, last=None, deterministic=False)
     if args.config:
         from glm52_train.run_config import load_run_config
 
@@ -174,7 +174,7 @@ def _plan_inputs(args) -> dict:
                  recompute=args.recompute or t.recompute or "none",
                  modules=_modules(args.recompute_modules) if args.recompute_modules else tuple(t.recompute_modules or ()),
                  optimizer=args.optimizer or cfg.optimizer.name,
-                 first=p.first_stage_layers, last=p.last_stage_layers, sp=p.sp)
+                 first=p.first_stage_layers, last=p.last_stage_layers, sp=p.sp, deterministic=cfg.dsa.deterministic)
         if q["recompute"] != "selective":
             q["modules"] = ()
     elif not args.model:
@@ -227,7 +227,7 @@ def cmd_plan(args) -> int:
             print(f"refused: {layout.describe()}: {why}")
             return 1
         est = estimate(model, layout, q["seq_len"], args.gpu_mem, q["micro_batch"], microbatches, q["recompute"],
-                       q["modules"], q["optimizer"], **stages)
+                       q["modules"], q["optimizer"], **stages, dsa_deterministic=q["deterministic"])
         if args.json:
             out = est.to_dict(ranks=args.ranks)
             out["total_mib"] = est.total / 2**20

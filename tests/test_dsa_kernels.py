@@ -163,6 +163,7 @@ def test_invert_selection_lists_each_keys_queries():
         idx[0, :, 0] = torch.where((idx[0] == 3).any(-1), idx[0, :, 0], 3)  # key 3 chosen by all
         inv = sm.invert_selection(idx, sk)
         assert inv.nbytes == 4 * (2 * inv.queries.numel() + inv.offsets.numel())
+        assert inv.nbytes <= 8 * idx.numel() + 4 * inv.offsets.numel()  # what `glm52 plan` keeps for it
         got = set()
         for group in range(2 * inv.n_blocks):
             sample, blk = divmod(group, inv.n_blocks)

@@ -184,6 +184,20 @@ def test_plan_reads_a_run_config(tmp_path, capsys):
     assert "recompute selective (mla_up_proj), optimizer muon" in out and "2 micro-batches per step" in out
 
 
+def test_plan_counts_the_deterministic_backwards_inverted_selection(tmp_path, capsys):
+    """`dsa.deterministic: true` adds one inverted selection (and its build) per GPU to the dsa
+    column: INVERSE_BYTES_PER_SLOT per top-k slot of the local queries."""
+    from glm52_train.plan import INVERSE_BYTES_PER_SLOT
+
+    dsa = {}
+    for value in (False, True):
+        cfg = tiny_run_config(tmp_path, str(tmp_path / "d"), dsa={"deterministic": value})
+        assert glm52(["plan", "--config", str(cfg), "--gpus", "1", "--json"]) == 0
+        dsa[value] = json.loads(capsys.readouterr().out)["dsa_buffers"]
+    tokens = 2 * 64  # micro-batch 2 x 64-token sequences, no CP
+    assert dsa[True] - dsa[False] == pytest.approx(INVERSE_BYTES_PER_SLOT * TINY.index_topk * tokens)
+
+
 # ---- measured on CPU runs of tiny -----------------------------------------------------------
 
 @pytest.mark.slow
