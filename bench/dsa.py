@@ -22,7 +22,8 @@ FLOP conventions (counted on the pairs actually computed, causal, no masked work
   of its products that count); fewer than 16 heads are counted at n, computed at 16;
 - dense attention: forward 2 * n * (256 + 256) per visible pair; backward 2.5x that;
 - indexer KL loss: the attention-probability recompute (2 * n * 576) plus the indexer scores
-  twice and its two gradient products (4 * 2 * 32 * 128) per (query, selected key).
+  twice and its two gradient products (4 * 2 * 32 * 128) per (query, selected key); from the
+  dq pass's head probabilities, the latter alone.
 Times are medians over CUDA-event-timed repeats after a warm-up; peak memory is
 torch.cuda.max_memory_allocated above what the inputs already held, and in total.
 """
@@ -235,6 +236,21 @@ def bench_ours(seq: int, quick: bool) -> list[Row]:
         iq.grad = ik.grad = iw.grad = None
 
     rows.append(measure("ours: indexer KL loss (sparse)", seq, kl, f_kl, quick))
+
+    head_probs = torch.zeros(idx.shape, dtype=torch.float32, device=DEVICE)
+    out, _ = sparse_mla.sparse_mla_fwd(x["q"], x["kv"], idx, SCALE, D_LAT)
+    rows.append(measure("ours: sparse attn bwd (+ head probs)", seq,
+                        lambda: sparse_mla.sparse_mla_bwd(x["q"], x["kv"], idx, out, lse, dout, SCALE, D_LAT,
+                                                          head_probs=head_probs), 2.5 * f_fwd, quick))
+    del out
+
+    def kl_from_probs():
+        loss = indexer_loss.IndexerKLFromProbs.apply(iq, ik, iw, idx, head_probs, N_HEADS)
+        loss.backward()
+        iq.grad = ik.grad = iw.grad = None
+
+    rows.append(measure("ours: indexer KL loss (from dq-pass probs)", seq, kl_from_probs, 4 * 2 * IH * ID * sel, quick))
+    del head_probs
 
     q, kv = x["q"].detach().requires_grad_(), x["kv"].detach().requires_grad_()
 

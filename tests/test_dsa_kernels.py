@@ -151,6 +151,20 @@ def test_visible_ranges_match_mask():
         indexer.visible_ranges(sq, sk, "cpu", q_pos=qp, k_pos=kp.flip(0), q_doc=qd, k_doc=kd)
 
 
+def test_kl_from_probs_reference_matches_the_kl_loss():
+    """The reference of the KL with a given target equals the KL loss computing it from q, kv."""
+    g = torch.Generator().manual_seed(8)
+    sq, sk, b, n, d, ih, idim, topk = 7, 12, 2, 3, 10, 4, 6, 5
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    q, kv, iq, ik, iw = r(sq, b, n, d), r(sk, b, d), r(sq, b, ih, idim), r(sk, b, idim), r(sq, b, ih)
+    idx = reference.indexer_topk(iq, ik, iw, topk)
+    keys = reference._gather_kv(kv, idx)
+    s = torch.einsum("sbnd,bskd->bsnk", q, keys).masked_fill(~(idx >= 0).unsqueeze(2), float("-inf"))
+    head_probs = torch.softmax(s * 0.3, -1).nan_to_num(0.0).sum(2)  # [b, sq, topk]
+    got = reference.indexer_kl_from_probs(iq, ik, iw, idx, head_probs, n)
+    assert torch.allclose(got, reference.indexer_kl_loss(iq, ik, iw, q, kv, idx, 0.3, d))
+
+
 def test_invert_selection_lists_each_keys_queries():
     """The key-major view of a selection: per block of 16 keys, the queries that chose any of
     them (ascending, once each) and which keys; together exactly the selected pairs."""
@@ -404,6 +418,37 @@ class TestInterpreter:
         ref = reference.indexer_kl_loss(iq.double(), ik.double(), iw.double(), q.double(), kv.double(),
                                         idx, scale, dv)
         assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item())
+
+    @pytest.mark.parametrize("heads", [8, 16])
+    def test_indexer_kl_from_dq_pass_probabilities(self, request, monkeypatch, heads):
+        """The KL without a second kv gather: the dq pass sums the attention probabilities over
+        heads per top-k slot, the KL kernel reads them; against the float64 loss from q, kv."""
+        if _delegated(request):
+            return
+        _poison(monkeypatch)
+        g = torch.Generator().manual_seed(heads + 1)
+        sq, sk, b, dv, dr, ih, idim, topk = 9, 14, 2, 32, 16, 4, 16, 6
+        q = torch.randn(sq, b, heads, dv + dr, generator=g).bfloat16()
+        kv = torch.randn(sk, b, dv + dr, generator=g).bfloat16()
+        iq = torch.randn(sq, b, ih, idim, generator=g).bfloat16().requires_grad_()
+        ik = torch.randn(sk, b, idim, generator=g).bfloat16().requires_grad_()
+        iw = (0.3 * torch.randn(sq, b, ih, generator=g)).requires_grad_()
+        idx = api.indexer_topk(iq.detach(), ik.detach(), iw.detach(), topk, impl="reference").int()
+        idx[0, -1, 2:] = -1  # a query with fewer keys
+        sm = _mod("sparse_mla")
+        scale = (dv + dr) ** -0.5
+        out, lse = sm.sparse_mla_fwd(q, kv, idx, scale, dv, dict(BK=16))
+        probs = torch.full(idx.shape, float("nan"))
+        sm.sparse_mla_bwd(q, kv, idx, out, lse, torch.randn(out.shape, generator=g).bfloat16(), scale, dv,
+                          dict(BK=16), head_probs=probs)
+        loss = api.indexer_kl_from_probs(iq, ik, iw, idx, probs, heads, impl="triton")
+        loss.backward()
+        iqd, ikd, iwd = (t.detach().double().requires_grad_() for t in (iq, ik, iw))
+        ref = reference.indexer_kl_loss(iqd, ikd, iwd, q.double(), kv.double(), idx, scale, dv)
+        ref.backward()
+        assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item())
+        assert _rel(iq.grad, iqd.grad) < BF16_TOL and _rel(ik.grad, ikd.grad) < BF16_TOL
+        assert _rel(iw.grad, iwd.grad) < 1e-4
 
     @pytest.mark.parametrize("mode", ["sparse", "sparse+lse", "dense", "dense+docs"])
     def test_indexer_kl_loss(self, request, monkeypatch, mode):

@@ -222,3 +222,17 @@ def indexer_kl_loss(iq, ik, iw, q, kv, idx, scale: float, v_dim: int = 512, q_po
         ranges = _ranges(importlib.import_module("glm52_train.kernels.indexer"), iq.shape[0],
                          ik.shape[0], iq.device, q_pos, k_pos, q_doc, k_doc, validate)
     return mod.IndexerKLLoss.apply(iq, ik, iw, q.detach(), kv.detach(), idx, scale, ranges, lse, v_dim)
+
+
+@_labelled("indexer loss")
+def indexer_kl_from_probs(iq, ik, iw, idx, head_probs, num_heads: int, *, impl: str = "auto") -> torch.Tensor:
+    """The sparse `indexer_kl_loss` with its target already computed: `head_probs` [b, sq,
+    topk] fp32 holds the attention probabilities summed over `num_heads` heads per top-k slot,
+    as the sparse attention's dq pass writes them (`sparse_mla.sparse_mla_bwd(...,
+    head_probs=)`), so kv is not gathered a second time. Gradients reach iq, ik, iw only. The
+    model does not use it yet: its loss runs in the forward, before the dq pass
+    (docs/kernels.md, section 4)."""
+    mod = _triton("indexer_loss", iq, impl)
+    if mod is None:
+        return reference.indexer_kl_from_probs(iq, ik, iw, idx, head_probs, num_heads)
+    return mod.IndexerKLFromProbs.apply(iq, ik, iw, idx, head_probs, num_heads)

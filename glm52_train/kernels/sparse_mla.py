@@ -88,13 +88,15 @@ def _delta_kernel(O, DO, DELTA, s_os, s_ob, s_oh, s_dos, s_dob, s_doh, s_db, s_d
 
 @triton.jit
 def _bwd_kernel(
-    Q, KV, DO, IDX, LSE, DELTA, DQ, DKV, topk, scale, scale_log2,
+    Q, KV, DO, IDX, LSE, DELTA, DQ, DKV, PSUM, topk, scale, scale_log2,
     s_qs, s_qb, s_qh, s_ks, s_kb, s_dos, s_dob, s_doh, s_ib, s_is, s_lb, s_lh,
     s_dqs, s_dqb, s_dqh, s_dks, s_dkb,
     H: tl.constexpr, HP: tl.constexpr, DV: tl.constexpr, DR: tl.constexpr, BK: tl.constexpr,
-    WANT_DQ: tl.constexpr, WANT_DKV: tl.constexpr,
+    WANT_DQ: tl.constexpr, WANT_DKV: tl.constexpr, WANT_PSUM: tl.constexpr,
 ):
-    """dq (WANT_DQ) and/or the atomic dkv scatter (WANT_DKV) for one query token."""
+    """dq (WANT_DQ) and/or the atomic dkv scatter (WANT_DKV) for one query token; with
+    WANT_PSUM also the attention probabilities summed over the heads, per top-k slot (laid out
+    like idx), for the indexer loss."""
     i = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.arange(0, HP)
@@ -126,6 +128,9 @@ def _bwd_kernel(
         p = tl.where(valid[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(k_lat))
         ds = (p * (dp - delta[:, None]) * scale).to(k_lat.dtype)
+        if WANT_PSUM:  # padded head rows have p = 1 (zero q, lse 0): left out
+            tl.store(PSUM + b.to(tl.int64) * s_ib + i.to(tl.int64) * s_is + offs,
+                     tl.sum(tl.where(hm[:, None], p, 0.0), 0), mask=offs < topk)
         if WANT_DQ:
             dq_lat = tl.dot(ds, k_lat, dq_lat)
             dq_rope = tl.dot(ds, k_rope, dq_rope)
@@ -322,9 +327,11 @@ def _smaller(tuned: dict) -> list[dict]:
 
 
 def sparse_mla_bwd(q, kv, idx, out, lse, dout, scale: float, v_dim: int = 512, cfg: dict | None = None,
-                   inverse: InvertedSelection | None = None):
+                   inverse: InvertedSelection | None = None, head_probs: torch.Tensor | None = None):
     """(dq like q, dkv like kv). cfg["atomic"] False: dkv key-major without atomics (bitwise
-    reproducible) over `inverse` (built here from idx when None)."""
+    reproducible) over `inverse` (built here from idx when None). `head_probs` (fp32, idx's
+    shape, contiguous): filled by the dq pass with sum_h p[i, h, slot], the indexer loss's
+    target times the head count (`indexer_loss.indexer_kl_from_probs`)."""
     c = {**BWD_CFG, "atomic": True, **(cfg or {})}
     unknown = set(c) - set(BWD_CFG) - set(KEY_MAJOR_CFG) - {"atomic"}
     if unknown:
@@ -344,7 +351,11 @@ def sparse_mla_bwd(q, kv, idx, out, lse, dout, scale: float, v_dim: int = 512, c
         dout.stride(0), dout.stride(1), dout.stride(2), delta.stride(0), delta.stride(1),
         H=n, HP=padded_heads(n), DV=v_dim, num_warps=4,
     )
-    args = (q, kv, dout, idx, lse, delta, dq, dkv, topk, scale, scale * LOG2E,
+    if head_probs is not None and (head_probs.shape != idx.shape or head_probs.dtype != torch.float32
+                                   or not head_probs.is_contiguous()):
+        raise ValueError(f"head_probs must be a contiguous fp32 tensor of idx's shape {tuple(idx.shape)}")
+    psum = dq if head_probs is None else head_probs
+    args = (q, kv, dout, idx, lse, delta, dq, dkv, psum, topk, scale, scale * LOG2E,
             q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
             dout.stride(0), dout.stride(1), dout.stride(2), idx.stride(0), idx.stride(1),
             lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1), dq.stride(2),
@@ -353,7 +364,8 @@ def sparse_mla_bwd(q, kv, idx, out, lse, dout, scale: float, v_dim: int = 512, c
 
     def run(want_dq: bool, want_dkv: bool, stages: int):
         tuned = dict(BK=c["BK"], num_warps=c["num_warps"], num_stages=stages)
-        launch(_bwd_kernel, (sq, b), args, dict(meta, WANT_DQ=want_dq, WANT_DKV=want_dkv), _smaller(tuned))
+        flags = dict(WANT_DQ=want_dq, WANT_DKV=want_dkv, WANT_PSUM=want_dq and head_probs is not None)
+        launch(_bwd_kernel, (sq, b), args, dict(meta, **flags), _smaller(tuned))
 
     if not atomic:
         run(True, False, c["dq_stages"] or c["num_stages"])
