@@ -151,7 +151,11 @@ def cmd_init_weights(args) -> int:
 
 def _plan_inputs(args) -> dict:
     """What `glm52 plan` evaluates: the command line, or a run config (`--config`) whose model,
-    parallel layout, sequence, batch, recomputation and optimizer the flags may override."""
+    parallel layout, sequence, batch, recomputation, optimizer and gradient dtype the flags may
+    override. A setting the config file leaves out takes the same default as the flag would
+    (full recomputation, steady-state micro-batches), not the run config's default."""
+    import yaml
+
     from glm52_train.config import get_model_config
 
     if args.gpus < 1:
@@ -159,22 +163,32 @@ def _plan_inputs(args) -> dict:
     given = {k: getattr(args, k) for k in ("tp", "pp", "vpp", "ep", "etp", "cp", "layout")}
     q = dict(seq_len=args.seq_len or 4096, micro_batch=args.micro_batch or 1, global_batch=args.global_batch,
              recompute=args.recompute or "full", modules=_modules(args.recompute_modules),
-             optimizer=args.optimizer or "adamw", first=None, last=None, deterministic=False)
+             optimizer=args.optimizer or "adamw", first=args.first_stage_layers, last=args.last_stage_layers,
+             grad_dtype=args.grad_dtype or "fp32", deterministic=False)
     if args.config:
         from glm52_train.run_config import load_run_config
 
         cfg = load_run_config(args.config, [])
+        raw = yaml.safe_load(open(args.config).read()) or {}
+        written = {sec: set((raw.get(sec) or {}).keys()) for sec in ("train", "data", "parallel", "optimizer")}
         p, t = cfg.parallel, cfg.train
         model = get_model_config(args.model) if args.model else cfg.model_config()
         for k in ("tp", "pp", "vpp", "ep", "etp", "cp"):
             given[k] = given[k] or getattr(p, k)
         given["layout"] = given["layout"] or p.layout
-        q.update(seq_len=args.seq_len or cfg.data.seq_length, micro_batch=args.micro_batch or t.micro_batch_size,
-                 global_batch=args.global_batch or t.global_batch_size,
-                 recompute=args.recompute or t.recompute or "none",
+        train = written["train"]
+        q.update(seq_len=args.seq_len or cfg.data.seq_length,
+                 micro_batch=args.micro_batch or t.micro_batch_size,
+                 global_batch=args.global_batch or (t.global_batch_size if "global_batch_size" in train else None),
+                 recompute=args.recompute or ((t.recompute or "none") if "recompute" in train else "full"),
+                 note="" if args.recompute or "recompute" in train else
+                 " (the flag's default: the config leaves train.recompute unset, which trains without)",
                  modules=_modules(args.recompute_modules) if args.recompute_modules else tuple(t.recompute_modules or ()),
                  optimizer=args.optimizer or cfg.optimizer.name,
-                 first=p.first_stage_layers, last=p.last_stage_layers, sp=p.sp, deterministic=cfg.dsa.deterministic)
+                 first=q["first"] if q["first"] is not None else p.first_stage_layers,
+                 last=q["last"] if q["last"] is not None else p.last_stage_layers, sp=p.sp,
+                 grad_dtype=args.grad_dtype or ("fp32" if t.grad_reduce_in_fp32 else "bf16"),
+                 deterministic=cfg.dsa.deterministic)
         if q["recompute"] != "selective":
             q["modules"] = ()
     elif not args.model:
@@ -192,17 +206,26 @@ def _modules(text) -> tuple:
     return tuple(x for x in (text or "").replace(" ", "").split(",") if x)
 
 
+def _gpus(n: int) -> str:
+    return f"{n} GPU" if n == 1 else f"{n} GPUs"
+
+
 def cmd_plan(args) -> int:
     from glm52_train.plan import (GiB, Layout, check_layout, estimate, format_estimate, format_header, format_ranks,
                                   plan)
+    from glm52_train.steptime import load_rates, step_time
 
     q = _plan_inputs(args)
+    rates = load_rates(args.rates)
     model, given = q["model"], q["given"]
-    recompute = q["recompute"] + (f" ({', '.join(q['modules'])})" if q["modules"] else "")
+    recompute = q["recompute"] + (f" ({', '.join(q['modules'])})" if q["modules"] else "") + q.get("note", "")
+    timing = dict(gpu_type=args.gpu_type, rates=rates, grad_dtype=q["grad_dtype"], optimizer=q["optimizer"])
+    where = (f"predicted on {args.gpu_type} with {rates['stack']}'s rates"
+             f"{' (' + args.rates + ')' if args.rates else ''}")
     if q["explicit"]:
         tp, pp, cp = given["tp"] or 1, given["pp"] or 1, given["cp"] or 1
         if args.gpus % (tp * pp * cp):
-            raise ConfigError(f"TP x PP x CP = {tp * pp * cp} does not divide the {args.gpus} GPUs.")
+            raise ConfigError(f"TP x PP x CP = {tp * pp * cp} does not divide the {_gpus(args.gpus)}.")
         dp = args.gpus // (tp * pp * cp)
         vpp = given["vpp"] or 1
         if given["layout"] and not given["vpp"]:
@@ -227,34 +250,45 @@ def cmd_plan(args) -> int:
             print(f"refused: {layout.describe()}: {why}")
             return 1
         est = estimate(model, layout, q["seq_len"], args.gpu_mem, q["micro_batch"], microbatches, q["recompute"],
-                       q["modules"], q["optimizer"], **stages, dsa_deterministic=q["deterministic"])
+                       q["modules"], q["optimizer"], grad_dtype=q["grad_dtype"], **stages,
+                       dsa_deterministic=q["deterministic"])
+        st = step_time(model, layout, q["seq_len"], q["micro_batch"], microbatches, q["recompute"], q["modules"],
+                       **timing, **stages)
+        est.time = st.to_dict(chunks=False)
         if args.json:
             out = est.to_dict(ranks=args.ranks)
             out["total_mib"] = est.total / 2**20
             print(json.dumps(out, indent=2))
         else:
-            print(f"{model.name} on {args.gpus} GPUs x {args.gpu_mem:g} GiB, sequence {q['seq_len']}, micro-batch "
+            print(f"{model.name} on {_gpus(args.gpus)} x {args.gpu_mem:g} GiB, sequence {q['seq_len']}, micro-batch "
                   f"{q['micro_batch']}, {microbatches or 'steady-state'} micro-batches per step, recompute "
-                  f"{recompute}, optimizer {q['optimizer']}")
+                  f"{recompute}, optimizer {q['optimizer']}, {q['grad_dtype']} gradients")
             print(format_header())
             print(format_estimate(est))
             if args.ranks:
                 print("\n".join(format_ranks(est)))
             print(f"busiest: pipeline rank {est.pp_rank} ({'+'.join(map(str, est.stage_layers))} layers), "
                   f"micro-batches in flight per chunk at its peak: {', '.join(map(str, est.in_flight))}")
+            print(f"step time ({where}): {st.step_time_s:.2f} s, {st.tokens_per_s_per_gpu:,.1f} tokens/s per GPU, "
+                  f"{st.model_tflops_per_gpu:.1f} model TFLOP/s per GPU, MFU {100 * st.mfu:.1f}%")
+            print("  " + ", ".join(f"{k} {v:.2f} s" for k, v in st.breakdown.items()))
             if not est.fits:
                 print(f"refused: {layout.describe()}: {est.reason}")
         return 0 if est.fits else 1
     fitting, refused = plan(model, args.gpus, args.gpu_mem, q["seq_len"], q["micro_batch"], q["recompute"],
-                            recompute_modules=q["modules"], optimizer=q["optimizer"], global_batch=q["global_batch"])
+                            recompute_modules=q["modules"], optimizer=q["optimizer"], global_batch=q["global_batch"],
+                            rank_by=args.rank_by, first_stage_layers=q["first"], last_stage_layers=q["last"],
+                            timing=timing)
     if args.json:
-        print(json.dumps({"fitting": [e.to_dict() for e in fitting],
+        print(json.dumps({"rank_by": args.rank_by, "fitting": [e.to_dict() for e in fitting],
                           "refused": [e.to_dict() for e in refused]}, indent=2))
         return 0 if fitting else 1
-    print(f"{model.name} on {args.gpus} GPUs x {args.gpu_mem:g} GiB, sequence {q['seq_len']}, "
-          f"micro-batch {q['micro_batch']}, recompute {recompute}, optimizer {q['optimizer']}")
+    print(f"{model.name} on {_gpus(args.gpus)} x {args.gpu_mem:g} GiB, sequence {q['seq_len']}, "
+          f"micro-batch {q['micro_batch']}, {q['global_batch'] or 'steady-state'} "
+          f"{'samples' if q['global_batch'] else 'micro-batches'} per step, recompute {recompute}, "
+          f"optimizer {q['optimizer']}, {q['grad_dtype']} gradients")
     if not fitting and not refused:
-        print(f"no layout of {model.name} can use exactly {args.gpus} GPUs (none passes the layout rules at "
+        print(f"no layout of {model.name} can use exactly {_gpus(args.gpus)} (none passes the layout rules at "
               f"sequence {q['seq_len']}); try a multiple of 8 GPUs.")
         return 1
     if not fitting:
@@ -263,12 +297,16 @@ def cmd_plan(args) -> int:
         for est in refused:
             print("  " + format_estimate(est))
         return 1
-    print("suggested (best first):")
-    print("  " + format_header())
+    criterion = (f"fastest first: predicted tokens/s per GPU, {where}" if args.rank_by == "speed"
+                 else "least memory per GPU first")
+    print(f"layouts that fit ({criterion}):")
+    print("  " + format_header(timed=True))
     for est in fitting:
-        print("  " + format_estimate(est))
+        print("  " + format_estimate(est, timed=True))
     best = fitting[0]
-    print(f"recommended: {best.layout.describe()}  ({best.total / GiB:.1f} GiB per GPU)")
+    print(f"recommended: {best.layout.describe()}{best.stage_note()}  ({best.total / GiB:.1f} GiB per GPU, "
+          f"{best.time['step_time_s']:.2f} s per step, {best.time['tokens_per_s_per_gpu']:,.1f} tokens/s per GPU)")
+    print("  its step: " + ", ".join(f"{k} {v:.2f} s" for k, v in best.time["breakdown"].items()))
     for est in refused:
         print(f"refused: {est.layout.describe()}: {est.reason}")
     return 0
@@ -335,8 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (keys include total_params, active_params)")
     p.set_defaults(func=cmd_info)
 
-    p = _subcommand(sub, "plan", "suggest a parallel layout and estimate the memory per GPU",
-                    "Searches TP/PP/VPP/EP/CP/DP for the GPUs given, or checks one layout given with --tp/--pp/...")
+    p = _subcommand(sub, "plan", "suggest a parallel layout and estimate its memory per GPU and step time",
+                    "Searches TP/PP/VPP/EP/CP/DP (and uneven pipeline stages) for the GPUs given, ranking the "
+                    "layouts that fit by predicted tokens/s per GPU, or checks one layout given with --tp/--pp/...")
     p.add_argument("--model", default=None, help=f"a model flavor: {models} (or take it from --config)")
     p.add_argument("--config", default=None,
                    help="plan this run config (model, parallel layout, batch, recompute, optimizer); flags override it")
@@ -353,6 +392,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "shared_experts (unset: mla_up_proj)")
     p.add_argument("--optimizer", choices=["adamw", "muon"], default=None,
                    help="optimizer state to count (unset: adamw, or the config's optimizer.name)")
+    p.add_argument("--grad-dtype", choices=["fp32", "bf16"], default=None,
+                   help="gradient buffers (unset: fp32, or bf16 where the config sets train.grad_reduce_in_fp32: "
+                        "false)")
+    p.add_argument("--gpu-type", choices=["h100", "h200", "b200", "gb200"], default="h100",
+                   help="the device whose peak rates the step-time model uses (configs/rates/devices.yaml)")
+    p.add_argument("--rates", default=None, metavar="FILE",
+                   help="the stack's achieved rates (unset: this stack's, configs/rates/glm52_train.yaml; "
+                        "Megatron-Bridge's: configs/rates/megatron-bridge.yaml)")
+    p.add_argument("--rank-by", choices=["speed", "memory"], default="speed",
+                   help="order of the layouts that fit: predicted tokens/s per GPU, or memory per GPU")
+    p.add_argument("--first-stage-layers", type=int, default=None,
+                   help="decoder layers on the first pipeline stage (uneven split; unset: searched when the "
+                        "layers do not split evenly)")
+    p.add_argument("--last-stage-layers", type=int, default=None,
+                   help="decoder layers on the last pipeline stage (as --first-stage-layers)")
     p.add_argument("--layout", default=None,
                    help="Megatron-Core pipeline_model_parallel_layout, e.g. 'Ett|tt|ttmL' (E embedding, t layer, "
                         "m MTP, L loss)")

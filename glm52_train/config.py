@@ -57,6 +57,7 @@ def field_help(cls) -> dict[str, str]:
     return out
 
 
+@functools.lru_cache(maxsize=64)
 def index_share_pattern(num_layers: int, topk_freq: int, skip_topk_offset: int) -> str:
     """The IndexShare layout as a string of F (runs its own indexer) and S (reuses the top-k of
     the previous F layer), following the HF reference's `index_topk_freq` /

@@ -54,6 +54,7 @@ BF16, FP32 = 2, 4
 FIXED_OVERHEAD = 2.5 * GiB  # CUDA context, NCCL buffers, workspace
 FRAGMENTATION = 1.10
 OPTIMIZERS = ("adamw", "muon")
+GRAD_DTYPES = ("fp32", "bf16")
 
 
 @dataclass
@@ -69,13 +70,24 @@ class Estimate:
     fixed: float
     total: float
     fits: bool
+    grad_copy: float = 0.0  # the step's fp32 copies of bf16 gradient shards beyond the activation peak
     reason: str = ""
     stage_layers: list = field(default_factory=list)
     pp_rank: int = 0
     in_flight: list = field(default_factory=list)  # micro-batches per chunk at the peak
     recompute: str = "full"
     optimizer_name: str = "adamw"
+    grad_dtype: str = "fp32"
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
+    time: dict | None = None  # steptime.StepTime.to_dict() when a step time was predicted
     ranks: list = field(default_factory=list, repr=False)  # every pipeline rank's estimate, rank order
+
+    def stage_note(self) -> str:
+        """ ", first stage N layers, last stage M" for an uneven split, else "". """
+        parts = [f"{w} stage {n} layers" for w, n in (("first", self.first_stage_layers),
+                                                       ("last", self.last_stage_layers)) if n is not None]
+        return f" ({', '.join(parts)})" if parts else ""
 
     def to_dict(self, ranks: bool = False) -> dict:
         """The estimate as plain values; with `ranks`, every pipeline rank's too (under "ranks")."""
@@ -181,9 +193,10 @@ def inverted_selection_bytes(m: ModelConfig, tokens: float) -> float:
 
 def _chunk_saved_bytes(m: ModelConfig, items: list, tp: int, sp: bool, tokens: float, recompute: str,
                        modules, micro_batch: int, act_bytes: int = BF16) -> tuple[float, float, float, float]:
-    """(saved bytes, of which DSA, of which logits, the largest layer's working set) of one
-    micro-batch through one chunk; `act_bytes` is the activation dtype's size."""
-    act = dsa = logits = largest = 0.0
+    """(saved bytes, of which DSA, of which logits, the largest layer's working set, of which
+    DSA under full recomputation) of one micro-batch through one chunk; `act_bytes` is the
+    activation dtype's size."""
+    act = dsa = logits = largest = largest_dsa = 0.0
     seq = tp if sp else 1
     first_layer = True
     for item in items:
@@ -192,7 +205,8 @@ def _chunk_saved_bytes(m: ModelConfig, items: list, tp: int, sp: bool, tokens: f
         layer = None if item == "m" else item
         a, d = layer_saved_bytes(m, layer, tp, sp, act_bytes, modules if recompute == "selective" else (),
                                  micro_batch)
-        largest = max(largest, a * tokens)
+        if a * tokens > largest:
+            largest, largest_dsa = a * tokens, d * tokens
         if recompute == "full":
             # Megatron-Core's uniform recompute (one layer per unit) keeps each layer's input and
             # the IndexShare top-k passed along with it: one int32 tensor per full-indexer layer,
@@ -201,7 +215,8 @@ def _chunk_saved_bytes(m: ModelConfig, items: list, tp: int, sp: bool, tokens: f
             # 8 full-width layers (bench/stage_memory.py, docs/benchmarks.md).
             act += act_bytes * m.hidden_size / seq * tokens
             if layer is None or m.layer_index_pattern[layer] == "F" or first_layer:
-                act += 4 * m.index_topk * tokens
+                act += 4 * m.index_topk * tokens  # the top-k is DSA's
+                dsa += 4 * m.index_topk * tokens
         else:
             act += a * tokens
             dsa += d * tokens
@@ -210,7 +225,7 @@ def _chunk_saved_bytes(m: ModelConfig, items: list, tp: int, sp: bool, tokens: f
         steps = 1 + (m.mtp_steps if m.mtp_layers else 0)
         logits = FP32 * m.vocab_size / tp * steps * tokens  # fp32 logits the loss keeps
         act += logits + BF16 * m.hidden_size / seq * steps * tokens  # and the output layer's input
-    return act, dsa, logits, largest
+    return act, dsa, logits, largest, largest_dsa
 
 
 def schedule_order(pp: int, vpp: int, rank: int, num_microbatches: int) -> list[tuple[str, int]]:
@@ -273,9 +288,12 @@ def estimate(
     optimizer: str = "adamw",
     first_stage_layers: int | None = None,
     last_stage_layers: int | None = None,
+    grad_dtype: str = "fp32",
     dsa_deterministic: bool = False,
 ) -> Estimate:
     """Memory per GPU of the busiest pipeline rank (see the module docstring)."""
+    if grad_dtype not in GRAD_DTYPES:
+        raise ConfigError(f"the gradient dtype must be one of {', '.join(GRAD_DTYPES)}, got {grad_dtype!r}.")
     if isinstance(recompute, bool):
         recompute = "full" if recompute else "none"
     why = recompute_problem(recompute, recompute_modules)
@@ -296,7 +314,7 @@ def estimate(
         muon = adam = expert = 0.0
         mtp_weights = 0
         saved = []
-        largest = 0.0
+        largest = rebuilt_dsa = 0.0
         for items in rank_chunks:
             for item in items:
                 if item == "E":
@@ -311,12 +329,16 @@ def estimate(
                     muon, adam, expert = muon + p["muon"], adam + p["adam"], expert + p["expert"]
             chunk = _chunk_saved_bytes(m, items, tp, layout.sp, tokens, recompute, recompute_modules, micro_batch)
             saved.append(chunk)
-            largest = max(largest, chunk[3])
+            if chunk[3] > largest:
+                largest, rebuilt_dsa = chunk[3], chunk[4]
         expert /= ep * etp
         dense = muon + adam
         weights = BF16 * (dense + expert)
-        grads = FP32 * (dense + expert)
+        grads = (BF16 if grad_dtype == "bf16" else FP32) * (dense + expert)
         optim = (muon_bytes * muon + 12 * adam) / (dp * cp) + muon_bytes * expert / expert_dp
+        # bf16 gradients: the distributed optimizer's step works on fp32 copies of its gradient
+        # shard, made after the last backward has freed the activations
+        grad_shard_fp32 = FP32 * ((muon + adam) / (dp * cp) + expert / expert_dp) if grad_dtype == "bf16" else 0.0
         peak, at_peak = -1.0, ()
         for live in schedule_in_flight(pp, vpp, rank, microbatches):
             total_live = sum(n * c[0] for n, c in zip(live, saved))
@@ -324,18 +346,21 @@ def estimate(
                 peak, at_peak = total_live, live
         logits = sum(n * c[2] for n, c in zip(at_peak, saved))
         dsa = sum(n * c[1] for n, c in zip(at_peak, saved))
-        if dsa_deterministic and any(item not in ("E", "L") for items in rank_chunks for item in items):
-            dsa += inverted_selection_bytes(m, tokens)
         activations = peak - logits - dsa
+        if dsa_deterministic and any(item not in ("E", "L") for items in rank_chunks for item in items):
+            dsa += inverted_selection_bytes(m, tokens)  # not saved for backward: on top of the peak
         if recompute == "full":
-            activations += largest  # one layer rebuilt at a time in backward
+            activations += largest - rebuilt_dsa  # one layer rebuilt at a time in backward
+            dsa += rebuilt_dsa
         if any("L" in items for items in rank_chunks):
             logits += max(c[2] for c in saved)  # the logits' gradient, one micro-batch at a time
-        parts = weights + grads + optim + activations + dsa + logits
+        grad_copy = max(0.0, grad_shard_fp32 - (activations + dsa + logits))  # a maximum, not a sum
+        parts = weights + grads + optim + activations + dsa + logits + grad_copy
         slack = (FRAGMENTATION - 1) * parts
         total = parts + slack + FIXED_OVERHEAD
         est = Estimate(layout, weights, grads, optim, activations, dsa, logits, slack, FIXED_OVERHEAD, total,
-                       total <= gpu_mem_gb * GiB,
+                       total <= gpu_mem_gb * GiB, grad_copy=grad_copy, grad_dtype=grad_dtype,
+                       first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers,
                        stage_layers=[sum(isinstance(i, int) for i in items) for items in rank_chunks],
                        pp_rank=rank, in_flight=list(at_peak), recompute=recompute, optimizer_name=optimizer)
         all_ranks.append(est)
@@ -349,6 +374,7 @@ def estimate(
 
 
 def check_layout(m: ModelConfig, layout: Layout, gpus: int, seq_len: int, **stages) -> str | None:
+    """(`stages`: first_stage_layers, last_stage_layers, microbatches, as layout_problems takes.)"""
     """Why `layout` cannot run `m` on `gpus` GPUs (one sentence), or None: the run config's
     rules (`layout_problems`) plus the planner's own (the layout uses every GPU; TP stays
     inside one 8-GPU node)."""
@@ -366,10 +392,11 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def relays_topk(m: ModelConfig, layout: Layout) -> bool:
+def relays_topk(m: ModelConfig, layout: Layout, first_stage_layers: int | None = None,
+                last_stage_layers: int | None = None) -> bool:
     """Whether some pipeline chunk begins with an IndexShare "S" layer, so the top-k indices
     must travel with the activations (see model/topk_relay.py)."""
-    chunks = pipeline_chunks(m, layout)
+    chunks = pipeline_chunks(m, layout, first_stage_layers, last_stage_layers)
     starts = []
     for v in range(len(chunks[0])):
         for r in range(len(chunks)):
@@ -379,15 +406,28 @@ def relays_topk(m: ModelConfig, layout: Layout) -> bool:
     return needs_topk_relay(m.layer_index_pattern, starts)
 
 
-def _score(est: Estimate, m: ModelConfig, gpus: int) -> float:
-    """Lower is better: communication and pipeline-bubble cost, then memory headroom."""
-    lay = est.layout
-    bubble = (lay.pp - 1) / (lay.pp * lay.vpp * 8)  # assuming >= 8 microbatches per stage
-    tp_cost = 0.06 * math.log2(lay.tp)
-    cp_cost = 0.05 * math.log2(lay.cp)
-    ep_cost = 0.02 * math.log2(lay.ep)
-    relay = 0.03 if relays_topk(m, lay) else 0.0  # stage boundaries that carry top-k indices
-    return bubble + tp_cost + cp_cost + ep_cost + relay + 0.01 * est.total / GiB / 80
+def stage_splits(m: ModelConfig, pp: int, vpp: int) -> list[tuple[int | None, int | None]]:
+    """The pipeline splits the search tries for PP x VPP: the even one when the layers divide,
+    else the uneven (first, last) stage layer counts closest to even (Megatron-Core's rule: the
+    middle stages split evenly), the busier end stage last-but-one (the loss sits on the last)."""
+    layers = m.num_layers
+    if pp == 1:
+        return [(None, None)]
+    from glm52_train.layout import _stage_problems
+
+    if not _stage_problems(layers, pp, vpp, None, None):
+        return [(None, None)]
+    best = []
+    base = layers // pp
+    for first in range(max(vpp, base - 2 * vpp), base + 2 * vpp + 1):
+        for last in range(max(vpp, base - 2 * vpp), base + 2 * vpp + 1):
+            if _stage_problems(layers, pp, vpp, first, last):
+                continue
+            middle = (layers - first - last) // (pp - 2) if pp > 2 else 0
+            busiest = max(first, last, middle)
+            best.append((busiest, last, abs(first - middle), first))
+    best.sort()
+    return [(f, l) for _, l, _, f in best[:1]]
 
 
 def plan(
@@ -401,13 +441,28 @@ def plan(
     recompute_modules=(),
     optimizer: str = "adamw",
     global_batch: int | None = None,
+    rank_by: str = "speed",
+    first_stage_layers: int | None = None,
+    last_stage_layers: int | None = None,
+    timing: dict | None = None,
 ) -> tuple[list[Estimate], list[Estimate]]:
-    """(fitting layouts best first, a sample of refused ones with reasons)."""
+    """(fitting layouts best first, a sample of refused ones with reasons). "Best" is the
+    highest predicted tokens/s per GPU (`rank_by="speed"`, the step-time model of
+    glm52_train/steptime.py with `timing`'s gpu_type, rates, grad_dtype) or the least memory
+    per GPU (`rank_by="memory"`). Uneven pipeline stages are searched where the layers do not
+    split evenly (`stage_splits`), unless the first / last stage's layers are given."""
+    from glm52_train.steptime import step_time
+
     if gpus < 1:
         raise ConfigError(f"--gpus must be at least 1, got {gpus}.")
+    if rank_by not in ("speed", "memory"):
+        raise ConfigError(f"--rank-by must be speed or memory, got {rank_by!r}.")
+    timing = dict(timing or {})
+    grad_dtype = timing.get("grad_dtype", "fp32")
     fitting: list[Estimate] = []
     refused: list[Estimate] = []
     experts = m.num_experts if m.num_moe_layers else 1
+    given_stages = first_stage_layers is not None or last_stage_layers is not None
     for tp, pp, cp in itertools.product((1, 2, 4, 8), _divisors(gpus), (1, 2, 4, 8, 16, 32, 64, 128)):
         if gpus % (tp * pp * cp):
             continue
@@ -417,34 +472,61 @@ def plan(
             if global_batch % (micro_batch * dp):
                 continue
             microbatches = global_batch // (micro_batch * dp)
-        for ep in [e for e in _divisors(experts) if e <= 64]:
-            for vpp in (1, 2, 4):
-                layout = Layout(tp=tp, pp=pp, vpp=vpp if pp > 1 else 1, ep=ep, cp=cp, dp=dp, sp=tp > 1)
-                if vpp > 1 and pp == 1:
-                    continue
-                if check_layout(m, layout, gpus, seq_len):
-                    continue
-                est = estimate(m, layout, seq_len, gpu_mem_gb, micro_batch, microbatches, recompute,
-                               recompute_modules, optimizer)
-                (fitting if est.fits else refused).append(est)
-    fitting.sort(key=lambda e: _score(e, m, gpus))
+        for vpp in (1, 2, 4):
+            if vpp > 1 and pp == 1:
+                continue
+            splits = [(first_stage_layers, last_stage_layers)] if given_stages and pp > 1 else stage_splits(m, pp, vpp)
+            for ep in [e for e in _divisors(experts) if e <= 64]:
+                for first, last in splits:
+                    layout = Layout(tp=tp, pp=pp, vpp=vpp, ep=ep, cp=cp, dp=dp, sp=tp > 1)
+                    stages = dict(first_stage_layers=first, last_stage_layers=last)
+                    if check_layout(m, layout, gpus, seq_len, microbatches=microbatches, **stages):
+                        continue
+                    est = estimate(m, layout, seq_len, gpu_mem_gb, micro_batch, microbatches, recompute,
+                                   recompute_modules, optimizer, grad_dtype=grad_dtype, **stages)
+                    if est.fits and rank_by == "speed":
+                        est.time = step_time(m, layout, seq_len, micro_batch, microbatches, est.recompute,
+                                             recompute_modules, **timing, **stages).to_dict(chunks=False)
+                    (fitting if est.fits else refused).append(est)
+    if rank_by == "speed":
+        fitting.sort(key=lambda e: (-e.time["tokens_per_s_per_gpu"], e.total))
+    else:
+        fitting.sort(key=lambda e: e.total)
     refused.sort(key=lambda e: e.total)
-    return fitting[:limit], refused[:3]
+    best = fitting[:limit]
+    if rank_by == "memory":
+        for est in best:  # the step time of the ones shown
+            est.time = step_time(m, est.layout, seq_len, micro_batch, global_batch // (micro_batch * est.layout.dp) if global_batch else None, est.recompute,
+                                 recompute_modules, **timing, first_stage_layers=est.first_stage_layers,
+                                 last_stage_layers=est.last_stage_layers).to_dict(chunks=False)
+    return best, refused[:3]
 
 
-COLUMNS = ("weights", "gradients", "optimizer", "activations", "dsa_buffers", "logits", "slack", "fixed")
-_HEADINGS = ("weights", "grads", "optim", "act", "dsa", "logits", "slack", "fixed")
+COLUMNS = ("weights", "gradients", "optimizer", "activations", "dsa_buffers", "logits", "grad_copy", "slack", "fixed")
+_HEADINGS = ("weights", "grads", "optim", "act", "dsa", "logits", "gcopy", "slack", "fixed")
 
 
-def format_header() -> str:
-    return f"{'layout':32s} " + " ".join(f"{h:>8s}" for h in _HEADINGS) + f"  {'= total':>9s} GiB"
+_TIME_HEADINGS = f"  {'step s':>7s} {'tok/s/GPU':>9s} {'MFU':>5s}"
 
 
-def format_estimate(est: Estimate, label: str | None = None) -> str:
+def format_header(timed: bool = False) -> str:
+    return (f"{'layout':44s} " + " ".join(f"{h:>6s}" for h in _HEADINGS) + f"  {'= total':>7s} GiB"
+            + (_TIME_HEADINGS if timed else ""))
+
+
+def format_estimate(est: Estimate, label: str | None = None, timed: bool = False) -> str:
     """One row: the columns of `format_header`, which add up to the total (GiB, 0.1 rounding),
-    under `label` (default: the layout)."""
-    cells = " ".join(f"{getattr(est, c) / GiB:8.1f}" for c in COLUMNS)
-    return f"{label or est.layout.describe():32s} {cells}  = {est.total / GiB:7.1f}"
+    under `label` (default: the layout, with an uneven split's stage layers); `timed` adds the
+    predicted step time, tokens/s per GPU and MFU."""
+    cells = " ".join(f"{getattr(est, c) / GiB:6.1f}" for c in COLUMNS)
+    ends = [f"{w} {n}" for w, n in (("first", est.first_stage_layers), ("last", est.last_stage_layers))
+            if n is not None]
+    name = label or " ".join([est.layout.describe()] + ([", ".join(ends)] if ends else []))
+    row = f"{name:44s} {cells}  = {est.total / GiB:7.1f}"
+    if timed and est.time:
+        t = est.time
+        row += f"      {t['step_time_s']:7.2f} {t['tokens_per_s_per_gpu']:9.1f} {100 * t['mfu']:4.1f}%"
+    return row
 
 
 def format_ranks(est: Estimate) -> list[str]:

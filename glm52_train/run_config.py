@@ -69,6 +69,7 @@ class TrainConfig:
     fp8: Literal["blockwise", "te-e4m3", "te-hybrid"] | None = None
     transformer_engine: Literal["auto", "on", "off"] = "auto"  # auto: TE's layers where importable on a GPU
     clip_grad: float = 1.0  # largest global gradient norm (0: no clipping)
+    grad_reduce_in_fp32: bool = True  # false: gradients accumulated and reduced in bf16 (Megatron-Bridge's GLM-5.2 recipes)
     recompute: Literal["full", "selective"] | None = None  # activation recomputation (null: none)
     # selective: Megatron-Core's recompute modules this stack honours (mla_up_proj, mlp, moe, shared_experts)
     recompute_modules: list[str] = field(default_factory=lambda: ["mla_up_proj"])

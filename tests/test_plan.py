@@ -113,7 +113,7 @@ def test_muon_keeps_one_buffer_where_adamw_keeps_two():
 
 def _row_total(line: str) -> tuple[list[float], float]:
     cells, total = line.split("=")
-    return [float(x) for x in cells.split()[-8:]], float(total.split()[0])
+    return [float(x) for x in cells.split()[-9:]], float(total.split()[0])
 
 
 def test_printed_columns_add_up_to_the_total(capsys):
@@ -123,7 +123,8 @@ def test_printed_columns_add_up_to_the_total(capsys):
     assert all(h in header for h in ("weights", "slack", "fixed", "= total"))
     parts, total = _row_total(next(line for line in out if line.startswith("TP1 PP11")))
     assert abs(sum(parts) - total) <= 0.05 * len(parts)
-    assert "pipeline rank 1 (8 layers)" in out[-1] and "in flight per chunk at its peak: 10" in out[-1]
+    busiest = next(line for line in out if line.startswith("busiest"))
+    assert "pipeline rank 1 (8 layers)" in busiest and "in flight per chunk at its peak: 10" in busiest
     assert glm52(["plan", "--model", "tiny", "--gpus", "8", "--seq-len", "256"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  TP")]
     for row in rows:
@@ -189,13 +190,16 @@ def test_plan_counts_the_deterministic_backwards_inverted_selection(tmp_path, ca
     column: INVERSE_BYTES_PER_SLOT per top-k slot of the local queries."""
     from glm52_train.plan import INVERSE_BYTES_PER_SLOT
 
-    dsa = {}
+    dsa, activations, total = {}, {}, {}
     for value in (False, True):
         cfg = tiny_run_config(tmp_path, str(tmp_path / "d"), dsa={"deterministic": value})
         assert glm52(["plan", "--config", str(cfg), "--gpus", "1", "--json"]) == 0
-        dsa[value] = json.loads(capsys.readouterr().out)["dsa_buffers"]
-    tokens = 2 * 64  # micro-batch 2 x 64-token sequences, no CP
-    assert dsa[True] - dsa[False] == pytest.approx(INVERSE_BYTES_PER_SLOT * TINY.index_topk * tokens)
+        out = json.loads(capsys.readouterr().out)
+        dsa[value], activations[value], total[value] = out["dsa_buffers"], out["activations"], out["total_mib"]
+    extra = INVERSE_BYTES_PER_SLOT * TINY.index_topk * 2 * 64  # micro-batch 2 x 64-token sequences, no CP
+    assert dsa[True] - dsa[False] == pytest.approx(extra)
+    assert activations[True] == activations[False]
+    assert (total[True] - total[False]) * 2**20 == pytest.approx(extra * 1.10)  # with the 10% slack
 
 
 # ---- measured on CPU runs of tiny -----------------------------------------------------------

@@ -164,7 +164,7 @@ def test_bad_run_config_is_one_sentence(golden_data, tmp_path):
     assert errors == ["glm52 pretrain: error: train.global_batch_size (3) must be a multiple of "
                       "micro_batch_size x data-parallel size (2 x 1)."]
     proc = pretrain(cfg, "train.itres=3", check=False)
-    assert proc.returncode == 2 and "unknown key(s) itres" in proc.stderr
+    assert proc.returncode == 2 and "unknown key train.itres (did you mean train.iters?)" in proc.stderr
 
 
 @pytest.mark.slow
@@ -181,3 +181,27 @@ def test_init_from_imported_weights(golden_data, tmp_path):
     a, b = losses(first / "run"), losses(second / "run")
     assert sorted(b) == [1, 2, 3, 4]
     assert b[1] < a[1] - 0.5  # starts from trained weights, not from scratch
+
+
+def test_bf16_gradients_train(golden_data, tmp_path):
+    """`train.grad_reduce_in_fp32: false` (Megatron-Bridge's GLM-5.2 recipes): under bf16 the
+    gradient buffers DDP reduces are bf16, and two steps of tiny train to finite losses."""
+    from glm52_train import parallel
+    from glm52_train.run_config import load_run_config
+    from glm52_train.training import setup
+
+    cfg = tiny_run_config(tmp_path, golden_data, train={"iters": 2, "precision": "bf16",
+                                                        "grad_reduce_in_fp32": False},
+                          optimizer={"warmup_iters": 1}, checkpoint={"enable": False}, logging={"wandb": "disabled", "run_dir": str(tmp_path / "run")})
+    pretrain(cfg)
+    steps = [m for m in metrics(tmp_path / "run") if "loss" in m]
+    assert len(steps) >= 2 and all(m["loss"] == m["loss"] and m["loss"] < 20 for m in steps)
+    run = load_run_config(str(cfg), [])
+    parallel.initialize(seed=1234)
+    try:
+        chunks, config = setup.build_model_chunks(run.model_config(), run, 64)
+        chunks = setup.wrap_ddp(chunks, config, True, grad_reduce_in_fp32=run.train.grad_reduce_in_fp32)
+        dtypes = {p.main_grad.dtype for c in chunks for p in c.parameters()}
+        assert dtypes == {torch.bfloat16}
+    finally:
+        parallel.destroy()

@@ -49,7 +49,8 @@ def build(cfg: RunConfig) -> TrainingParts:
     if cfg.train.freeze == "all_but_indexer":
         freeze_all_but_indexer(chunks)
     bf16 = cfg.use_bf16()
-    chunks = wrap_ddp(chunks, config, bf16, distributed_optimizer=cfg.optimizer.name != "muon")
+    chunks = wrap_ddp(chunks, config, bf16, distributed_optimizer=cfg.optimizer.name != "muon",
+                      grad_reduce_in_fp32=cfg.train.grad_reduce_in_fp32)
     expert_load = ExpertLoad(chunks)
     optimizer, scheduler, _ = build_optimizer(cfg, chunks, config, bf16, expert_load)
     dp = parallel_state.get_data_parallel_world_size()
@@ -152,11 +153,13 @@ def freeze_all_but_indexer(chunks) -> int:
     return trainable
 
 
-def wrap_ddp(chunks, config, bf16: bool, distributed_optimizer: bool = True):
+def wrap_ddp(chunks, config, bf16: bool, distributed_optimizer: bool = True, grad_reduce_in_fp32: bool = True):
     """Megatron-Core DDP: gradients reduce-scattered for the distributed optimizer (AdamW), or
-    all-reduced for Muon, whose layer-wise sharding needs each owner's whole matrices."""
+    all-reduced for Muon, whose layer-wise sharding needs each owner's whole matrices. With
+    `grad_reduce_in_fp32` false the gradient buffers (and their reduction) are in the parameters'
+    dtype (bf16 under bf16 precision), as `train.grad_reduce_in_fp32: false` asks."""
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=grad_reduce_in_fp32,
         overlap_grad_reduce=False,
         use_distributed_optimizer=distributed_optimizer,
         check_for_nan_in_grad=False,
