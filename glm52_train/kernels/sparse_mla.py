@@ -153,14 +153,14 @@ def _dkv_key_major_kernel(
     Q, KV, DO, LSE, DELTA, DKV, OFFSETS, QUERIES, MASKS, sk, n_blocks, scale, scale_log2,
     s_qs, s_qb, s_qh, s_ks, s_kb, s_dos, s_dob, s_doh, s_lb, s_lh, s_dks, s_dkb,
     H: tl.constexpr, HP: tl.constexpr, DV: tl.constexpr, DR: tl.constexpr, BKEY: tl.constexpr,
+    HC: tl.constexpr,
 ):
     """dkv of BKEY consecutive keys, no atomics: loops over the queries that chose any of them
-    (the inverted selection, ascending query order) and writes each key row once."""
+    (the inverted selection, ascending query order), HC heads at a time (a query's 64 x 1088
+    rows at once would need ~290 KB of shared memory), and writes each key row once."""
     pid = tl.program_id(0)
     b = pid // n_blocks
     blk = pid % n_blocks
-    h = tl.arange(0, HP)
-    hm = h < H
     dv = tl.arange(0, DV)
     dr = tl.arange(0, DR)
     slot = tl.arange(0, BKEY)
@@ -176,23 +176,27 @@ def _dkv_key_major_kernel(
     for u in range(start, end):
         i = tl.load(QUERIES + u).to(tl.int64)
         chosen = ((tl.load(MASKS + u) >> slot) & 1) != 0
-        q_row = Q + i * s_qs + b * s_qb + h[:, None] * s_qh
-        q_lat = tl.load(q_row + dv[None, :], mask=hm[:, None], other=0.0)
-        q_rope = tl.load(q_row + DV + dr[None, :], mask=hm[:, None], other=0.0)
-        do = tl.load(DO + i * s_dos + b * s_dob + h[:, None] * s_doh + dv[None, :], mask=hm[:, None], other=0.0)
-        lse = tl.load(LSE + b.to(tl.int64) * s_lb + h * s_lh + i, mask=hm, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        delta = tl.load(DELTA + b.to(tl.int64) * s_lb + h * s_lh + i, mask=hm, other=0.0)
-        s = tl.dot(q_lat, tl.trans(k_lat))
-        s = tl.dot(q_rope, tl.trans(k_rope), s)
-        p = tl.exp2(s * scale_log2 - lse2[:, None])
-        p = tl.where(chosen[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(k_lat))
-        ds = (p * (dp - delta[:, None]) * scale).to(k_lat.dtype)
-        # dkv[j] = sum over (query, head) of ds q + p do (latent), ds q_rope (rope)
-        acc_lat = tl.dot(tl.trans(ds), q_lat, acc_lat)
-        acc_lat = tl.dot(tl.trans(p.to(k_lat.dtype)), do, acc_lat)
-        acc_rope = tl.dot(tl.trans(ds), q_rope, acc_rope)
+        for hc in tl.static_range(0, HP, HC):
+            h = hc + tl.arange(0, HC)
+            hm = h < H
+            q_row = Q + i * s_qs + b * s_qb + h[:, None] * s_qh
+            q_lat = tl.load(q_row + dv[None, :], mask=hm[:, None], other=0.0)
+            q_rope = tl.load(q_row + DV + dr[None, :], mask=hm[:, None], other=0.0)
+            do = tl.load(DO + i * s_dos + b * s_dob + h[:, None] * s_doh + dv[None, :], mask=hm[:, None],
+                         other=0.0)
+            lse = tl.load(LSE + b.to(tl.int64) * s_lb + h * s_lh + i, mask=hm, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(DELTA + b.to(tl.int64) * s_lb + h * s_lh + i, mask=hm, other=0.0)
+            s = tl.dot(q_lat, tl.trans(k_lat))
+            s = tl.dot(q_rope, tl.trans(k_rope), s)
+            p = tl.exp2(s * scale_log2 - lse2[:, None])
+            p = tl.where(chosen[None, :], p, 0.0)
+            dp = tl.dot(do, tl.trans(k_lat))
+            ds = (p * (dp - delta[:, None]) * scale).to(k_lat.dtype)
+            # dkv[j] = sum over (query, head) of ds q + p do (latent), ds q_rope (rope)
+            acc_lat = tl.dot(tl.trans(ds), q_lat, acc_lat)
+            acc_lat = tl.dot(tl.trans(p.to(k_lat.dtype)), do, acc_lat)
+            acc_rope = tl.dot(tl.trans(ds), q_rope, acc_rope)
     out_row = DKV + tl.where(key_ok, keys, 0).to(tl.int64) * s_dks + b * s_dkb
     tl.store(out_row[:, None] + dv[None, :], acc_lat.to(DKV.dtype.element_ty), mask=key_ok[:, None])
     tl.store(out_row[:, None] + DV + dr[None, :], acc_rope.to(DKV.dtype.element_ty), mask=key_ok[:, None])
@@ -273,8 +277,10 @@ FWD_CFG = dict(BK=64, num_warps=8, num_stages=3)
 # (211 ms against 224 ms); the fused kernel was 13% slower, BK=16 50% slower.
 BWD_CFG = dict(BK=32, num_warps=8, num_stages=2, fused=False, dq_stages=1, dkv_stages=None)
 # atomic=False: the deterministic backward (dq as above, dkv key-major over the inverted
-# selection, BKEY keys per program). Unmeasured on a GPU: 8 warps, 2 stages are a guess.
-KEY_MAJOR_CFG = dict(BKEY=16, num_warps=8, num_stages=2)
+# selection, BKEY keys per program, HC heads of a query per step). Compiled for sm_90 on a CPU
+# machine: 255 registers, 552 B of spill, 54 KB of shared memory, mma.sync (M = 16 rows);
+# all 64 heads per step would need ~290 KB. Unmeasured on a GPU.
+KEY_MAJOR_CFG = dict(BKEY=16, HC=16, num_warps=8, num_stages=2)
 
 
 def padded_heads(n: int) -> int:
@@ -333,7 +339,7 @@ def sparse_mla_bwd(q, kv, idx, out, lse, dout, scale: float, v_dim: int = 512, c
     shape, contiguous): filled by the dq pass with sum_h p[i, h, slot], the indexer loss's
     target times the head count (`indexer_loss.indexer_kl_from_probs`)."""
     c = {**BWD_CFG, "atomic": True, **(cfg or {})}
-    unknown = set(c) - set(BWD_CFG) - set(KEY_MAJOR_CFG) - {"atomic"}
+    unknown = set(c) - set(BWD_CFG) - {"atomic", "BKEY", "HC", "key_major_warps", "key_major_stages"}
     if unknown:
         raise ValueError(f"unknown backward settings {sorted(unknown)}")
     sq, b, n, d, dr = _check(q, kv, idx, v_dim)
@@ -396,7 +402,8 @@ def _dkv_key_major(q, kv, dout, lse, delta, dkv, scale, idx, inverse, meta, c):
     stages = c.get("key_major_stages", KEY_MAJOR_CFG["num_stages"])
     tuned = dict(num_warps=c.get("key_major_warps", KEY_MAJOR_CFG["num_warps"]), num_stages=stages)
     configs = [tuned] + [dict(tuned, num_stages=s) for s in range(stages - 1, 0, -1)]
-    launch(_dkv_key_major_kernel, (b * inverse.n_blocks,), args, dict(meta, BKEY=block), configs)
+    hc = min(meta["HP"], c.get("HC", KEY_MAJOR_CFG["HC"]))
+    launch(_dkv_key_major_kernel, (b * inverse.n_blocks,), args, dict(meta, BKEY=block, HC=hc), configs)
 
 
 class SparseMLAFunction(torch.autograd.Function):
