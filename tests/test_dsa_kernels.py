@@ -616,3 +616,38 @@ def test_gpu_indexer_kl_loss(monkeypatch, dsa_case, mode):
     assert _rel(ik.grad, ikd.grad) < BF16_TOL
     assert _rel(iw.grad, iwd.grad) < 1e-3
     assert (lse_err / lse_den) ** 0.5 < 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_indexer_kl_from_dq_pass_probabilities(monkeypatch, dsa_case):
+    """The KL without a second kv gather at full size: the dq pass's head probabilities, then
+    `indexer_kl_from_probs`, against the float64 KL loss from q and kv."""
+    _poison(monkeypatch)
+    dev = "cuda"
+    g, vis, full, sq, sk = _case_inputs(dsa_case, dev)
+    b, n, dv, dr, ih = 1, dsa_case.heads, 512, 64, dsa_case.index_heads
+    q = torch.randn(sq, b, n, dv + dr, generator=g).to(dev, torch.bfloat16)
+    kv = torch.randn(sk, b, dv + dr, generator=g).to(dev, torch.bfloat16)
+    iq = torch.randn(sq, b, ih, 128, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    ik = torch.randn(sk, b, 128, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    iw = (torch.randn(sq, b, ih, generator=g) * 0.02).to(dev).requires_grad_()
+    idx = api.indexer_topk(iq.detach(), ik.detach(), iw.detach(), dsa_case.topk, **vis)
+    scale = (dv + dr) ** -0.5
+    sm = _mod("sparse_mla")
+    out, lse = sm.sparse_mla_fwd(q, kv, idx, scale, dv)
+    probs = torch.full(idx.shape, float("nan"), device=dev)
+    sm.sparse_mla_bwd(q, kv, idx, out, lse, torch.randn_like(out), scale, dv, head_probs=probs)
+    loss = api.indexer_kl_from_probs(iq, ik, iw, idx, probs, n)
+    loss.backward()
+    iqd, ikd, iwd = (t.detach().double().requires_grad_() for t in (iq, ik, iw))
+    ref = 0.0
+    for i in range(0, sq, 128):
+        rows = slice(i, min(i + 128, sq))
+        part = reference.indexer_kl_loss(iqd[rows], ikd, iwd[rows], q[rows].double(), kv.double(), idx[:, rows],
+                                         scale, dv, **_rows(full, rows))
+        (part * (rows.stop - rows.start) / sq).backward()
+        ref += part.item() * (rows.stop - rows.start) / sq
+    assert abs(loss.item() - ref) <= 1e-4 * abs(ref) + 1e-6
+    assert _rel(iq.grad, iqd.grad) < BF16_TOL
+    assert _rel(ik.grad, ikd.grad) < BF16_TOL
+    assert _rel(iw.grad, iwd.grad) < 1e-3
