@@ -4,7 +4,7 @@
 
 q [sq, b, H, DV + DR] (H = 64 heads, DV = 512 latent = value, DR = 64 rope), kv [sk, b, DV + DR]
 shared by all heads, idx [b, sq, topk] int32 (-1 = no key). One program handles one query
-token and all its heads: the 64 heads are the M dimension of every matrix product, the
+token and all its heads: the heads are the M dimension of every matrix product, the
 gathered keys (BK per step) the N (scores) or K (values) dimension.
 
 Forward: online softmax in base 2; saves lse [b, H, sq] (natural log, -inf for a query with
@@ -14,6 +14,13 @@ kernel that scatters each query's [BK, 576] contribution into an fp32 buffer wit
 value path are summed before the atomic, so each (query, key, channel) costs one atomic.
 Both backward kernels recompute the scores; see docs/kernels.md for why the fused single
 kernel is not the default (registers) and what the split costs.
+
+Without atomics (`cfg["atomic"] = False`, deterministic): the same dq kernel, then dkv
+key-major (`_dkv_key_major_kernel`): one program per 16 consecutive keys loops over the
+queries that chose any of them (`invert_selection`, built once per top-k tensor) and writes its
+rows once. Fewer than 16 heads (8 per rank at TP8) run padded to 16 rows (`padded_heads`).
+The dq pass can also write the head-summed probabilities per top-k slot (`head_probs`) for the
+indexer loss (`indexer_loss.indexer_kl_from_probs`).
 """
 
 from __future__ import annotations
