@@ -33,4 +33,4 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" --durations=5 tests
 
 clean:
-	rm -rf $(VENV) runs checkpoints/tiny data/cache
+	rm -rf $(VENV) runs checkpoints/tiny checkpoints/tiny.old-* data/cache

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     from glm52_train.run_config import load_run_config
 
     cfg = load_run_config(args.config, overrides)
-    run_dir = cfg.logging.run_dir or f"runs/{cfg.name}"
+    run_dir = str(cfg.run_dir())
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if os.path.exists(metrics_path):
         os.remove(metrics_path)  # this run's records only
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     wall = time.time() - start
     result: dict = dict(command=" ".join(cmd[1:]), returncode=proc.returncode, wall_seconds=wall,
-                        model=cfg.model_config().name, seq_len=cfg.data.seq_length,
+                        model=cfg.model_config().name, seq_len=cfg.data.seq_length, dsa_mode=cfg.dsa.mode,
                         global_batch=cfg.train.global_batch_size, micro_batch=cfg.train.micro_batch_size)
     result.update(_environment())
     records = []

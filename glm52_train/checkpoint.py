@@ -284,6 +284,14 @@ def _save_failed(error: BaseException, ckpt_dir: Path, staging: Path, iteration:
     return CheckpointError(message)
 
 
+def on_rank0(fn: Callable[[], Any]) -> Any:
+    """`fn()` on rank 0 only (a change to shared files), its result on every rank after a barrier."""
+    result = fn() if _rank() == 0 else None
+    result = _broadcast(result)
+    _barrier()
+    return result
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     meta_file = Path(path) / META_NAME
     if not meta_file.is_file():

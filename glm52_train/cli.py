@@ -39,7 +39,7 @@ def cmd_info(args) -> int:
         raise ConfigError("give --model NAME or --config FILE.")
     else:
         model = get_model_config(args.model)
-    info = model_info(model, seq_len=args.seq_len)
+    info = model_info(model, seq_len=args.seq_len, dsa_mode=args.dsa_mode)
     print(json.dumps(info.to_dict(), indent=2) if args.json else format_info(info))
     return 0
 
@@ -129,6 +129,8 @@ def cmd_pretrain(args) -> int:
         overrides.append(f"checkpoint.resume={args.resume}")
     if args.init_from is not None:
         overrides.append(f"checkpoint.init_from={args.init_from}")
+    if args.overwrite:
+        overrides.append("checkpoint.overwrite=true")
     cfg = load_run_config(args.config, overrides)
     with faults.name_hung_ranks(cfg.train.collective_timeout_minutes):
         return pretrain(cfg)
@@ -370,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="the model of this run config (its model section)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="with --config: overrides, e.g. model.num_layers=6")
     p.add_argument("--seq-len", type=int, default=4096, help="sequence length the FLOPs per token are counted at")
+    p.add_argument("--dsa-mode", choices=["sparse", "warmup", "dense"], default="sparse",
+                   help="the dsa.mode the attention FLOPs are counted for (dense: every visible key, no indexer)")
     p.add_argument("--json", action="store_true", help="print JSON (keys include total_params, active_params)")
     p.set_defaults(func=cmd_info)
 
@@ -444,9 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
                     epilog=_keys_epilog())
     p.add_argument("--config", required=True, help="a run config YAML, e.g. configs/tiny.yaml")
     p.add_argument("--resume", default=None,
-                   help="auto (the newest good checkpoint), none, or a checkpoint path (unset: checkpoint.resume)")
+                   help="auto (the newest good checkpoint of this run; another run configuration's is refused), "
+                        "none (start over; refused where checkpoints are, unless --overwrite), or a checkpoint path "
+                        "(resumed even if another configuration saved it) (unset: checkpoint.resume)")
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start from these weights with a fresh optimizer, schedule and data position")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --resume none: move an earlier run's checkpoints and metrics in this run's folders "
+                        "aside (to DIR.old-N) instead of refusing")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.iters=50")
     p.set_defaults(func=cmd_pretrain)
 
@@ -571,13 +580,20 @@ def _user_error(error: Exception) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        _quiet()
-    except KeyboardInterrupt:
-        print("glm52: interrupted (Ctrl-C).", file=sys.stderr, flush=True)
-        return 130
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # anywhere: while the parser is built, during imports, or while a command works
+        label = f"glm52 {command}" if command and command.replace("-", "").isalpha() else "glm52"
+        print(f"{label}: interrupted (Ctrl-C).", file=sys.stderr, flush=True)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
+    _quiet()
+    parser = build_parser()
     dotted = _dashed_key(argv)
     if dotted:
         return _error(argv[0], dotted)
@@ -589,16 +605,12 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-
     try:
         return args.func(args)
     except Exception as e:
         if not _user_error(e):
             raise
         return _error(args.command, e)
-    except KeyboardInterrupt:
-        print(f"glm52 {args.command}: interrupted (Ctrl-C).", file=sys.stderr, flush=True)
-        return 130
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ class TrainConfig:
     max_skipped_steps: int = 10  # consecutive non-finite steps before the run stops
     exit_after_iters: int | None = None  # stop (with a checkpoint) after this many steps of this run
     collective_timeout_minutes: float = 30.0  # a collective waiting longer ends the run, naming the ranks that hung
+    override_schedule: bool = False  # resume on this schedule though it differs from the checkpoint's (else refused)
 
 
 @dataclass
@@ -104,7 +105,9 @@ class OptimizerConfig:
 
 @dataclass
 class DSAConfig:
-    mode: Literal["sparse", "warmup"] = "sparse"  # warmup: dense attention while the indexer learns (with train.freeze)
+    # dense: pre-DSA pretraining (no indexer work); warmup: dense attention while the indexer
+    # learns (with train.freeze); sparse: top-k attention (dense path where top-k covers every key)
+    mode: Literal["sparse", "warmup", "dense"] = "sparse"
     loss_coeff: float = 1.0  # weight of the indexer's KL loss
     backend: Literal["auto", "torch", "triton"] = "auto"  # auto: Triton on GPU, the PyTorch references on CPU
     deterministic: bool = False  # true: sparse attention backward without atomics (bitwise-reproducible; GPU speed unmeasured)
@@ -128,6 +131,7 @@ class CheckpointConfig:
     interval: int = 1000  # steps between saves (and one at the end)
     keep_last: int | None = 3  # checkpoints kept, the newest (null: all)
     resume: str | None = "auto"  # auto | none | PATH
+    overwrite: bool = False  # with resume none: move an earlier run in dir / run_dir aside (to DIR.old-N), not refuse
     init_from: str | None = None  # weights only: fresh optimizer, schedule and data position
     on_damaged: Literal["stop", "fallback"] = "stop"  # newest checkpoint damaged: stop, or load the newest good one
     async_save: bool = False  # write checkpoints in a forked process while training goes on
@@ -136,7 +140,7 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     run_dir: str | None = None  # default runs/<run name>
-    name: str | None = None  # the run's name (null: the model's name)
+    name: str | None = None  # names the run's folders and W&B run (default: the config file's name)
     wandb: Literal["offline", "online", "disabled"] = "offline"  # Weights & Biases logging
     wandb_project: str = "glm52"  # W&B project
     wandb_entity: str | None = None  # W&B entity (null: your default)
@@ -182,8 +186,31 @@ class RunConfig:
         raise ConfigError(f"model must be a flavor name or a mapping, got {type(self.model).__name__}.")
 
     @property
-    def name(self) -> str:
-        return self.logging.name or self.model_config().name
+    def run_name(self) -> str:
+        """What the run's folders are named after (checkpoints/NAME, runs/NAME) and W&B calls it:
+        `logging.name`, which load_run_config sets to the config file's name without its suffix
+        when the file gives none (configs/tiny.yaml -> tiny); for a config built without a file,
+        `run-` and 8 hex digits of a hash of what makes the run itself (the fields a resume checks,
+        glm52_train.training.identity), so that two such configs share folders only when one may
+        resume the other. Never the model's flavor: two runs of one model with other data or
+        settings are two runs."""
+        if self.logging.name:
+            return self.logging.name
+        import hashlib
+        import json
+
+        from glm52_train.training.identity import identity
+
+        record = json.dumps(identity(self.to_dict()), sort_keys=True, default=str)
+        return f"run-{hashlib.sha256(record.encode()).hexdigest()[:8]}"
+
+    def checkpoint_dir(self) -> Path:
+        """`checkpoint.dir`, else checkpoints/<run name>."""
+        return Path(self.checkpoint.dir or f"checkpoints/{self.run_name}")
+
+    def run_dir(self) -> Path:
+        """`logging.run_dir`, else runs/<run name>."""
+        return Path(self.logging.run_dir or f"runs/{self.run_name}")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -242,6 +269,9 @@ class RunConfig:
         need(world % model_parallel == 0,
              f"the world size {world} is not divisible by tp x pp x cp = {p.tp} x {p.pp} x {p.cp}.")
         layout = self.layout(world)
+        need(not (t.freeze == "all_but_indexer" and self.dsa.mode == "dense"),
+             "train.freeze=all_but_indexer trains only the indexers, which dsa.mode=dense leaves unused: "
+             "the indexer warm-up is dsa.mode=warmup.")
         need(t.micro_batch_size >= 1 and t.global_batch_size >= 1, "batch sizes must be positive.")
         need(t.global_batch_size % (t.micro_batch_size * layout.dp) == 0,
              f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
@@ -272,6 +302,8 @@ class RunConfig:
                                   and o.muon_rms_scale > 0),
              "optimizer.muon_ns_coeffs needs 3 numbers, muon_ns_steps at least 1, muon_momentum in [0, 1) "
              "and muon_rms_scale above 0.")
+        need(not self.checkpoint.overwrite or self.checkpoint.resume in (None, "none"),
+             "--overwrite (checkpoint.overwrite) starts the run over: give it with --resume none.")
         need(self.checkpoint.resume in (None, "auto", "none") or Path(self.checkpoint.resume).exists(),
              f"checkpoint.resume {self.checkpoint.resume!r} is neither auto, none, nor an existing path.")
         need(t.log_interval >= 1 and t.eval_interval >= 1, "log and eval intervals must be at least 1.")
@@ -417,6 +449,8 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> Run
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections.")
     data = apply_overrides(data, overrides or [])
+    if path and isinstance(data.setdefault("logging", {}), dict) and data["logging"].get("name") is None:
+        data["logging"]["name"] = Path(path).stem  # the run is named after its file (RunConfig.run_name)
     return _build(RunConfig, data, "")
 
 

@@ -129,6 +129,17 @@ def test_ctrl_c_before_training_is_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_ctrl_c_while_the_parser_is_built_is_one_line():
+    """Ctrl-C before the command runs (here: while argparse is set up, which reads every run-config
+    key) is the same one line, not a traceback."""
+    script = ("import os, signal, sys; import glm52_train.cli as cli; build = cli.build_parser\n"
+              "def interrupted():\n    os.kill(os.getpid(), signal.SIGINT)\n    return build()\n"
+              "cli.build_parser = interrupted\nsys.exit(cli.main(['plan', '--gpus', '8']))")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 130 and proc.stderr.strip() == "glm52 plan: interrupted (Ctrl-C).", proc.stderr
+
+
 @pytest.mark.slow
 def test_torchrun_config_error_is_printed_once_last_with_status_2(golden_data, tmp_path):
     """Two processes under launch/torchrun.sh refuse the same bad option: one sentence, after

@@ -63,8 +63,9 @@ def test_fp8_resumes_exactly_and_loads_without_fp8(fp8_run, golden_data, tmp_pat
     # the checkpoint holds the unquantised model's tensors only: a run without FP8 resumes it
     plain = tmp_path / "plain"
     plain.mkdir()
-    proc = pretrain(_config(plain, golden_data), "train.iters=8", f"checkpoint.resume={fp8_run['fp8'] / 'ckpt'}")
-    assert "at step 6" in proc.stdout and sorted(losses(plain / "run")) == [7, 8]
+    proc = pretrain(_config(plain, golden_data), "train.iters=8", "train.override_schedule=true",
+                    f"checkpoint.resume={fp8_run['fp8'] / 'ckpt'}")
+    assert "at step 6" in proc.stdout and "train.override_schedule: continuing from step 6" in proc.stdout and sorted(losses(plain / "run")) == [7, 8]
 
 
 def test_fp8_checkpoint_exports_to_hf(fp8_run, tmp_path):

@@ -64,6 +64,9 @@ def test_dry_run_runs_every_check_on_cpu(corpus, tmp_path):
     ran = {r["name"]: r for r in result["checks"]}
     assert ran["train_step"]["json"]["train_step.json"]["tokens_per_s"] > 0
     assert ran["dsa_bench"]["json"]["dsa_bench.json"]
+    assert ran["train_step_dense"]["json"]["train_step.json"]["dsa_mode"] == "dense"
+    assert ran["train_step_dense"]["json"]["train_step.json"]["tokens_per_s"] > 0
+    assert ran["layer_2048_dense_vs_sparse"]["json"]["dense_vs_sparse.json"]["dense_speedup"] > 0
     with tarfile.open(out / "raw.tar.gz") as tar:
         assert "raw/train_step/log.txt" in tar.getnames()
     assert sorted(os.listdir(out)) == ["campaign.json", "campaign.log", "raw.tar.gz"]  # 3 of the 8 files back

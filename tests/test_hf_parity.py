@@ -76,6 +76,12 @@ def test_import_matches_transformers_and_export_roundtrips(case, tmp_path):
     ours = _our_logits(model, ids)
     assert ref_logits.abs().max() > 1.0, "weights too small for a meaningful comparison"
     assert _relative_diff(ours, ref_logits) < 1e-4
+    if model_config.index_topk >= seq:  # transformers' model is dense attention here: dsa.mode=dense too
+        from glm52_train.run_config import load_run_config
+
+        dense = build_model(model_config, load_run_config(None, ["dsa.mode=dense"]), init=False).eval()
+        checkpoint.load_checkpoint(path, [dense])
+        assert _relative_diff(_our_logits(dense, ids), ref_logits) < 1e-4
 
     out = tmp_path / "export"
     assert glm52(["export-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(out), "--dtype", "float32"]) == 0

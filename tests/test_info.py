@@ -59,10 +59,35 @@ def test_flops_count_sparse_attention_honestly():
     short, long = model_info(cfg, seq_len=2048), model_info(cfg, seq_len=131072)
     # under top-k every query attends to all keys; beyond it, attention per token is flat
     # while the indexer's dense scoring keeps growing with the context
-    assert short.flops_breakdown["sparse_attention_fwd"] < long.flops_breakdown["sparse_attention_fwd"]
-    assert long.flops_breakdown["sparse_attention_fwd"] < 2 * model_info(cfg, 8192).flops_breakdown["sparse_attention_fwd"]
+    assert short.flops_breakdown["attention_fwd"] < long.flops_breakdown["attention_fwd"]
+    assert long.flops_breakdown["attention_fwd"] < 2 * model_info(cfg, 8192).flops_breakdown["attention_fwd"]
     assert long.flops_breakdown["indexer_fwd"] > 30 * short.flops_breakdown["indexer_fwd"]
-    assert long.dense_attention_fwd_equivalent > 10 * long.flops_breakdown["sparse_attention_fwd"]
+    assert long.dense_attention_fwd_equivalent > 10 * long.flops_breakdown["attention_fwd"]
+
+
+def test_flops_per_dsa_mode(capsys):
+    """`glm52 info --dsa-mode`: dense attends to every visible key with no indexer work; the
+    warm-up adds the indexer KL over those keys; sparse training at sequence <= top-k is the
+    dense path (no top-k scoring pass), beyond it sparse attention plus the indexer's scoring."""
+    def info(*args):
+        assert glm52(["info", "--model", "glm52-744b", "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    cfg = get_model_config("glm52-744b")
+    m = cfg.num_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_layers
+    for seq in (2048, 32768):
+        dense, warmup, sparse = (info("--seq-len", str(seq), "--dsa-mode", mode) for mode in ("dense", "warmup", "sparse"))
+        assert dense["dsa_mode"] == "dense" and sparse["dsa_mode"] == "sparse"
+        db, wb, sb = dense["flops_breakdown"], warmup["flops_breakdown"], sparse["flops_breakdown"]
+        assert db["attention_fwd"] == pytest.approx(2 * m * (seq + 1) / 2)  # every visible key
+        assert db["indexer_fwd"] == dense["train_flops_breakdown"]["indexer_loss_fwd_bwd"] == 0
+        assert wb["attention_fwd"] == db["attention_fwd"] and wb["indexer_fwd"] == 0
+        assert warmup["train_flops_breakdown"]["indexer_loss_fwd_bwd"] > 0
+        assert warmup["train_flops_per_token"] > dense["train_flops_per_token"]
+        if seq <= cfg.index_topk:  # the dense shortcut: sparse training costs what the warm-up does
+            assert sparse["train_flops_per_token"] == warmup["train_flops_per_token"]
+        else:
+            assert sb["indexer_fwd"] > 0 and sb["attention_fwd"] < db["attention_fwd"]
 
 
 def test_unknown_model_is_one_sentence(capsys):

@@ -89,7 +89,7 @@ def _run_config(tmp: Path, data: str, init: Path, mode: str, packed: bool):
 CP_CASES = {
     # name: (processes, mode, packed, extra overrides)
     "cp2_sparse": (2, "sparse", False, []),
-    "cp2_warmup": (2, "warmup", False, []),
+    "cp2_dense_packed": (2, "dense", True, []),
     "cp2_sparse_packed": (2, "sparse", True, []),
     "cp2_warmup_packed": (2, "warmup", True, []),
     "cp2_x_tp2_sparse": (4, "sparse", False, ["parallel.tp=2", "parallel.sp=true"]),

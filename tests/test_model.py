@@ -110,11 +110,12 @@ def test_index_share_reuses_the_previous_full_layer(single_process):
 @pytest.mark.parametrize("overrides", [
     ["train.recompute=full"],
     ["train.recompute=selective", "train.recompute_modules=[mla_up_proj,mlp,moe]"],
-], ids=["full", "selective"])
+    ["dsa.mode=warmup", "train.recompute=selective", "train.recompute_modules=[mla_up_proj]"],
+], ids=["full", "selective", "selective_dense_path"])
 def test_recompute_matches(single_process, overrides):
     cfg = get_model_config("tiny")
     ids, pos = _batch(cfg.vocab_size)
-    plain = _build(cfg).train()
+    plain = _build(cfg, None, *[o for o in overrides if o.startswith("dsa.")]).train()
     recomputed = _build(cfg, plain, *overrides).train()
     loss_a, grads_a = _loss_and_grads(plain, ids, pos)
     loss_b, grads_b = _loss_and_grads(recomputed, ids, pos)
@@ -142,16 +143,17 @@ def test_mtp_shares_one_layer_over_three_steps(single_process):
 def test_bad_dsa_mode_is_one_sentence():
     from glm52_train.config import ConfigError
 
-    with pytest.raises(ConfigError, match="dsa.mode must be one of sparse, warmup, got 'dense'"):
-        load_run_config(None, ["dsa.mode=dense"])
+    with pytest.raises(ConfigError, match="dsa.mode must be one of sparse, warmup, dense, got 'dsa'"):
+        load_run_config(None, ["dsa.mode=dsa"])
 
 
-@pytest.mark.parametrize("mode", ["sparse", "warmup"])
+@pytest.mark.parametrize("mode", ["sparse", "warmup", "dense"])
 def test_absorbed_attention_matches_per_head_mla(mode, single_process):
-    """The model's attention (MLA absorbed into MQA on the 576-channel latent) equals
-    Megatron-Core's per-head MLA (its own per-head q/k/v) attending over the same top-k keys:
-    in output, and in the gradients of the input and of every attention weight outside the
-    indexer (whose KL loss only the model's path attaches)."""
+    """The model's attention (sparse: MLA absorbed into MQA on the 576-channel latent; warmup
+    and dense: our per-head SDPA path) equals Megatron-Core's per-head MLA (its own per-head
+    q/k/v) attending over the same top-k keys (every visible key in warmup and dense): in
+    output, and in the gradients of the input and of every attention weight outside the indexer
+    (whose KL loss only the model's path attaches). The dense paths select no top-k."""
     from glm52_train.kernels import reference
     from tests import dsa_per_head as per_head
 
@@ -170,8 +172,11 @@ def test_absorbed_attention_matches_per_head_mla(mode, single_process):
         iq, ik, iw = core._indexer_inputs(x, q_compressed, freqs, mscale)
         causal = reference.allowed_keys(torch.arange(SEQ), torch.arange(SEQ)).unsqueeze(0)
         idx = reference.select_topk(reference.index_scores(iq, ik, iw), causal, cfg.index_topk)
-    assert torch.equal(idx, topk.long())
-    allowed = causal if mode == "warmup" else causal & reference.selection_mask(idx, SEQ)
+    if mode == "sparse":
+        assert torch.equal(idx, topk.long())
+    else:
+        assert topk is None
+    allowed = causal if mode != "sparse" else causal & reference.selection_mask(idx, SEQ)
     want, _ = attn.linear_proj(per_head.masked_attention(query, key, value, allowed, core.softmax_scale))
     assert ((out - want).norm() / want.norm()).item() < 1e-5
 
@@ -215,6 +220,108 @@ def test_one_spec_function_chooses_te_or_local():
     assert local.input_layernorm is RMSNorm and te.input_layernorm is te_ext.TENorm
     assert local.mlp.submodules.experts.module is experts.SequentialMLP
     assert te.mlp.submodules.experts.module is experts.TEGroupedMLP
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_dense_mode_matches_absorbed_dense_reference(packed, single_process):
+    """dsa.mode=dense (per-head MLA through SDPA, one call per document run) equals the
+    absorbed dense reference (MQA on the latent over every visible key, reference.dense_mla)
+    in fp32 within 1e-5: output, and gradients of the input and every attention weight. The
+    indexer does no work (no gradient reaches it)."""
+    from glm52_train.kernels import reference
+    from glm52_train.model.sequence import GLMSequenceParams, TokenLayout
+
+    cfg = get_model_config("tiny")
+    attn = _build(cfg, None, "dsa.mode=dense").train().decoder.layers[0].self_attention
+    core = attn.core_attention
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(SEQ, 1, cfg.hidden_size, generator=g).requires_grad_()
+    r = torch.randn(SEQ, 1, cfg.hidden_size, generator=g)
+    layout = params = None
+    if packed:  # documents of 20, 30 and 14 tokens
+        pos = torch.cat([torch.arange(20), torch.arange(30), torch.arange(14)]).unsqueeze(0)
+        layout = TokenLayout.build(SEQ, x.device, None, pos)
+        params = GLMSequenceParams(qkv_format="sbhd", token_layout=layout)
+
+    out, _, topk = attn(x, packed_seq_params=params)
+    assert topk is None and len(core.dense_plan(SEQ, layout)) == (3 if packed else 1)
+    query, kv, _, w_uv, _, _ = attn.latent_qkv(x, layout)
+    visible = layout.visibility() if packed else {}
+    latent = reference.dense_mla(query, kv, core.softmax_scale, cfg.kv_lora_rank, **visible)
+    want, _ = attn.linear_proj(torch.einsum("sbhc,hdc->sbhd", latent, w_uv).reshape(SEQ, 1, -1))
+    assert ((out - want).norm() / want.norm()).item() < 1e-5
+
+    grads = []
+    for y in (out, want):
+        attn.zero_grad()
+        x.grad = None
+        (y * r).sum().backward(retain_graph=True)
+        grads.append({"input": x.grad.clone(), **{n: p.grad.clone() for n, p in attn.named_parameters()
+                                                  if p.grad is not None}})
+    assert set(grads[0]) == set(grads[1]) and not any(".indexer." in n for n in grads[0])
+    for name, a in grads[0].items():
+        b = grads[1][name]
+        assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() < 1e-5, name
+
+
+def test_dense_mode_with_indexer_freeze_is_one_sentence():
+    from glm52_train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dsa.mode=dense leaves unused"):
+        load_run_config(None, ["dsa.mode=dense", "train.freeze=all_but_indexer"]).validate(1)
+
+
+def test_sparse_takes_the_dense_path_exactly_where_topk_covers_every_key(single_process, monkeypatch):
+    """Sparse training on a sequence of top-k tokens: the layer takes the dense path (no top-k
+    returned), and its output, gradients and indexer KL equal those of the sparse kernels
+    forced to run (which select every visible key)."""
+    from glm52_train.model.dsa import DSACoreAttention
+
+    cfg = get_model_config("tiny")
+    seq = cfg.index_topk
+    attn = _build(cfg, None, "dsa.mode=sparse").train().decoder.layers[0].self_attention
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(seq, 2, cfg.hidden_size, generator=g).requires_grad_()
+    r = torch.randn(seq, 2, cfg.hidden_size, generator=g)
+    results = []
+    for forced_sparse in (False, True):
+        if forced_sparse:
+            monkeypatch.setattr(DSACoreAttention, "dense_plan", lambda self, sq, layout: None)
+        DSALossTracker.pop()
+        attn.zero_grad()
+        x.grad = None
+        out, _, topk = attn(x)
+        assert (topk is None) != forced_sparse
+        (out * r).sum().backward()
+        grads = {"input": x.grad.clone(), **{n: p.grad.clone() for n, p in attn.named_parameters()
+                                             if p.grad is not None}}
+        results.append((out.detach(), grads, DSALossTracker.pop()))
+    (out_a, grads_a, kl_a), (out_b, grads_b, kl_b) = results
+    assert ((out_a - out_b).norm() / out_b.norm()).item() < 1e-5
+    assert set(grads_a) == set(grads_b) and any(".indexer." in n for n in grads_a)
+    for name, a in grads_a.items():
+        assert ((a - grads_b[name]).norm() / grads_b[name].norm().clamp_min(1e-12)).item() < 1e-5, name
+    assert set(kl_a) == {1} and abs(kl_a[1] - kl_b[1]) < 1e-5 * max(1.0, abs(kl_b[1]))
+
+
+def test_dense_and_sparse_train_the_same_losses_where_topk_covers_the_sequence(single_process):
+    """Sequences of top-k tokens, indexer loss off: dsa.mode=dense and dsa.mode=sparse (which
+    takes the dense path there) give the same LM losses step for step over a few Adam steps."""
+    cfg = get_model_config("tiny")
+    ids, pos = _batch(cfg.vocab_size, b=1, s=cfg.index_topk, seed=4)
+    dense = _build(cfg, None, "dsa.mode=dense", "dsa.loss_coeff=0").train()
+    sparse = _build(cfg, dense, "dsa.mode=sparse", "dsa.loss_coeff=0").train()
+    curves = []
+    for model in (dense, sparse):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(3):
+            loss, _ = _loss_and_grads(model, ids, pos)
+            opt.step()
+            losses.append(loss.item())
+        curves.append(losses)
+    assert curves[0][0] - curves[0][-1] > 0.05  # it trains
+    assert curves[0] == pytest.approx(curves[1], rel=1e-6)
 
 
 def test_dsa_deterministic_reaches_the_core_attention():

@@ -98,7 +98,8 @@ def test_damaged_checkpoint_stops_resume_and_init_from_or_falls_back_loudly(gold
     checkpoint.verify_checkpoint(ckpt / "iter_0000008")  # sizes agree
     damaged = f"checkpoint {ckpt / 'iter_0000008'} (iteration 8) is damaged: {name} does not match its checksum"
 
-    proc = pretrain(cfg, "train.iters=10", check=False)
+    longer = "train.override_schedule=true"  # 10 or 5 steps: another schedule than the checkpoint's 8
+    proc = pretrain(cfg, "train.iters=10", longer, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("glm52 ")]
     assert len(errors) == 1 and errors[0].startswith(f"glm52 pretrain: error: {damaged}"), errors
@@ -112,7 +113,7 @@ def test_damaged_checkpoint_stops_resume_and_init_from_or_falls_back_loudly(gold
     assert [line for line in proc.stderr.splitlines() if line.startswith("glm52 ")][0].startswith(
         f"glm52 pretrain: error: {damaged}")
 
-    proc = pretrain(cfg, "train.iters=5", "checkpoint.on_damaged=fallback")
+    proc = pretrain(cfg, "train.iters=5", longer, "checkpoint.on_damaged=fallback")
     assert f"WARNING: {damaged}" in proc.stdout
     assert f"Falling back to the previous checkpoint, {ckpt / 'iter_0000004'}" in proc.stdout
     assert f"resumed from {ckpt / 'iter_0000004'} at step 4" in proc.stdout

@@ -13,7 +13,9 @@
 ``deterministic``: the Triton sparse attention backward computes dkv key-major without
 atomics (`sparse_mla(..., bwd_cfg={"atomic": False})`); the references are deterministic on CPU.
 
-The dense warm-up attention has no Triton kernel: every backend runs the reference for it.
+Dense attention (`dsa.mode: dense`, the warm-up's main attention, the sparse shortcut) runs per
+head through torch's scaled_dot_product_attention on every backend (`kernels/dense.py`: cuDNN or
+flash kernels on GPUs, the CPU kernels on CPUs); the warm-up's indexer KL stays on the backend.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from glm52_train.kernels import api, reference
+from glm52_train.kernels import api, dense
 
 BackendName = Literal["auto", "torch", "triton"]
 _IMPL = {"auto": "auto", "torch": "reference", "triton": "triton"}
@@ -49,9 +51,9 @@ class DSABackend:
         bwd_cfg = {"atomic": False} if self.deterministic else None
         return api.sparse_mla(q, kv, idx, scale, v_dim, return_lse=True, impl=self.impl, bwd_cfg=bwd_cfg)
 
-    def dense_mla(self, q, kv, scale: float, v_dim: int, **visibility):
-        """out [sq, b, n, v_dim] over every visible key (the warm-up stage)."""
-        return reference.dense_mla(q, kv, scale, v_dim, **visibility)
+    def dense_attention(self, q, k, v, scale: float, runs):
+        """Per-head out [sq, b, n, dv] over every visible key (SDPA on every backend)."""
+        return dense.dense_attention(q, k, v, scale, runs)
 
     def indexer_kl_loss(self, iq, ik, iw, q, kv, idx, scale: float, v_dim: int, lse=None, **visibility):
         """Mean KL(main attention || indexer) over queries; gradients reach iq, ik, iw only."""

@@ -8,7 +8,13 @@ first 512 channels are the values. The DSA core attention (dsa.py) gets those pl
 indexer needs (the layer input, the compressed query, the RoPE frequencies) and the top-k of
 the previous full layer, and returns its own top-k, which the layer passes on (IndexShare).
 
-Departure from Megatron-Core: its per-head keys and values (`get_query_key_value_tensors`)
+The dense path (`dsa.mode: dense`, the warm-up's main attention, and sparse training wherever
+top-k covers every visible key: `DSACoreAttention.dense_plan`) runs MLA per head instead,
+through SDPA (kernels/dense.py): no absorption into the query, the up-projection of the keys
+and values applied by the core attention after the latent is gathered across CP ranks, and the
+output already per head.
+
+Departure from Megatron-Core: on the absorbed path its per-head keys and values (`get_query_key_value_tensors`)
 are never formed; `tests/test_model.py` checks the absorbed form against them. Selective
 recomputation of `mla_up_proj` (Megatron-Core's `recompute_up_proj`) is honoured the way
 Megatron-Core does it, on our absorbed form: the up-projection, RoPE and absorption run under
@@ -52,11 +58,14 @@ class GLMSelfAttention(MLASelfAttention):
         table, mscale = table if isinstance(table, tuple) else (table, 1.0)
         return table.index_select(0, layout.rope_pos.to(table.device)), mscale
 
-    def latent_qkv(self, hidden_states, layout=None):
+    def latent_qkv(self, hidden_states, layout=None, per_head: bool = False):
         """The absorbed form: q [s, b, n, kv_lora + rope], kv [s, b, kv_lora + rope] (shared
         by the heads; its first kv_lora channels are the values), the normalised compressed
         query, and W_UV [n, v_head_dim, kv_lora] for the output. Sequence-parallel inputs are
-        gathered (their backward reduce-scatters)."""
+        gathered (their backward reduce-scatters). With `per_head` (the dense path), q is
+        per head instead, [s, b, n, qk_nope + rope] (RoPE applied, no absorption), and the
+        last value is the whole kv up-projection [n, qk_nope + v_head_dim, kv_lora], which
+        the core attention applies to the (CP-gathered) latent keys."""
         cfg = self.config
         n = self.num_attention_heads_per_partition
         q_compressed, _ = self.linear_q_down_proj(hidden_states)
@@ -84,13 +93,22 @@ class GLMSelfAttention(MLASelfAttention):
             q_latent = torch.einsum("sbhd,hdc->sbhc", q_nope, w[:, : cfg.qk_head_dim])
             return torch.cat([q_latent, q_rope], dim=-1), torch.cat([c_kv, k_rot], dim=-1)
 
+        def per_head_projection(q_compressed, c_kv, k_rope):
+            q, _ = self.linear_q_up_proj(q_compressed)
+            q = q.view(*q.shape[:-1], n, self.q_head_dim)
+            q_nope, q_rope = torch.split(q, [cfg.qk_head_dim, cfg.qk_pos_emb_head_dim], dim=-1)
+            q_rope = apply_rotary_pos_emb(q_rope, freqs, config=cfg, mscale=mscale)
+            k_rot = apply_rotary_pos_emb(k_rope.unsqueeze(2), freqs, config=cfg, mscale=mscale).squeeze(2)
+            return torch.cat([q_nope, q_rope], dim=-1), torch.cat([c_kv, k_rot], dim=-1)
+
+        project = per_head_projection if per_head else up_projection
         if self.recompute_up_proj and self.training and torch.is_grad_enabled():
             self.qkv_up_checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=cfg.fp8 or getattr(cfg, "fp4", None))
-            query, key_value = self.qkv_up_checkpoint.checkpoint(up_projection, q_compressed, c_kv, k_rope)
+            query, key_value = self.qkv_up_checkpoint.checkpoint(project, q_compressed, c_kv, k_rope)
         else:
-            query, key_value = up_projection(q_compressed, c_kv, k_rope)
+            query, key_value = project(q_compressed, c_kv, k_rope)
         w = self.linear_kv_up_proj.weight.view(n, cfg.qk_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
-        return query, key_value, q_compressed, w[:, cfg.qk_head_dim :], freqs, mscale
+        return query, key_value, q_compressed, (w if per_head else w[:, cfg.qk_head_dim :]), freqs, mscale
 
     def forward(
         self,
@@ -102,14 +120,18 @@ class GLMSelfAttention(MLASelfAttention):
     ):
         """hidden_states: [s, b, hidden]. Returns (output, bias, top-k indices)."""
         layout = getattr(packed_seq_params, "token_layout", None)
-        query, key_value, q_compressed, w_uv, freqs, mscale = self.latent_qkv(hidden_states, layout)
+        tp = self.pg_collection.tp
+        local = hidden_states.shape[0] * (tp.size() if self.config.sequence_parallel else 1)
+        runs = self.core_attention.dense_plan(local, layout)  # None: the sparse (absorbed) path
+        query, key_value, q_compressed, w, freqs, mscale = self.latent_qkv(hidden_states, layout, runs is not None)
         out_latent, topk_indices = self.core_attention(
             query, key_value, x=hidden_states, qr=q_compressed, freqs=freqs, mscale=mscale,
-            topk_indices=topk_indices, layout=layout,
+            topk_indices=topk_indices, layout=layout, dense_runs=runs, kv_up=w if runs is not None else None,
         )
         if self.qkv_up_checkpoint is not None:  # mla_up_proj: free query / key_value until backward
             self.qkv_up_checkpoint.discard_output_and_register_recompute(out_latent)
             self.qkv_up_checkpoint = None
-        out = torch.einsum("sbhc,hdc->sbhd", out_latent, w_uv)  # up-projection W_UV
+        # the dense path returns per-head values; the sparse one latent values: up-project (W_UV)
+        out = out_latent if runs is not None else torch.einsum("sbhc,hdc->sbhd", out_latent, w)
         output, bias = self.linear_proj(out.reshape(*out.shape[:2], -1))
         return output, bias, topk_indices

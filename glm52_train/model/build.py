@@ -217,6 +217,9 @@ class GLM52Model(GPTModel):
         rows = self._relay_rows()
         if rows and not self.post_process:
             topk = self.decoder.layers[-1].last_topk if len(self.decoder.layers) else self._incoming_topk
+            if topk is None:  # the dense shortcut selected nothing: send "no index" (-1)
+                topk = torch.full((output.shape[1], self.relay_seq_length, self.config.dsa_index_topk), -1,
+                                  dtype=torch.int32, device=output.device)
             bits = topk_relay.encode(topk, rows, self.config.hidden_size, output.dtype)
             group = self._sp_group()
             if group is not None:

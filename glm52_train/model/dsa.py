@@ -6,18 +6,24 @@ scores every earlier key, keeps the top-k per query and attends only to those. A
 layer; the indices travel between layers in Megatron-Core's per-layer `context` slot (see
 `layer.py`), which also carries them through activation recomputation.
 
-Training modes (`config.dsa_mode`):
-- ``sparse``: attention over the selected keys; the indexer learns from the KL divergence to the
-  head-summed main attention on the selected set; the indexer's inputs are detached, so its loss
-  does not reach the rest of the model (DeepSeek-V3.2, sparse training stage).
+Training modes (`config.dsa_mode`), GLM-5's stages in order:
+- ``dense``: GLM-5's pre-DSA pretraining: dense causal attention, no indexer work at all (no
+  scores, top-k or KL); the indexer weights stay in the model and its checkpoints, unused.
 - ``warmup``: main attention stays dense; the indexer learns from the KL over all visible keys
   (the dense warm-up stage). Freezing everything but the indexer is the optimizer's job
   (`train.freeze` in the run config).
+- ``sparse``: attention over the selected keys; the indexer learns from the KL divergence to the
+  head-summed main attention on the selected set; the indexer's inputs are detached, so its loss
+  does not reach the rest of the model (DeepSeek-V3.2, sparse training stage). Where every
+  query sees at most top-k keys (sequence, or every packed document, at most top-k long), top-k
+  would select them all: the layer then takes the dense path exactly (no top-k selection; the KL
+  over all visible keys, which is the sparse KL there).
 
-Attention runs in MLA's absorbed form (MQA on the 576-channel latent, see attention.py), on
-the kernels of a `DSABackend` (the PyTorch references or the Triton kernels), chosen in the
-layer spec (spec.py). Where the local tokens sit in the sample (context parallelism, packed
-documents) comes in as a `TokenLayout`; None means one plain causal sequence.
+Sparse attention runs in MLA's absorbed form (MQA on the 576-channel latent, see attention.py),
+on the kernels of a `DSABackend` (the PyTorch references or the Triton kernels), chosen in the
+layer spec (spec.py); dense attention runs per head through SDPA (kernels/dense.py). Where
+the local tokens sit in the sample (context parallelism, packed documents) comes in as a
+`TokenLayout`; None means one plain causal sequence.
 
 Departures from the HF reference: the reference computes the indexer under `no_grad` (it is an
 inference implementation); here it is trained. The attention result is identical: the HF model
@@ -28,10 +34,12 @@ masks with causal & top-k, which is what attending over the selected keys comput
 from __future__ import annotations
 
 import torch
+from torch.autograd.profiler import record_function
 from megatron.core.models.common.embeddings import apply_rotary_pos_emb
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
+from glm52_train.kernels import dense
 from glm52_train.kernels.backend import DSABackend
 
 
@@ -171,13 +179,21 @@ class DSACoreAttention(MegatronModule):
         mscale: float = 1.0,
         topk_indices: torch.Tensor | None = None,
         layout=None,
+        dense_runs=None,
+        kv_up: torch.Tensor | None = None,
     ):
         """query [s, b, n, d] with the up-projection absorbed; key_value [s, b, d] shared by the
         heads, its first kv_lora_rank channels the values; `layout` (sequence.TokenLayout)
         places the local tokens in the sample under context parallelism or packing (None: one
         causal sequence). Keys from other CP ranks are gathered (latent and indexer keys only).
         Returns the latent output [s, b, n, kv_lora_rank] and the top-k indices (into the whole
-        sample)."""
+        sample).
+
+        With `dense_runs` (from `dense_plan`) it takes the dense path instead: `query` is per
+        head [s, b, n, qk_nope + rope], `kv_up` the kv up-projection [n, qk_nope + v_head_dim,
+        kv_lora], and the output per head [s, b, n, v_head_dim]; no top-k (None returned)."""
+        if dense_runs is not None:
+            return self._dense_forward(query, key_value, kv_up, dense_runs, x, qr, freqs, mscale, layout)
         v_dim = self.config.kv_lora_rank
         visible = layout.visibility() if layout is not None else {}
         gather = layout.gather if layout is not None else (lambda t: t)
@@ -199,22 +215,67 @@ class DSACoreAttention(MegatronModule):
                 f"layer {self.layer_number} shares the top-k of an earlier layer (IndexShare) but "
                 "received none: the previous full layer must run before it."
             )
-        lse = None
-        if self.config.dsa_mode == "warmup":
-            out = self.backend.dense_mla(query, kv_all, self.softmax_scale, v_dim, **visible)
-        else:
-            out, lse = self.backend.sparse_mla(query, kv_all, topk_indices, self.softmax_scale, v_dim)
+        out, lse = self.backend.sparse_mla(query, kv_all, topk_indices, self.softmax_scale, v_dim)
         if want_loss:
             q_all, lse_all = self._all_heads(query.detach(), lse)
             loss = self.backend.indexer_kl_loss(
-                iq, ik, iw, q_all, kv_all.detach(),
-                None if self.config.dsa_mode == "warmup" else topk_indices,
-                self.softmax_scale, v_dim, lse=lse_all, **visible,
+                iq, ik, iw, q_all, kv_all.detach(), topk_indices, self.softmax_scale, v_dim,
+                lse=lse_all, **visible,
             )
             DSALossTracker.add(self.layer_number, loss)
             tokens = query.shape[0] * query.shape[1]
             out = DSALossScaler.apply(out, loss * (self.config.dsa_loss_coeff / self.num_indexer_layers * tokens))
         return out, topk_indices
+
+    def dense_plan(self, sq: int, layout):
+        """The dense runs (kernels/dense.py) of this layer's `sq` local queries when it takes the
+        dense path, else None: always in `dense` and `warmup` modes; in `sparse` mode exactly
+        where every query sees at most top-k keys, which top-k would all select. The runs are
+        computed once per layout (one host synchronisation) and shared by the layers."""
+        mode, topk = self.config.dsa_mode, self.config.dsa_index_topk
+        if layout is None:
+            return [(0, sq, 0, sq)] if mode != "sparse" or sq <= topk else None
+        cache = layout.__dict__.setdefault("_dense_plan", {})
+        if mode == "sparse" and "covered" not in cache:
+            # decided on the whole sample, so that every CP rank takes the same path (the two
+            # run different collectives): its longest document, or its length unpacked
+            longest = layout.total if layout.k_doc is None else int(torch.bincount(layout.k_doc).max())
+            cache["covered"] = longest <= topk
+        if mode == "sparse" and not cache["covered"]:
+            return None
+        if "runs" not in cache:
+            cache["runs"] = dense.dense_runs(sq, layout.total, layout.q_idx.device, **layout.visibility())
+        return cache["runs"]
+
+    def _dense_forward(self, query, key_value, kv_up, runs, x, qr, freqs, mscale, layout):
+        cfg = self.config
+        gather = layout.gather if layout is not None else (lambda t: t)
+        kv_all = gather(key_value)  # the latent [S, b, kv_lora + rope]: cheap to gather
+        with record_function("glm52::dense attention"):  # its key / value up-projection included
+            c_kv, k_rot = torch.split(kv_all, [cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim], dim=-1)
+            kv = torch.einsum("tbc,hdc->tbhd", c_kv, kv_up)
+            k_nope, v = torch.split(kv, [cfg.qk_head_dim, cfg.v_head_dim], dim=-1)
+            k = torch.cat([k_nope, k_rot.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
+            out = self.backend.dense_attention(query, k, v, self.softmax_scale, runs)
+        want_loss = (
+            cfg.dsa_mode != "dense" and self.indexer is not None and self.training
+            and torch.is_grad_enabled() and cfg.dsa_loss_coeff > 0
+        )
+        if want_loss:  # the KL over every visible key, on the absorbed form the KL kernels take
+            iq, ik, iw = self._indexer_inputs(x, qr, freqs, mscale)
+            ik = gather(ik)
+            with torch.no_grad():
+                q_nope, q_rope = torch.split(query, [cfg.qk_head_dim, cfg.qk_pos_emb_head_dim], dim=-1)
+                q_latent = torch.einsum("sbhd,hdc->sbhc", q_nope, kv_up[:, : cfg.qk_head_dim])
+                q_all, _ = self._all_heads(torch.cat([q_latent, q_rope], dim=-1), None)
+            visible = layout.visibility() if layout is not None else {}
+            loss = self.backend.indexer_kl_loss(
+                iq, ik, iw, q_all, kv_all.detach(), None, self.softmax_scale, cfg.kv_lora_rank, **visible,
+            )
+            DSALossTracker.add(self.layer_number, loss)
+            tokens = query.shape[0] * query.shape[1]
+            out = DSALossScaler.apply(out, loss * (cfg.dsa_loss_coeff / self.num_indexer_layers * tokens))
+        return out, None
 
     def _all_heads(self, query: torch.Tensor, lse: torch.Tensor | None):
         """The indexer's target averages the attention of *all* heads: gather the heads that

@@ -13,6 +13,11 @@ Conventions:
   query against every visible key, so the indexer is the one term that grows with the context.
   Training = 3x forward for weights and sparse attention (backward is two GEMMs per forward GEMM);
   the indexer's dense scoring pass runs forward only (its KL loss and gradient use the top-k set).
+- Per `dsa.mode`: ``dense`` attends to every visible key and does no indexer work; ``warmup``
+  attends to every visible key and its indexer KL covers them all (no top-k scoring pass);
+  ``sparse`` as above, except where the sequence is at most top-k long: then it takes the dense
+  path (model/dsa.py), with no top-k scoring pass and the KL over every visible key. Attention
+  pairs are counted at MLA's per-head dims (q.k 192 + 64, v 256), what the dense path computes.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ class ModelInfo:
     train_flops_breakdown: dict  # the training step's terms: they add up to train_flops_per_token
     dense_attention_fwd_equivalent: float  # what dense attention would cost (counted in neither)
     architecture: dict  # widths, heads, experts, top-k, MTP: the numbers the counts come from
+    dsa_mode: str = "sparse"  # the dsa.mode the attention FLOPs are counted for
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,7 +100,9 @@ def attention_keys_per_query(seq_len: int, topk: int) -> tuple[float, float]:
     return visible, attended
 
 
-def model_info(m: ModelConfig, seq_len: int = 4096) -> ModelInfo:
+def model_info(m: ModelConfig, seq_len: int = 4096, dsa_mode: str = "sparse") -> ModelInfo:
+    if dsa_mode not in ("sparse", "warmup", "dense"):
+        raise ValueError(f"dsa_mode must be sparse, warmup or dense, not {dsa_mode!r}")
     m.validate()
     pattern = m.layer_index_pattern
     total = active = 0
@@ -113,20 +121,25 @@ def model_info(m: ModelConfig, seq_len: int = 4096) -> ModelInfo:
     mtp_active = m.mtp_layers * (mtp_layer_a + mtp_extra)
 
     visible, attended = attention_keys_per_query(seq_len, m.index_topk)
+    dense_path = dsa_mode != "sparse" or seq_len <= m.index_topk
+    if dense_path:
+        attended = visible
+    scored = 0.0 if dense_path else visible  # keys the indexer scores for the top-k, per query
+    kl_keys = 0.0 if dsa_mode == "dense" else attended  # keys of the indexer's KL, per query
     per_head = m.qk_head_dim + m.v_head_dim
     attn_fwd = 2 * m.num_heads * per_head * attended * m.num_layers
     n_full = pattern.count("F")
-    indexer_fwd = 2 * m.index_heads * m.index_head_dim * visible * n_full
-    indexer_loss = 2 * m.index_heads * m.index_head_dim * attended * n_full
+    indexer_fwd = 2 * m.index_heads * m.index_head_dim * scored * n_full
+    indexer_loss = 2 * m.index_heads * m.index_head_dim * kl_keys * n_full
     dense_equiv = 2 * m.num_heads * per_head * visible * m.num_layers
     matmul_fwd = 2 * active
     mtp_fwd = m.mtp_steps * (2 * mtp_active + 2 * m.num_heads * per_head * attended
-                             + 2 * m.index_heads * m.index_head_dim * visible + 2 * out)
+                             + 2 * m.index_heads * m.index_head_dim * scored + 2 * out)
     forward = matmul_fwd + attn_fwd + indexer_fwd
     train = 3 * (matmul_fwd + attn_fwd) + indexer_fwd + 3 * indexer_loss + 3 * mtp_fwd
     breakdown = {
         "weights_fwd": matmul_fwd,
-        "sparse_attention_fwd": attn_fwd,
+        "attention_fwd": attn_fwd,
         "indexer_fwd": indexer_fwd,
     }
     train_breakdown = {
@@ -165,15 +178,16 @@ def model_info(m: ModelConfig, seq_len: int = 4096) -> ModelInfo:
         train_flops_breakdown=train_breakdown,
         dense_attention_fwd_equivalent=dense_equiv,
         architecture=architecture,
+        dsa_mode=dsa_mode,
     )
 
 
 _ROW_NAMES = {
     "weights_fwd": "weights (2 x active params)",
-    "sparse_attention_fwd": "sparse attention (top-k keys)",
+    "attention_fwd": "attention (top-k or all keys)",
     "indexer_fwd": "indexer scoring (all keys)",
-    "weights_and_attention_fwd_bwd": "3 x (weights + sparse attention)",
-    "indexer_loss_fwd_bwd": "3 x indexer KL loss (top-k keys)",
+    "weights_and_attention_fwd_bwd": "3 x (weights + attention)",
+    "indexer_loss_fwd_bwd": "3 x indexer KL loss (its key set)",
     "mtp_fwd_bwd": "3 x MTP forward",
 }
 
@@ -206,7 +220,7 @@ def format_info(info: ModelInfo) -> str:
         f"active params      {info.active_params:,} ({b(info.active_params)} per token, input embedding excluded)",
         f"embedding params   {info.embedding_params:,} (+ output head {info.output_params:,})",
         f"MTP params         {info.mtp_params:,} ({b(info.mtp_params)}; shares embedding and head)",
-        f"FLOPs/token @ {info.seq_len} tokens (a multiply-add is 2 FLOPs)",
+        f"FLOPs/token @ {info.seq_len} tokens, dsa.mode {info.dsa_mode} (a multiply-add is 2 FLOPs)",
         f"  forward                              {flops(info.forward_flops_per_token)}  (main model, = the rows below)",
     ]
     lines += [f"    {_ROW_NAMES[k]:<34} {flops(v)}" for k, v in info.flops_breakdown.items()]

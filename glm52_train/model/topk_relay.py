@@ -52,8 +52,9 @@ def stage_start_layers(config) -> list[int]:
 
 
 def relay_needed(config) -> bool:
-    """True when some pipeline chunk other than the first begins with a shared layer."""
-    if config.pipeline_model_parallel_size == 1:
+    """True when some pipeline chunk other than the first begins with a shared layer, in
+    sparse training (the dense and warm-up modes select no top-k)."""
+    if config.pipeline_model_parallel_size == 1 or getattr(config, "dsa_mode", "sparse") != "sparse":
         return False
     return needs_topk_relay(config.dsa_index_pattern, stage_start_layers(config))
 

@@ -4,6 +4,9 @@ Only the last rank of the pipeline's first data-parallel replica (global rank wo
 the last stage holds it) writes; `RunLogger.log` is a no-op elsewhere. `metrics.jsonl` holds one
 JSON object per logged step (`step`, `loss`, `lr`, `grad_norm`, ...) for tools and tests that do
 not read W&B; on resume, records past the resumed step are dropped so the file stays one run.
+A run that starts at step 0 never writes into an earlier run's files: when the run folder holds
+metrics or a W&B run id, that run's files move to `RUN_DIR.old-N/` first (saying so), and the new
+run gets a new W&B id.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import sys
 import time
 import uuid
 from pathlib import Path
+
+from glm52_train.training.identity import RUN_FILES, set_aside
 
 
 def _jsonable(value):
@@ -30,7 +35,7 @@ class RunLogger:
     def __init__(self, cfg, active: bool) -> None:
         self.cfg = cfg
         self.active = active
-        self.run_dir = Path(cfg.logging.run_dir or f"runs/{cfg.name}")
+        self.run_dir = cfg.run_dir()
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.wandb = None
         self.tb = None
@@ -40,8 +45,14 @@ class RunLogger:
         self.start_step = start_step
         if not self.active:
             return
+        if start_step == 0:
+            if any((self.run_dir / name).exists() for name in ("metrics.jsonl", "wandb_run_id")):
+                moved = set_aside(self.run_dir, RUN_FILES)
+                self.message(f"{self.run_dir} held an earlier run's metrics and this run starts at step 0: "
+                             f"moved them to {moved}")
+        else:
+            self._truncate_after(start_step)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._truncate_after(start_step)
         (self.run_dir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str) + "\n")
         if self.cfg.logging.wandb != "disabled":
             self.wandb = self._init_wandb(self.cfg, self.run_dir, config_dict)
@@ -76,7 +87,7 @@ class RunLogger:
         return wandb.init(
             project=cfg.logging.wandb_project,
             entity=cfg.logging.wandb_entity,
-            name=cfg.name,
+            name=cfg.run_name,
             id=run_id,
             resume="allow",
             mode=cfg.logging.wandb,
@@ -146,7 +157,7 @@ def run_header(cfg, model_cfg, world: int, device: str, run_dir: Path, checkpoin
     where checkpoints and metrics go."""
     from glm52_train.model.info import model_info
 
-    info = model_info(model_cfg, cfg.data.seq_length)
+    info = model_info(model_cfg, cfg.data.seq_length, cfg.dsa.mode)
     precision = "bf16" if cfg.use_bf16() else "fp32"
     mtp = f", MTP {info.mtp_params / 1e6:,.2f}M" if info.mtp_params else ""
     data = []

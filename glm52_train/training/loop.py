@@ -19,7 +19,7 @@ from glm52_train import compat, parallel
 from glm52_train.config import ConfigError
 from glm52_train.run_config import RunConfig
 from glm52_train.training import faults, setup
-from glm52_train.training.checkpointer import Checkpointer
+from glm52_train.training.checkpointer import Checkpointer, check_start
 from glm52_train.training.logs import RunLogger, run_header
 from glm52_train.training.metrics import Metrics
 from glm52_train.training.profile import StepProfiler, format_breakdown
@@ -28,6 +28,7 @@ from glm52_train.training.step import evaluate, train_step
 
 def pretrain(cfg: RunConfig) -> int:
     cfg.validate(parallel.world_size_from_env())
+    check_start(cfg)  # --resume none into a folder holding checkpoints: refused before building anything
     signals = StopSignals()  # from the start: a signal during setup stops after the first step
     parts = setup.build(cfg)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -60,7 +60,7 @@ class Metrics:
     def __init__(self, cfg, parts, logger) -> None:
         self.cfg, self.parts, self.logger = cfg, parts, logger
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
-        self.flops_per_token = model_info(parts.model_cfg, cfg.data.seq_length).train_flops_per_token
+        self.flops_per_token = model_info(parts.model_cfg, cfg.data.seq_length, cfg.dsa.mode).train_flops_per_token
         self.peak = peak_tflops()
         self.window_start, self.window_steps = time.time(), 0
 

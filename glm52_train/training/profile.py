@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.autograd.profiler import record_function
 
-PARTS = ("sparse attention", "indexer", "indexer loss", "attention projections", "experts",
+PARTS = ("sparse attention", "dense attention", "indexer", "indexer loss", "attention projections", "experts",
          "shared expert", "router", "moe dispatch", "dense mlp", "embedding", "output head + loss",
          "optimizer", "grad sync", "other")
 LABEL = "glm52::"

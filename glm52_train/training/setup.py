@@ -20,6 +20,7 @@ from glm52_train.data.loader import build_datasets, check_data, dataloader
 from glm52_train.data.tokenizer import Tokenizer
 from glm52_train.model.build import build_model, transformer_config
 from glm52_train.run_config import RunConfig
+from glm52_train.training.identity import make_scheduler, schedule_of
 from glm52_train.training.metrics import ExpertLoad
 
 
@@ -48,6 +49,8 @@ def build(cfg: RunConfig) -> TrainingParts:
     chunks, config = build_model_chunks(model_cfg, cfg, cfg.data.seq_length)
     if cfg.train.freeze == "all_but_indexer":
         freeze_all_but_indexer(chunks)
+    if cfg.dsa.mode == "dense":
+        freeze_indexer(chunks)
     bf16 = cfg.use_bf16()
     chunks = wrap_ddp(chunks, config, bf16, distributed_optimizer=cfg.optimizer.name != "muon",
                       grad_reduce_in_fp32=cfg.train.grad_reduce_in_fp32)
@@ -153,6 +156,15 @@ def freeze_all_but_indexer(chunks) -> int:
     return trainable
 
 
+def freeze_indexer(chunks) -> None:
+    """dsa.mode=dense: the indexers do no work; kept out of the optimizer (no weight decay
+    either), they reach the checkpoints as initialised, for the warm-up stage to train."""
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            if ".indexer." in name:
+                param.requires_grad_(False)
+
+
 def wrap_ddp(chunks, config, bf16: bool, distributed_optimizer: bool = True, grad_reduce_in_fp32: bool = True):
     """Megatron-Core DDP: gradients reduce-scattered for the distributed optimizer (AdamW), or
     all-reduced for Muon, whose layer-wise sharding needs each owner's whole matrices. With
@@ -195,24 +207,7 @@ def build_optimizer(cfg: RunConfig, chunks, config, bf16: bool, expert_load: Exp
         optimizer = build_muon_optimizer(cfg, chunks, cfg.model_config(), opt_config)
     else:
         optimizer = get_megatron_optimizer(opt_config, chunks)
-    decay_iters = o.decay_iters or cfg.train.iters
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=o.lr,
-        min_lr=o.min_lr,
-        lr_warmup_steps=o.warmup_iters,
-        lr_decay_steps=decay_iters,
-        lr_decay_style={"wsd": "WSD"}.get(o.schedule, o.schedule),
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
-        wd_incr_steps=decay_iters,
-        wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=False,
-        override_opt_param_scheduler=True,
-        wsd_decay_steps=(o.wsd_decay_iters or max(1, decay_iters // 10)) if o.schedule == "wsd" else None,
-        lr_wsd_decay_style="linear" if o.schedule == "wsd" else None,
-    )
+    scheduler = make_scheduler(optimizer, schedule_of(cfg.to_dict()), o.weight_decay)
     # Megatron-Core's schedules call these through the model config.
     config.finalize_model_grads_func = (finalize_model_grads if expert_load is None
                                         else expert_load.around(finalize_model_grads))

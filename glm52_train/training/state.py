@@ -3,7 +3,8 @@
 A training checkpoint = model + distributed-optimizer state (Megatron-Core's
 `fully_reshardable` format: gathered per parameter on data-parallel rank 0 when saving, so any
 other parallel layout can load it) + LR schedule + per-rank RNG states + iteration and consumed
-samples (the data position) + the resolved run config.
+samples (the data position) + the resolved run config and the LR schedule it ran (which a resume
+compares with its own: identity.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from glm52_train import checkpoint, compat
 from glm52_train.checkpoint import CheckpointError
+from glm52_train.training.identity import schedule_of
 
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -144,6 +146,7 @@ def save_training_checkpoint(ckpt_dir, state: TrainState, chunks, optimizer, sch
         "skipped_steps": state.skipped_steps,
         "optimizer_step": step.item(),
         "layout": _layout(),
+        "schedule": schedule_of(run_config),  # what a resume compares its own schedule with (identity.py)
     }
     return checkpoint.save_checkpoint(ckpt_dir, state.iteration, chunks, meta=meta, extra_sharded_state=extra,
                                       keep_last=keep_last, async_queue=async_queue, on_commit=on_commit)
