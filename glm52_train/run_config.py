@@ -111,6 +111,7 @@ class DSAConfig:
     mode: Literal["sparse", "warmup", "dense"] = "sparse"
     loss_coeff: float = 1.0  # weight of the indexer's KL loss
     backend: Literal["auto", "torch", "triton"] = "auto"  # auto: Triton on GPU, the PyTorch references on CPU
+    deterministic: bool = False  # true: sparse attention backward without atomics (bitwise-reproducible; GPU speed unmeasured)
 
 
 @dataclass
