@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 # The embedded corpus (the Python standard library's sources), tokenized with data/tokenizer.
 data: setup data/cache/stdlib.bin
 
-data/cache/stdlib.bin: $(STAMP) data/tokenizer/tokenizer.json
-	$(VENV)/bin/glm52 prepare-data --embedded --output-prefix data/cache/stdlib
+# make runs this only when the corpus is missing or older than the tokenizer: then it is replaced.
+data/cache/stdlib.bin: data/tokenizer/tokenizer.json | $(STAMP)
+	$(VENV)/bin/glm52 prepare-data --embedded --output-prefix data/cache/stdlib --overwrite
 
 # Train the tiny model on CPU (checkpoint in checkpoints/tiny, run in runs/tiny, offline W&B).
 train: data

@@ -4,7 +4,8 @@
     python bench/dsa.py --seqs 32768 --heads 16 --topk 1024 --docs 8 --cp 1/4   # any shape
     python bench/dsa.py --cpu-smoke     # every code path at toy sizes, Triton interpreter, no GPU
 
-`--heads` (main attention heads, per tensor-parallel rank), `--index-heads`, `--topk`, `--docs`
+`--heads` (main attention heads per tensor-parallel rank; a comma list runs each, e.g.
+`64,32,16,8` for TP1..TP8, every row carrying its `heads`), `--index-heads`, `--topk`, `--docs`
 (packed documents per sample) and `--cp RANK/SIZE` (time that context-parallel rank's queries
 against the all-gathered keys) set the problem; `--seqs` are whole-sample lengths. Dense SDPA
 runs for the plain causal case only.
@@ -15,10 +16,14 @@ Megatron-Core's unfused DSA use the non-absorbed head dims (q/k 192 + 64 = 256, 
 
 FLOP conventions (counted on the pairs actually computed, causal, no masked work):
 - indexer: 2 * H_index * 128 per visible (query, key) pair;
-- sparse attention: forward 2 * n * (576 + 512) per (query, selected key); backward 2.5x that;
+- sparse attention: forward 2 * n * (576 + 512) per (query, selected key); backward 2.5x that,
+  for the atomic backward and the one without atomics alike (the latter's key-major pass also
+  computes the unselected keys of each 16-key block it visits: `key_block_fill` is the share
+  of its products that count); fewer than 16 heads are counted at n, computed at 16;
 - dense attention: forward 2 * n * (256 + 256) per visible pair; backward 2.5x that;
 - indexer KL loss: the attention-probability recompute (2 * n * 576) plus the indexer scores
-  twice and its two gradient products (4 * 2 * 32 * 128) per (query, selected key).
+  twice and its two gradient products (4 * 2 * 32 * 128) per (query, selected key); from the
+  dq pass's head probabilities, the latter alone.
 Times are medians over CUDA-event-timed repeats after a warm-up; peak memory is
 torch.cuda.max_memory_allocated above what the inputs already held, and in total.
 """
@@ -152,8 +157,13 @@ def record(row: "Row") -> "Row":
     return row
 
 
-def measure(name, seq, fn, flops=None, quick=False, memory=True, extra=None) -> Row:
-    row = Row(name=name, seq=seq, **(extra or {}))
+ONLY: list[str] = []  # --only: run the rows of ours whose names contain one of these
+
+
+def measure(name, seq, fn, flops=None, quick=False, memory=True, extra=None) -> Row | None:
+    if ONLY and name.startswith("ours:") and not any(part in name for part in ONLY):
+        return None
+    row = Row(name=name, seq=seq, heads=N_HEADS, **(extra or {}))
     try:
         warmup, reps = reps_for(seq, quick)
         ms = cuda_time(fn, warmup, reps)
@@ -208,7 +218,15 @@ def bench_ours(seq: int, quick: bool) -> list[Row]:
     rows.append(measure("ours: sparse attn bwd", seq,
                         lambda: sparse_mla.sparse_mla_bwd(x["q"], x["kv"], idx, out, lse, dout, SCALE, D_LAT),
                         2.5 * f_fwd, quick))
-    del out
+    inverse = sparse_mla.invert_selection(idx, seq)
+    fill = sel / max(1, inverse.block * inverse.queries.numel())
+    rows.append(measure("ours: inverted selection (build)", seq, lambda: sparse_mla.invert_selection(idx, seq),
+                        None, quick, extra=dict(inverse_gib=inverse.nbytes / 2**30)))
+    rows.append(measure("ours: sparse attn bwd (no atomics)", seq,
+                        lambda: sparse_mla.sparse_mla_bwd(x["q"], x["kv"], idx, out, lse, dout, SCALE, D_LAT,
+                                                          dict(atomic=False), inverse),
+                        2.5 * f_fwd, quick, extra=dict(key_block_fill=fill)))
+    del out, inverse
 
     iq, ik, iw = (x[k].detach().requires_grad_() for k in ("iq", "ik", "iw"))
 
@@ -218,6 +236,21 @@ def bench_ours(seq: int, quick: bool) -> list[Row]:
         iq.grad = ik.grad = iw.grad = None
 
     rows.append(measure("ours: indexer KL loss (sparse)", seq, kl, f_kl, quick))
+
+    head_probs = torch.zeros(idx.shape, dtype=torch.float32, device=DEVICE)
+    out, _ = sparse_mla.sparse_mla_fwd(x["q"], x["kv"], idx, SCALE, D_LAT)
+    rows.append(measure("ours: sparse attn bwd (+ head probs)", seq,
+                        lambda: sparse_mla.sparse_mla_bwd(x["q"], x["kv"], idx, out, lse, dout, SCALE, D_LAT,
+                                                          head_probs=head_probs), 2.5 * f_fwd, quick))
+    del out
+
+    def kl_from_probs():
+        loss = indexer_loss.IndexerKLFromProbs.apply(iq, ik, iw, idx, head_probs, N_HEADS)
+        loss.backward()
+        iq.grad = ik.grad = iw.grad = None
+
+    rows.append(measure("ours: indexer KL loss (from dq-pass probs)", seq, kl_from_probs, 4 * 2 * IH * ID * sel, quick))
+    del head_probs
 
     q, kv = x["q"].detach().requires_grad_(), x["kv"].detach().requires_grad_()
 
@@ -231,6 +264,18 @@ def bench_ours(seq: int, quick: bool) -> list[Row]:
             t.grad = None
 
     rows.append(measure("ours: DSA layer fwd+bwd (total)", seq, layer, f_idx + 3.5 * f_fwd + f_kl, quick))
+
+    def layer_no_atomics():  # the inverted selection built inside, as once per layer in training
+        topk = api.indexer_topk(x["iq"], x["ik"], x["iw"], TOPK, **vis, impl=IMPL)
+        o, l_ = api.sparse_mla(q, kv, topk, SCALE, D_LAT, return_lse=True, impl=IMPL, bwd_cfg=dict(atomic=False))
+        o.backward(dout)
+        loss = api.indexer_kl_loss(iq, ik, iw, q, kv, topk, SCALE, D_LAT, lse=l_, impl=IMPL)
+        loss.backward()
+        for t in (q, kv, iq, ik, iw):
+            t.grad = None
+
+    rows.append(measure("ours: DSA layer fwd+bwd (no atomics)", seq, layer_no_atomics,
+                        f_idx + 3.5 * f_fwd + f_kl, quick))
     del x, idx, lse, dout, q, kv, iq, ik, iw
     return rows
 
@@ -417,9 +462,11 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", type=int, default=0, metavar="SEQ",
                     help="also time alternative kernel configurations at this length (e.g. 32768)")
     ap.add_argument("--skip", default="", help="comma list of: ours,dense,mcore")
+    ap.add_argument("--only", default="", help="comma list: only our rows whose names contain one (e.g. 'sparse attn')")
     ap.add_argument("--mcore-max-seq", type=int, default=16384,
                     help="run Megatron-Core's unfused DSA (O(S^2) memory) up to this length only")
-    ap.add_argument("--heads", type=int, default=N_HEADS, help="main attention heads (per TP rank)")
+    ap.add_argument("--heads", default=None,
+                    help="main attention heads per TP rank, or a comma list (default 64; 16 under --cpu-smoke)")
     ap.add_argument("--index-heads", type=int, default=IH)
     ap.add_argument("--topk", type=int, default=TOPK)
     ap.add_argument("--docs", type=int, default=1, help="packed documents per sample")
@@ -434,11 +481,17 @@ def main(argv=None) -> int:
         api.enable_interpreter()
         smoke_sizes()
         args.seqs, args.quick, args.sweep = ("24" if args.seqs else ""), True, args.sweep and 24
-        args.heads, args.index_heads, args.topk = N_HEADS, IH, TOPK
+        args.index_heads, args.topk = IH, TOPK
     elif not torch.cuda.is_available():
         print("bench/dsa.py needs a CUDA GPU (or --cpu-smoke)")
         return 2
-    N_HEADS, IH, TOPK, DOCS = args.heads, args.index_heads, args.topk, args.docs
+    try:
+        head_counts = [int(h) for h in (args.heads or str(N_HEADS)).split(",") if h]
+    except ValueError:
+        print(f"--heads takes head counts separated by commas, not {args.heads!r}")
+        return 2
+    N_HEADS, IH, TOPK, DOCS = head_counts[0], args.index_heads, args.topk, args.docs
+    ONLY[:] = [part for part in args.only.split(",") if part]
     if args.cp:
         rank, _, size = args.cp.partition("/")
         CP = (int(rank), int(size))
@@ -458,7 +511,7 @@ def main(argv=None) -> int:
     global JSON_PATH
     JSON_PATH = args.json
     meta = META
-    meta.update(device=dev_name, sms=sms, torch=torch.__version__, heads=N_HEADS, index_heads=IH, topk=TOPK,
+    meta.update(device=dev_name, sms=sms, torch=torch.__version__, heads=head_counts, index_heads=IH, topk=TOPK,
                 docs=DOCS, cp=CP,
                 triton=triton.__version__, cuda=torch.version.cuda, time=time.strftime("%Y-%m-%d %H:%M:%S"),
                 argv=sys.argv[1:], flops_convention=__doc__.split("FLOP conventions")[1].split("Times are")[0].strip())
@@ -466,20 +519,22 @@ def main(argv=None) -> int:
     print(f"{'what':<44} {'seq':>7} {'ms':>10} {'TFLOP/s':>8} {'+GiB':>9} {'GiB':>9}")
     rows: list[Row] = []
     sections = []
-    for seq in seqs:
-        if "ours" not in skip:
-            sections.append(("ours", seq, lambda seq=seq: bench_ours(seq, args.quick)))
-        if DOCS > 1 or CP is not None:
-            continue  # the baselines are plain causal attention over the whole sample
-        if "dense" not in skip:
-            sections.append(("dense", seq, lambda seq=seq: [bench_dense(seq, args.quick)]))
-        if "mcore" not in skip and seq <= args.mcore_max_seq:
-            sections.append(("mcore", seq, lambda seq=seq: [bench_mcore(seq, args.quick)]))
+    for heads in head_counts:
+        for seq in seqs:
+            if "ours" not in skip:
+                sections.append(("ours", heads, seq, lambda seq=seq: bench_ours(seq, args.quick)))
+            if DOCS > 1 or CP is not None:
+                continue  # the baselines are plain causal attention over the whole sample
+            if "dense" not in skip:
+                sections.append(("dense", heads, seq, lambda seq=seq: [bench_dense(seq, args.quick)]))
+            if "mcore" not in skip and seq <= args.mcore_max_seq:
+                sections.append(("mcore", heads, seq, lambda seq=seq: [bench_mcore(seq, args.quick)]))
     if args.sweep:
-        sections.append(("sweep", args.sweep, lambda: sweep(args.sweep, args.quick)))
-    for what, seq, run in sections:
+        sections.append(("sweep", head_counts[0], args.sweep, lambda: sweep(args.sweep, args.quick)))
+    for what, heads, seq, run in sections:
+        N_HEADS = heads
         try:
-            rows += run()
+            rows += [r for r in run() if r is not None]
         except Exception as e:  # noqa: BLE001 - report and go on with the next section
             status = "OOM" if is_oom(e) else "ERROR"
             print(f"{what + ' (section)':<44} {seq:>7} {status:>10}  {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -492,7 +547,7 @@ def main(argv=None) -> int:
     print("\n# summary")
     print(f"{'seq':>7} {'DSA ms':>10} {'dense ms':>10} {'speed-up':>9} {'DSA +GiB':>9} {'dense +GiB':>10}")
     for seq in seqs:
-        ok = [r for r in rows if r["seq"] == seq and r.get("status") == "ok"]
+        ok = [r for r in rows if r["seq"] == seq and r.get("status") == "ok" and r.get("heads") == head_counts[0]]
         ours = next((r for r in ok if r["name"].startswith("ours: DSA layer")), None)
         dense = next((r for r in ok if r["name"].startswith("dense")), None)
         if ours and dense:

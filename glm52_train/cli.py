@@ -95,12 +95,17 @@ def cmd_verify_hf(args) -> int:
     return 0 if result.ok else 1
 
 
+PREPARE_DEFAULT_PREFIX = "data/cache/stdlib"  # the embedded corpus `make train` trains on
+
+
 def cmd_prepare_data(args) -> int:
-    from glm52_train.data.prepare import prepare_data
+    from glm52_train.data.prepare import prepare_data, refuse_existing
 
     inputs = list(args.input or [])
     if not inputs and not args.embedded:
         raise ConfigError("give --input files or --embedded.")
+    if not args.overwrite:  # before anything is written, the embedded corpus included
+        refuse_existing(args.output_prefix, default=args.output_prefix == PREPARE_DEFAULT_PREFIX)
     if not 0 <= args.max_bad_share <= 1:
         raise ConfigError(f"--max-bad-share must be between 0 and 1, got {args.max_bad_share:g}.")
     if args.embedded:
@@ -111,6 +116,7 @@ def cmd_prepare_data(args) -> int:
     meta = prepare_data(
         inputs, args.output_prefix, args.tokenizer, text_key=args.text_key, workers=args.workers,
         eod_token=args.eod_token, min_tokens=args.min_tokens, max_bad_share=args.max_bad_share,
+        overwrite=args.overwrite,
     )
     for note in meta["skipped_rows_notes"]:
         print(f"skipped {note}", file=sys.stderr)
@@ -120,6 +126,18 @@ def cmd_prepare_data(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
+    from glm52_train.training.stop import StopSignals
+
+    if not args.check_config:  # first: a stop signal during the imports is not lost
+        signals = StopSignals()
+        try:
+            return _pretrain(args, signals)
+        finally:
+            signals.close()
+    return _pretrain(args, None)
+
+
+def _pretrain(args, signals) -> int:
     from glm52_train.run_config import load_run_config
     from glm52_train.training import faults
     from glm52_train.training.loop import pretrain
@@ -132,8 +150,15 @@ def cmd_pretrain(args) -> int:
     if args.overwrite:
         overrides.append("checkpoint.overwrite=true")
     cfg = load_run_config(args.config, overrides)
+    if args.check_config:
+        from glm52_train.training.setup import check_run
+
+        world = check_run(cfg)
+        print(f"{args.config}: the run config, its tokenizer and data check out for {world} "
+              f"process{'es' if world > 1 else ''}.")
+        return 0
     with faults.name_hung_ranks(cfg.train.collective_timeout_minutes):
-        return pretrain(cfg)
+        return pretrain(cfg, signals)
 
 
 def cmd_init_weights(args) -> int:
@@ -166,7 +191,7 @@ def _plan_inputs(args) -> dict:
     q = dict(seq_len=args.seq_len or 4096, micro_batch=args.micro_batch or 1, global_batch=args.global_batch,
              recompute=args.recompute or "full", modules=_modules(args.recompute_modules),
              optimizer=args.optimizer or "adamw", first=args.first_stage_layers, last=args.last_stage_layers,
-             grad_dtype=args.grad_dtype or "fp32", fp8=False)
+             grad_dtype=args.grad_dtype or "fp32", deterministic=False, fp8=False)
     if args.config:
         from glm52_train.run_config import load_run_config
 
@@ -190,7 +215,7 @@ def _plan_inputs(args) -> dict:
                  first=q["first"] if q["first"] is not None else p.first_stage_layers,
                  last=q["last"] if q["last"] is not None else p.last_stage_layers, sp=p.sp,
                  grad_dtype=args.grad_dtype or ("fp32" if t.grad_reduce_in_fp32 else "bf16"),
-                 fp8=t.fp8 == "blockwise")
+                 deterministic=cfg.dsa.deterministic, fp8=t.fp8 == "blockwise")
         if q["recompute"] != "selective":
             q["modules"] = ()
     elif not args.model:
@@ -252,7 +277,8 @@ def cmd_plan(args) -> int:
             print(f"refused: {layout.describe()}: {why}")
             return 1
         est = estimate(model, layout, q["seq_len"], args.gpu_mem, q["micro_batch"], microbatches, q["recompute"],
-                       q["modules"], q["optimizer"], grad_dtype=q["grad_dtype"], fp8=q["fp8"], **stages)
+                       q["modules"], q["optimizer"], grad_dtype=q["grad_dtype"], **stages,
+                       dsa_deterministic=q["deterministic"], fp8=q["fp8"])
         st = step_time(model, layout, q["seq_len"], q["micro_batch"], microbatches, q["recompute"], q["modules"],
                        **timing, **stages)
         est.time = st.to_dict(chunks=False)
@@ -428,8 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedded", action="store_true",
                    help="add the embedded corpus (the Python standard library's sources), written as "
                         "PREFIX.embedded.jsonl beside the output")
-    p.add_argument("--output-prefix", default="data/cache/stdlib", metavar="PREFIX",
+    p.add_argument("--output-prefix", default=PREPARE_DEFAULT_PREFIX, metavar="PREFIX",
                    help="writes PREFIX.bin, PREFIX.idx and PREFIX.json (and caches beside them)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset already at PREFIX (without it, an existing one is refused)")
     p.add_argument("--tokenizer", default="data/tokenizer/tokenizer.json", help="a tokenizers JSON file or its folder")
     p.add_argument("--text-key", default="text", help="the field holding each document's text (json/parquet)")
     p.add_argument("--workers", type=int, default=None, help="tokenizing processes (unset: the cores, at most 8)")
@@ -452,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(resumed even if another configuration saved it) (unset: checkpoint.resume)")
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start from these weights with a fresh optimizer, schedule and data position")
+    p.add_argument("--check-config", action="store_true",
+                   help="check the config, its tokenizer and data for WORLD_SIZE processes, then exit "
+                        "(launch/torchrun.sh runs this once before torchrun)")
     p.add_argument("--overwrite", action="store_true",
                    help="with --resume none: move an earlier run's checkpoints and metrics in this run's folders "
                         "aside (to DIR.old-N) instead of refusing")
@@ -610,6 +641,13 @@ def _main(argv: list[str]) -> int:
         if not _user_error(e):
             raise
         return _error(args.command, e)
+    except BaseException as e:  # a stop signal in setup (KeyboardInterrupt goes on to main)
+        from glm52_train.training.stop import SetupStopped
+
+        if not isinstance(e, SetupStopped):
+            raise
+        print(e.sentence(), file=sys.stderr, flush=True)
+        return 0
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ Megatron-Core's distributed optimizer:
   recomputation each layer keeps its input (and the top-k it passes on) and one layer's
   working set is rebuilt at a time; selective recomputation drops what its modules rebuild;
 - dsa: the part of those activations that DSA adds (top-k indices, log-sum-exp, the indexer's
-  gradients, computed in the forward pass by the fused KL kernel);
+  gradients, computed in the forward pass by the fused KL kernel); under `dsa.deterministic`
+  also one inverted selection and its build (`inverted_selection_bytes`): one IndexShare
+  group's at a time, in backward;
 - logits: fp32 logits saved by the loss for the main head and each MTP step, for the
   micro-batches in flight on the chunk with "L", plus one transient gradient of them;
 - fp8 weights (`train.fp8: blockwise`, counted in "weights" and shown as `fp8_weights` in
@@ -197,6 +199,18 @@ def layer_saved_bytes(m: ModelConfig, layer: int | None, tp: int = 1, sp: bool =
     return a + dsa, dsa
 
 
+# The atomics-free sparse attention backward (`dsa.deterministic`) reads the top-k key-major:
+# 8 bytes per selected (key block, query) pair kept while an IndexShare group runs backward, and
+# about 30 bytes per top-k slot while it is built (kernels/sparse_mla.py, invert_selection).
+INVERSE_BYTES_PER_SLOT = 8 + 30
+
+
+def inverted_selection_bytes(m: ModelConfig, tokens: float) -> float:
+    """Peak bytes of the deterministic backward's inverted selection for `tokens` local
+    queries: at most every top-k slot a distinct pair, plus the build's transients."""
+    return INVERSE_BYTES_PER_SLOT * m.index_topk * tokens
+
+
 def _chunk_saved_bytes(m: ModelConfig, items: list, tp: int, sp: bool, tokens: float, recompute: str,
                        modules, micro_batch: int, act_bytes: int = BF16) -> tuple[float, float, float, float]:
     """(saved bytes, of which DSA, of which logits, the largest layer's working set, of which
@@ -295,6 +309,7 @@ def estimate(
     first_stage_layers: int | None = None,
     last_stage_layers: int | None = None,
     grad_dtype: str = "fp32",
+    dsa_deterministic: bool = False,
     fp8: bool = False,
 ) -> Estimate:
     """Memory per GPU of the busiest pipeline rank (see the module docstring)."""
@@ -357,6 +372,8 @@ def estimate(
         logits = sum(n * c[2] for n, c in zip(at_peak, saved))
         dsa = sum(n * c[1] for n, c in zip(at_peak, saved))
         activations = peak - logits - dsa
+        if dsa_deterministic and any(item not in ("E", "L") for items in rank_chunks for item in items):
+            dsa += inverted_selection_bytes(m, tokens)  # not saved for backward: on top of the peak
         if recompute == "full":
             activations += largest - rebuilt_dsa  # one layer rebuilt at a time in backward
             dsa += rebuilt_dsa

@@ -92,7 +92,8 @@ class OptimizerConfig:
     beta2: float = 0.95  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW denominator epsilon
     schedule: Literal["cosine", "wsd", "linear", "constant"] = "cosine"  # learning-rate decay after the warm-up
-    warmup_iters: int = 100  # steps of linear warm-up from 0 to lr
+    warmup_iters: int | None = None  # steps of linear warm-up from 0 to lr (null: warmup_fraction of the decay length)
+    warmup_fraction: float = 0.1  # warm-up share of the decay length when warmup_iters is null (Megatron-LM's --lr-warmup-fraction)
     decay_iters: int | None = None  # steps of warm-up plus decay (null: train.iters)
     wsd_decay_iters: int | None = None  # the final decay of WSD (default 10% of decay_iters)
     # optimizer.name=muon (glm52_train/training/muon.py): Muon for 2-D hidden matrices, AdamW
@@ -112,6 +113,7 @@ class DSAConfig:
     mode: Literal["sparse", "warmup", "dense"] = "sparse"
     loss_coeff: float = 1.0  # weight of the indexer's KL loss
     backend: Literal["auto", "torch", "triton"] = "auto"  # auto: Triton on GPU, the PyTorch references on CPU
+    deterministic: bool = False  # true: sparse attention backward without atomics (bitwise-reproducible; GPU speed unmeasured)
 
 
 @dataclass
@@ -185,6 +187,18 @@ class RunConfig:
                 model = model.replace(name=modified_name(base.name, {k: fields[k] for k in changed}))
             return model
         raise ConfigError(f"model must be a flavor name or a mapping, got {type(self.model).__name__}.")
+
+    def decay_length(self) -> int:
+        """Steps of the learning-rate decay: optimizer.decay_iters, or train.iters."""
+        return self.optimizer.decay_iters or self.train.iters
+
+    def warmup_length(self) -> int:
+        """Steps of the linear warm-up: optimizer.warmup_iters as given, or (null) the
+        optimizer.warmup_fraction of the decay length, rounded down (always below it)."""
+        o = self.optimizer
+        if o.warmup_iters is not None:
+            return o.warmup_iters
+        return int(o.warmup_fraction * self.decay_length())
 
     @property
     def run_name(self) -> str:
@@ -294,11 +308,13 @@ class RunConfig:
         need(math.isfinite(o.min_lr) and 0 <= o.min_lr, f"optimizer.min_lr must be zero or positive, got {o.min_lr}.")
         need(o.decay_iters is None or o.decay_iters >= 1,
              f"optimizer.decay_iters must be a positive whole number or null, got {o.decay_iters}.")
-        decay = self.optimizer.decay_iters or t.iters
-        need(0 <= self.optimizer.warmup_iters < decay,
-             f"optimizer.warmup_iters ({self.optimizer.warmup_iters}) must be below the decay length "
-             f"({decay}, optimizer.decay_iters or train.iters).")
-        o = self.optimizer
+        decay = self.decay_length()
+        need(math.isfinite(o.warmup_fraction) and 0 <= o.warmup_fraction < 1,
+             f"optimizer.warmup_fraction must be at least 0 and below 1, got {o.warmup_fraction}.")
+        need(o.warmup_iters is None or 0 <= o.warmup_iters < decay,
+             f"optimizer.warmup_iters ({o.warmup_iters}) must be below the decay length ({decay}, "
+             f"optimizer.decay_iters or train.iters); or set it to null for optimizer.warmup_fraction "
+             f"({o.warmup_fraction:g}) of the decay length.")
         need(o.name != "muon" or (len(o.muon_ns_coeffs) == 3 and o.muon_ns_steps >= 1 and 0 <= o.muon_momentum < 1
                                   and o.muon_rms_scale > 0),
              "optimizer.muon_ns_coeffs needs 3 numbers, muon_ns_steps at least 1, muon_momentum in [0, 1) "

@@ -21,7 +21,9 @@
 #   --max-restarts N       restart the processes of every node this many times after a failure
 #                          (each restart resumes from the newest good checkpoint) [MAX_RESTARTS]
 #   --dry-run              print the environment and the exact command, then exit
-# Everything else (--config FILE, --resume, --init-from, key=value) goes to `glm52 pretrain`.
+# Everything else (--config FILE, --resume, --init-from, key=value) goes to `glm52 pretrain`,
+# which first checks it once, before torchrun starts (`glm52 pretrain --check-config`): a bad
+# config, tokenizer or dataset is one sentence and exit status 2, never restarted.
 #
 # Signals: SIGUSR1 and SIGTERM sent to this script reach every training process, which finishes
 # its step, saves a checkpoint and exits 0 (so does this script). torchrun itself ignores them.
@@ -135,7 +137,12 @@ if [ "$dry_run" = 1 ]; then
     exit 0
 fi
 
-# A configuration error is the same sentence on every process, followed by torchrun's report of
+# The config, its tokenizer and data are checked once, here, before torchrun starts: a mistake is
+# one sentence and exit status 2, with no torchrun report and no restarts.
+WORLD_SIZE="$(( nnodes * nproc ))" LOCAL_WORLD_SIZE="$nproc" \
+    "$python" -m glm52_train.cli pretrain --check-config "${train_args[@]}" || exit $?
+
+# A configuration error found later is the same sentence on every process, followed by torchrun's report of
 # the failed processes: the processes write it to this file instead, and it is printed once, last.
 error_file="$(mktemp "${TMPDIR:-/tmp}/glm52-error.XXXXXX")"
 export GLM52_ERROR_FILE="$error_file"

@@ -77,3 +77,32 @@ def test_unknown_model_field_says_did_you_mean():
         load_run_config(None, ["model.num_layrs=6"]).model_config()
     assert str(err.value) == ("unknown key model.num_layrs (did you mean model.num_layers?); "
                               "`glm52 config keys` lists every key.")
+
+
+def test_a_run_shorter_than_its_warm_up_gets_a_proportionate_one():
+    """tiny.yaml's warm-up is a fraction of the run: 20 of its 250 steps, 1 of a 20-step run and
+    none of a 1-step run; an explicit optimizer.warmup_iters is used as given, and one that leaves
+    no decay is still refused in one sentence naming the fraction to use instead."""
+    from glm52_train.run_config import load_run_config
+
+    def warmup(*overrides):
+        from glm52_train.training.identity import schedule_of
+
+        cfg = load_run_config("configs/tiny.yaml", list(overrides))
+        cfg.validate(world_size=1)
+        assert schedule_of(cfg.to_dict())["warmup_iters"] == cfg.warmup_length()  # what the scheduler runs
+        return cfg.warmup_length()
+
+    assert warmup() == 20
+    assert warmup("train.iters=20") == 1
+    assert warmup("train.iters=1") == 0
+    assert warmup("train.iters=20", "optimizer.decay_iters=200") == 16
+    assert warmup("train.iters=20", "optimizer.warmup_iters=7") == 7
+    assert warmup("optimizer.warmup_fraction=0") == 0
+    with pytest.raises(ConfigError) as err:
+        warmup("train.iters=20", "optimizer.warmup_iters=20")
+    assert str(err.value) == ("optimizer.warmup_iters (20) must be below the decay length (20, optimizer.decay_iters "
+                              "or train.iters); or set it to null for optimizer.warmup_fraction (0.08) of the decay "
+                              "length.")
+    with pytest.raises(ConfigError, match=r"optimizer.warmup_fraction must be at least 0 and below 1, got 1.0\."):
+        warmup("optimizer.warmup_fraction=1")

@@ -101,7 +101,7 @@ def test_truncated_bin_is_one_sentence(small_dataset):
 
 def test_corrupt_idx_is_one_sentence(small_dataset):
     Path(small_dataset + ".idx").write_bytes(b"not an index at all" * 10)
-    with pytest.raises(ConfigError, match=r"\.idx is corrupt"):
+    with pytest.raises(ConfigError, match=r"\.idx is truncated or corrupt"):
         read_dataset_meta(small_dataset)
 
 
@@ -205,3 +205,118 @@ def test_embedded_corpus_is_written_under_the_output_prefix_only(tmp_path, capsy
     after = {p: p.stat().st_mtime_ns for p in package_data.rglob("*") if p.is_file() and "cache" not in p.parts}
     assert after == before
     assert (sorted(p.name for p in cache.iterdir()) if cache.is_dir() else []) == cache_before
+
+
+@pytest.fixture
+def twenty_documents(tmp_path):
+    """The first 20 documents of the golden corpus: data.split "98,2,0" leaves validation none."""
+    from tests.conftest import GOLDEN_CORPUS
+
+    src = tmp_path / "twenty.jsonl"
+    src.write_text("".join(Path(GOLDEN_CORPUS).read_text().splitlines(keepends=True)[:20]))
+    prefix = str(tmp_path / "twenty")
+    prepare_data([str(src)], prefix, TOKENIZER, workers=1)
+    return prefix
+
+
+def test_a_split_without_training_documents_is_one_sentence(twenty_documents):
+    from glm52_train.data.loader import split_documents
+    from glm52_train.run_config import DataSource, RunConfig
+    from glm52_train.training.setup import check_training_data
+
+    assert split_documents("98,2,0", 20) == [20, 0, 0] and split_documents("90,10,0", 20) == [18, 2, 0]
+    cfg = RunConfig()
+    cfg.data.blend = [DataSource(twenty_documents)]
+    cfg.data.split = "1,99,0"
+    with pytest.raises(ConfigError) as err:
+        check_training_data(cfg, get_model_config("tiny"), Tokenizer(TOKENIZER))
+    assert str(err.value) == f"data.split '1,99,0' leaves dataset {twenty_documents} (20 documents) no training documents."
+    cfg.data.split = "0,1,0"
+    with pytest.raises(ConfigError, match=r"the training share above 0"):
+        check_training_data(cfg, get_model_config("tiny"), Tokenizer(TOKENIZER))
+
+
+@pytest.mark.slow
+def test_an_empty_validation_split_is_skipped_saying_so_not_a_hang(twenty_documents, tmp_path):
+    """20 documents under data.split "98,2,0": Megatron-Core would loop forever building the
+    empty validation split; the run says validation is skipped and trains."""
+    from tests.train_helpers import metrics, pretrain, tiny_run_config
+
+    cfg = tiny_run_config(tmp_path, twenty_documents, data={"split": "98,2,0"},
+                          train={"iters": 2, "eval_interval": 1}, optimizer={"warmup_iters": None},
+                          logging={"wandb": "disabled"}, checkpoint={"enable": False})
+    proc = pretrain(cfg, timeout=180)
+    note = (f"validation skipped: data.split '98,2,0' leaves no validation documents in {twenty_documents} "
+            f"(20 documents); a larger validation share (e.g. data.split=90,10,0) gives some.")
+    assert note in proc.stdout.splitlines()
+    logged = metrics(tmp_path / "run")
+    assert [m["step"] for m in logged if "loss" in m] == [1, 2]
+    assert not any("val_loss" in m for m in logged)
+
+
+def test_an_existing_dataset_is_refused_without_overwrite(tmp_path, monkeypatch, capsys):
+    """prepare-data never replaces a dataset unasked: the output prefix given, or the default
+    one (data/cache/stdlib, the corpus `make train` trains on), is refused in one sentence with
+    its files untouched; --overwrite replaces it."""
+    src = tmp_path / "a.jsonl"
+    src.write_text(json.dumps({"text": "def f(x):\n    return x\n"}) + "\n")
+    prefix = str(tmp_path / "out" / "ds")
+    args = ["prepare-data", "--input", str(src), "--output-prefix", prefix, "--tokenizer", TOKENIZER, "--workers", "1"]
+    assert glm52(args) == 0
+    capsys.readouterr()
+    before = {s: Path(prefix + s).read_bytes() for s in (".bin", ".idx", ".json")}
+    assert glm52(args) == 2
+    assert _stderr_errors(capsys.readouterr().err) == [
+        f"glm52 prepare-data: error: {prefix} already holds a dataset ({prefix}.bin, .idx, .json); pass "
+        "--overwrite to replace it, or give another --output-prefix."]
+    assert {s: Path(prefix + s).read_bytes() for s in before} == before
+    src.write_text(json.dumps({"text": "import os\n"}) + "\n")
+    assert glm52(args + ["--overwrite"]) == 0
+    assert _docs(prefix) == [Tokenizer(TOKENIZER).tokenize("import os\n") + [Tokenizer(TOKENIZER).eod]]
+
+    monkeypatch.chdir(tmp_path)  # a checkout whose embedded corpus exists
+    (tmp_path / "data" / "cache").mkdir(parents=True)
+    for suffix in (".bin", ".idx", ".json"):
+        (tmp_path / "data" / "cache" / f"stdlib{suffix}").write_text("mine")
+    assert glm52(["prepare-data", "--embedded"]) == 2
+    assert _stderr_errors(capsys.readouterr().err) == [
+        "glm52 prepare-data: error: data/cache/stdlib (the default --output-prefix) already holds a dataset "
+        "(data/cache/stdlib.bin, .idx, .json); pass --overwrite to replace it, or give another --output-prefix."]
+    assert sorted(p.name for p in (tmp_path / "data" / "cache").iterdir()) == ["stdlib.bin", "stdlib.idx", "stdlib.json"]
+    assert all(p.read_text() == "mine" for p in (tmp_path / "data" / "cache").iterdir())
+
+
+def test_make_data_builds_a_missing_corpus_and_leaves_an_existing_one(tmp_path):
+    """The Makefile's `data` target: on a fresh clone it runs prepare-data (with --overwrite:
+    make only gets there when the corpus is missing or older than the tokenizer); when the
+    corpus exists, nothing (make's own check of the target file)."""
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    from tests.train_helpers import ROOT
+
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / "data" / "tokenizer").mkdir(parents=True)
+    shutil.copy(TOKENIZER, tmp_path / "data" / "tokenizer" / "tokenizer.json")
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "python").symlink_to("/bin/true")
+    time.sleep(0.01)
+    (tmp_path / ".venv" / ".installed").touch()  # set up
+
+    def make(*args):
+        return subprocess.run(["make", *args, "data"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    dry = make("-n")
+    assert dry.returncode == 0 and dry.stdout.splitlines() == [
+        ".venv/bin/glm52 prepare-data --embedded --output-prefix data/cache/stdlib --overwrite"]
+    (tmp_path / "data" / "cache").mkdir()
+    for suffix in (".bin", ".idx", ".json"):
+        (tmp_path / "data" / "cache" / f"stdlib{suffix}").write_text("made")
+    assert make("-q").returncode == 0  # up to date: `make data` runs nothing
+    os.utime(tmp_path / ".venv" / ".installed")  # a later `make setup` does not re-tokenize either
+    assert make("-q").returncode == 0

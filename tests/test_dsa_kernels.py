@@ -151,6 +151,48 @@ def test_visible_ranges_match_mask():
         indexer.visible_ranges(sq, sk, "cpu", q_pos=qp, k_pos=kp.flip(0), q_doc=qd, k_doc=kd)
 
 
+def test_kl_from_probs_reference_matches_the_kl_loss():
+    """The reference of the KL with a given target equals the KL loss computing it from q, kv."""
+    g = torch.Generator().manual_seed(8)
+    sq, sk, b, n, d, ih, idim, topk = 7, 12, 2, 3, 10, 4, 6, 5
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    q, kv, iq, ik, iw = r(sq, b, n, d), r(sk, b, d), r(sq, b, ih, idim), r(sk, b, idim), r(sq, b, ih)
+    idx = reference.indexer_topk(iq, ik, iw, topk)
+    keys = reference._gather_kv(kv, idx)
+    s = torch.einsum("sbnd,bskd->bsnk", q, keys).masked_fill(~(idx >= 0).unsqueeze(2), float("-inf"))
+    head_probs = torch.softmax(s * 0.3, -1).nan_to_num(0.0).sum(2)  # [b, sq, topk]
+    got = reference.indexer_kl_from_probs(iq, ik, iw, idx, head_probs, n)
+    assert torch.allclose(got, reference.indexer_kl_loss(iq, ik, iw, q, kv, idx, 0.3, d))
+
+
+def test_invert_selection_lists_each_keys_queries():
+    """The key-major view of a selection: per block of 16 keys, the queries that chose any of
+    them (ascending, once each) and which keys; together exactly the selected pairs."""
+    sm = _mod("sparse_mla")
+    g = torch.Generator().manual_seed(4)
+    for sq, sk, topk in ((1, 1, 3), (13, 45, 7), (29, 17, 20)):
+        allowed = torch.ones(2, sq, sk, dtype=torch.bool)
+        idx = _random_selection(2, sq, sk, topk, allowed, g, "cpu")
+        idx[torch.rand(idx.shape, generator=g) < 0.2] = -1
+        idx[0, :, 0] = torch.where((idx[0] == 3).any(-1), idx[0, :, 0], 3)  # key 3 chosen by all
+        inv = sm.invert_selection(idx, sk)
+        assert inv.nbytes == 4 * (2 * inv.queries.numel() + inv.offsets.numel())
+        assert inv.nbytes <= 8 * idx.numel() + 4 * inv.offsets.numel()  # what `glm52 plan` keeps for it
+        got = set()
+        for group in range(2 * inv.n_blocks):
+            sample, blk = divmod(group, inv.n_blocks)
+            lo, hi = int(inv.offsets[group]), int(inv.offsets[group + 1])
+            queries = inv.queries[lo:hi]
+            assert (queries[1:] > queries[:-1]).all()
+            for i, mask in zip(queries.tolist(), inv.masks[lo:hi].tolist()):
+                assert mask != 0
+                got |= {(sample, i, blk * 16 + t) for t in range(16) if mask >> t & 1}
+        want = {(s_, i, j) for s_ in range(2) for i in range(sq) for j in idx[s_, i].tolist() if j >= 0}
+        assert got == want
+    with pytest.raises(ValueError, match="key block"):
+        sm.invert_selection(idx, sk, block=8)
+
+
 # ----------------------------------------------------------------------------------------------
 # Triton kernels in the interpreter (tiny sizes; every code path)
 # ----------------------------------------------------------------------------------------------
@@ -300,6 +342,114 @@ class TestInterpreter:
         assert not torch.isnan(q.grad).any() and not torch.isnan(kv.grad).any()
         assert (q.grad[1] == 0).all()
 
+    @pytest.mark.parametrize("case", ["odd", "cp", "docs"])
+    def test_sparse_mla_key_major_backward(self, request, monkeypatch, case):
+        """The atomics-free backward (dkv key-major over the inverted selection) against float64,
+        and bitwise-equal gradients from two backward passes."""
+        if _delegated(request):
+            return
+        _poison(monkeypatch)
+        g = torch.Generator().manual_seed(11 + len(case))
+        b, n, dv, dr, topk = 2, 16, 32, 16, 12
+        spec = {"odd": DSACase(seq=37, queries=9), "cp": DSACase(seq=24, cp=(1, 3)),
+                "docs": DSACase(seq=30, docs=3)}[case]
+        vis = spec.visibility(g, "cpu")
+        sq, sk = spec.num_queries, spec.seq
+        q_pos = vis.get("q_pos", spec.query_indices())
+        allowed = reference.visible(sq, sk, "cpu", q_pos, vis.get("k_pos"), vis.get("q_doc"), vis.get("k_doc"))
+        idx = _random_selection(b, sq, sk, topk, allowed.unsqueeze(0).expand(b, sq, sk), g, "cpu")
+        if case == "odd":  # key 0 is chosen by every query; the last 3 slots are empty
+            idx = torch.where(idx == 0, idx[..., :1].expand_as(idx), idx)
+            idx[..., 0] = 0
+            idx[..., -3:] = -1
+        q = torch.randn(sq, b, n, dv + dr, generator=g).bfloat16().requires_grad_()
+        kv = torch.randn(sk, b, dv + dr, generator=g).bfloat16().requires_grad_()
+        dout = torch.randn(sq, b, n, dv, generator=g).bfloat16()
+        scale = (dv + dr) ** -0.5
+        grads = []
+        for _ in range(2):
+            q.grad = kv.grad = None
+            out = api.sparse_mla(q, kv, idx, scale, dv, impl="triton", fwd_cfg=dict(BK=16),
+                                 bwd_cfg=dict(BK=16, atomic=False))
+            out.backward(dout)
+            grads.append((q.grad.clone(), kv.grad.clone()))
+        assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+        inverse = api.inverted_selection(idx, sk)
+        assert api.inverted_selection(idx, sk) is inverse  # built once per indices tensor
+        assert int(inverse.offsets[-1]) == inverse.queries.numel() <= int((idx >= 0).sum())
+        qd, kvd = q.detach().double().requires_grad_(), kv.detach().double().requires_grad_()
+        ref_out, _ = reference.sparse_mla(qd, kvd, idx, scale, dv)
+        ref_out.backward(dout.double())
+        assert _rel(grads[0][0], qd.grad) < BF16_TOL
+        assert _rel(grads[0][1], kvd.grad) < BF16_TOL
+        unchosen = ~reference.selection_mask(idx.long(), sk).any(1)  # [b, sk]
+        assert (grads[0][1].permute(1, 0, 2)[unchosen] == 0).all()
+
+    @pytest.mark.parametrize("heads", [8, 32, 64])
+    def test_head_counts(self, request, monkeypatch, heads):
+        """Every per-rank head count (TP1..TP8 of 64; 16 is covered above): forward, both
+        backwards and the KL loss. Fewer than 16 heads run padded to 16 rows."""
+        if _delegated(request):
+            return
+        _poison(monkeypatch)
+        g = torch.Generator().manual_seed(heads)
+        sq, sk, b, dv, dr, topk, ih, idim = 5, 19, 1, 32, 16, 8, 4, 16
+        q = torch.randn(sq, b, heads, dv + dr, generator=g).bfloat16().requires_grad_()
+        kv = torch.randn(sk, b, dv + dr, generator=g).bfloat16().requires_grad_()
+        allowed = reference.visible(sq, sk, "cpu").unsqueeze(0).expand(b, sq, sk)
+        idx = _random_selection(b, sq, sk, topk, allowed, g, "cpu")
+        scale = (dv + dr) ** -0.5
+        dout = torch.randn(sq, b, heads, dv, generator=g).bfloat16()
+        qd, kvd = q.detach().double().requires_grad_(), kv.detach().double().requires_grad_()
+        ref_out, ref_lse = reference.sparse_mla(qd, kvd, idx, scale, dv)
+        ref_out.backward(dout.double())
+        for atomic in (True, False):
+            q.grad = kv.grad = None
+            out, lse = api.sparse_mla(q, kv, idx, scale, dv, impl="triton", return_lse=True,
+                                      fwd_cfg=dict(BK=16), bwd_cfg=dict(BK=16, atomic=atomic))
+            out.backward(dout)
+            assert _rel(out, ref_out) < BF16_TOL and _rel(lse, ref_lse) < 1e-5
+            assert _rel(q.grad, qd.grad) < BF16_TOL, f"dq, atomic={atomic}"
+            assert _rel(kv.grad, kvd.grad) < BF16_TOL, f"dkv, atomic={atomic}"
+        iq = torch.randn(sq, b, ih, idim, generator=g).bfloat16().requires_grad_()
+        ik = torch.randn(sk, b, idim, generator=g).bfloat16().requires_grad_()
+        iw = (0.3 * torch.randn(sq, b, ih, generator=g)).requires_grad_()
+        loss = api.indexer_kl_loss(iq, ik, iw, q.detach(), kv.detach(), idx, scale, dv, impl="triton")
+        ref = reference.indexer_kl_loss(iq.double(), ik.double(), iw.double(), q.double(), kv.double(),
+                                        idx, scale, dv)
+        assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item())
+
+    @pytest.mark.parametrize("heads", [8, 16])
+    def test_indexer_kl_from_dq_pass_probabilities(self, request, monkeypatch, heads):
+        """The KL without a second kv gather: the dq pass sums the attention probabilities over
+        heads per top-k slot, the KL kernel reads them; against the float64 loss from q, kv."""
+        if _delegated(request):
+            return
+        _poison(monkeypatch)
+        g = torch.Generator().manual_seed(heads + 1)
+        sq, sk, b, dv, dr, ih, idim, topk = 9, 14, 2, 32, 16, 4, 16, 6
+        q = torch.randn(sq, b, heads, dv + dr, generator=g).bfloat16()
+        kv = torch.randn(sk, b, dv + dr, generator=g).bfloat16()
+        iq = torch.randn(sq, b, ih, idim, generator=g).bfloat16().requires_grad_()
+        ik = torch.randn(sk, b, idim, generator=g).bfloat16().requires_grad_()
+        iw = (0.3 * torch.randn(sq, b, ih, generator=g)).requires_grad_()
+        idx = api.indexer_topk(iq.detach(), ik.detach(), iw.detach(), topk, impl="reference").int()
+        idx[0, -1, 2:] = -1  # a query with fewer keys
+        sm = _mod("sparse_mla")
+        scale = (dv + dr) ** -0.5
+        out, lse = sm.sparse_mla_fwd(q, kv, idx, scale, dv, dict(BK=16))
+        probs = torch.full(idx.shape, float("nan"))
+        sm.sparse_mla_bwd(q, kv, idx, out, lse, torch.randn(out.shape, generator=g).bfloat16(), scale, dv,
+                          dict(BK=16), head_probs=probs)
+        loss = api.indexer_kl_from_probs(iq, ik, iw, idx, probs, heads, impl="triton")
+        loss.backward()
+        iqd, ikd, iwd = (t.detach().double().requires_grad_() for t in (iq, ik, iw))
+        ref = reference.indexer_kl_loss(iqd, ikd, iwd, q.double(), kv.double(), idx, scale, dv)
+        ref.backward()
+        assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item())
+        assert _rel(iq.grad, iqd.grad) < BF16_TOL and _rel(ik.grad, ikd.grad) < BF16_TOL
+        assert _rel(iw.grad, iwd.grad) < 1e-4
+
     @pytest.mark.parametrize("mode", ["sparse", "sparse+lse", "dense", "dense+docs"])
     def test_indexer_kl_loss(self, request, monkeypatch, mode):
         if _delegated(request):
@@ -391,8 +541,9 @@ def test_gpu_indexer_topk(monkeypatch, dsa_case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [False, True], ids=["split-bwd", "fused-bwd"])
-def test_gpu_sparse_mla(monkeypatch, dsa_case, fused):
+@pytest.mark.parametrize("bwd", [dict(fused=False), dict(fused=True), dict(atomic=False)],
+                         ids=["split-bwd", "fused-bwd", "no-atomics-bwd"])
+def test_gpu_sparse_mla(monkeypatch, dsa_case, bwd):
     _poison(monkeypatch)
     dev = "cuda"
     g, vis, full, sq, sk = _case_inputs(dsa_case, dev)
@@ -402,9 +553,14 @@ def test_gpu_sparse_mla(monkeypatch, dsa_case, fused):
     allowed = reference.visible(sq, sk, dev, **full).unsqueeze(0).expand(b, sq, sk)
     idx = _random_selection(b, sq, sk, topk, allowed, g, dev)
     scale = (dv + dr) ** -0.5
-    out, lse = api.sparse_mla(q, kv, idx, scale, dv, return_lse=True, bwd_cfg=dict(fused=fused))
+    out, lse = api.sparse_mla(q, kv, idx, scale, dv, return_lse=True, bwd_cfg=bwd)
     dout = torch.randn(out.shape, generator=g).to(dev, torch.bfloat16)
-    out.backward(dout)
+    out.backward(dout, retain_graph=True)
+    if bwd.get("atomic", True) is False:  # deterministic: a second backward, bitwise equal
+        first = (q.grad.clone(), kv.grad.clone())
+        q.grad = kv.grad = None
+        out.backward(dout)
+        assert torch.equal(first[0], q.grad) and torch.equal(first[1], kv.grad)
     kvd = kv.detach().double().requires_grad_()
     num = {k: 0.0 for k in ("out", "lse", "dq")}
     den = dict(num)
@@ -460,3 +616,38 @@ def test_gpu_indexer_kl_loss(monkeypatch, dsa_case, mode):
     assert _rel(ik.grad, ikd.grad) < BF16_TOL
     assert _rel(iw.grad, iwd.grad) < 1e-3
     assert (lse_err / lse_den) ** 0.5 < 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_indexer_kl_from_dq_pass_probabilities(monkeypatch, dsa_case):
+    """The KL without a second kv gather at full size: the dq pass's head probabilities, then
+    `indexer_kl_from_probs`, against the float64 KL loss from q and kv."""
+    _poison(monkeypatch)
+    dev = "cuda"
+    g, vis, full, sq, sk = _case_inputs(dsa_case, dev)
+    b, n, dv, dr, ih = 1, dsa_case.heads, 512, 64, dsa_case.index_heads
+    q = torch.randn(sq, b, n, dv + dr, generator=g).to(dev, torch.bfloat16)
+    kv = torch.randn(sk, b, dv + dr, generator=g).to(dev, torch.bfloat16)
+    iq = torch.randn(sq, b, ih, 128, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    ik = torch.randn(sk, b, 128, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    iw = (torch.randn(sq, b, ih, generator=g) * 0.02).to(dev).requires_grad_()
+    idx = api.indexer_topk(iq.detach(), ik.detach(), iw.detach(), dsa_case.topk, **vis)
+    scale = (dv + dr) ** -0.5
+    sm = _mod("sparse_mla")
+    out, lse = sm.sparse_mla_fwd(q, kv, idx, scale, dv)
+    probs = torch.full(idx.shape, float("nan"), device=dev)
+    sm.sparse_mla_bwd(q, kv, idx, out, lse, torch.randn_like(out), scale, dv, head_probs=probs)
+    loss = api.indexer_kl_from_probs(iq, ik, iw, idx, probs, n)
+    loss.backward()
+    iqd, ikd, iwd = (t.detach().double().requires_grad_() for t in (iq, ik, iw))
+    ref = 0.0
+    for i in range(0, sq, 128):
+        rows = slice(i, min(i + 128, sq))
+        part = reference.indexer_kl_loss(iqd[rows], ikd, iwd[rows], q[rows].double(), kv.double(), idx[:, rows],
+                                         scale, dv, **_rows(full, rows))
+        (part * (rows.stop - rows.start) / sq).backward()
+        ref += part.item() * (rows.stop - rows.start) / sq
+    assert abs(loss.item() - ref) <= 1e-4 * abs(ref) + 1e-6
+    assert _rel(iq.grad, iqd.grad) < BF16_TOL
+    assert _rel(ik.grad, ikd.grad) < BF16_TOL
+    assert _rel(iw.grad, iwd.grad) < 1e-3

@@ -150,3 +150,40 @@ def test_hung_collective_names_the_rank(golden_data, tmp_path):
         "at step 2: rank 1 (")
     assert errors[0].endswith("never arrived, while rank(s) 0 waited for it.")
     assert last_step(tmp_path / "run") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hang", ["python", "native"])
+def test_sigterm_stops_a_hung_data_build_within_seconds(golden_data, tmp_path, hang):
+    """SIGTERM while the data is being built stops the run within seconds, in one line, exit 0
+    (nothing to save before the first step): a pure-Python hang (Megatron-Core's
+    _get_num_epochs on an empty split was one) through the signal handler, a native call that
+    never returns through the watchdog of training/stop.py."""
+    import subprocess
+    import sys
+    import time
+
+    from glm52_train.training.stop import GRACE_S
+    from tests.train_helpers import ROOT, env
+
+    cfg = run_config(tmp_path, golden_data)
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "glm52_train.cli", "pretrain", "--config", str(cfg)],
+                                cwd=ROOT, env=env({"GLM52_FAULT_HANG_IN_SETUP": hang}), stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "fault injection: data building hangs" in log.read_text(), 300, "the hang", proc, log)
+        time.sleep(0.5)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=GRACE_S + 10) == 0, tail(log)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert took < GRACE_S + 2 if hang == "native" else took < 2, took
+    lines = log.read_text().splitlines()
+    assert lines[-1] == "glm52 pretrain: stopped by SIGTERM during setup, before the first step (nothing to save)."
+    assert "Traceback" not in log.read_text()
+    assert latest(tmp_path / "ckpt") is None

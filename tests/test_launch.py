@@ -72,6 +72,39 @@ def test_torchrun_dry_run_prints_each_nodes_command():
     assert no_endpoint.returncode == 2 and "needs --rdzv-endpoint HOST:PORT" in no_endpoint.stderr
 
 
+@pytest.mark.slow
+def test_torchrun_sh_checks_the_config_once_before_torchrun(golden_data, tmp_path):
+    """A bad option, or a dataset whose .idx was cut short, under launch/torchrun.sh with
+    --max-restarts: one sentence from the check before torchrun starts, exit status 2, no
+    torchrun report and no restart."""
+    import shutil
+
+    for suffix in (".bin", ".idx", ".json"):
+        shutil.copy(golden_data + suffix, tmp_path / f"cut{suffix}")
+    prefix = str(tmp_path / "cut")
+    cfg = run_config(tmp_path, prefix)
+    log = tmp_path / "launcher.log"
+    proc = launch("--nproc-per-node", "2", "--max-restarts", "3", "--config", str(cfg), "train.iters=-5", log=log)
+    try:
+        assert proc.wait(timeout=120) == 2, tail(log)
+    finally:
+        kill_tree(proc)
+    assert log.read_text().splitlines() == [
+        "glm52 pretrain: error: train.iters must be a positive whole number, got -5."]
+
+    idx = tmp_path / "cut.idx"
+    idx.write_bytes(idx.read_bytes()[:-5])
+    log.unlink()
+    proc = launch("--nproc-per-node", "2", "--max-restarts", "3", "--config", str(cfg), log=log)
+    try:
+        assert proc.wait(timeout=120) == 2, tail(log)
+    finally:
+        kill_tree(proc)
+    assert log.read_text().splitlines() == [
+        f"glm52 pretrain: error: dataset {prefix}: {prefix}.idx is truncated or corrupt (ValueError: buffer is "
+        "smaller than requested size)."]
+
+
 # ---- two hosts from network namespaces ---------------------------------------------------------
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:

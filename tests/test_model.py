@@ -322,3 +322,17 @@ def test_dense_and_sparse_train_the_same_losses_where_topk_covers_the_sequence(s
         curves.append(losses)
     assert curves[0][0] - curves[0][-1] > 0.05  # it trains
     assert curves[0] == pytest.approx(curves[1], rel=1e-6)
+
+
+def test_dsa_deterministic_reaches_the_core_attention():
+    """`dsa.deterministic: true` selects the atomics-free sparse attention backward in every
+    DSA layer's backend (the kernels' own tests check that backward)."""
+    from glm52_train.kernels.backend import DSABackend
+    from glm52_train.model.build import transformer_config
+    from glm52_train.model.spec import glm52_layer_spec
+
+    for value, want in (("false", False), ("true", True)):
+        config = transformer_config(get_model_config("tiny"), load_run_config(None, [f"dsa.deterministic={value}"]))
+        backend = glm52_layer_spec(config, moe=False, use_te=False).submodules.self_attention.submodules \
+            .core_attention.params["backend"]
+        assert backend == DSABackend("auto", deterministic=want)

@@ -185,6 +185,23 @@ def test_plan_reads_a_run_config(tmp_path, capsys):
     assert "recompute selective (mla_up_proj), optimizer muon" in out and "2 micro-batches per step" in out
 
 
+def test_plan_counts_the_deterministic_backwards_inverted_selection(tmp_path, capsys):
+    """`dsa.deterministic: true` adds one inverted selection (and its build) per GPU to the dsa
+    column: INVERSE_BYTES_PER_SLOT per top-k slot of the local queries."""
+    from glm52_train.plan import INVERSE_BYTES_PER_SLOT
+
+    dsa, activations, total = {}, {}, {}
+    for value in (False, True):
+        cfg = tiny_run_config(tmp_path, str(tmp_path / "d"), dsa={"deterministic": value})
+        assert glm52(["plan", "--config", str(cfg), "--gpus", "1", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        dsa[value], activations[value], total[value] = out["dsa_buffers"], out["activations"], out["total_mib"]
+    extra = INVERSE_BYTES_PER_SLOT * TINY.index_topk * 2 * 64  # micro-batch 2 x 64-token sequences, no CP
+    assert dsa[True] - dsa[False] == pytest.approx(extra)
+    assert activations[True] == activations[False]
+    assert (total[True] - total[False]) * 2**20 == pytest.approx(extra * 1.10)  # with the 10% slack
+
+
 # ---- measured on CPU runs of tiny -----------------------------------------------------------
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ deterministic order from a sample offset (the data position saved in every check
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,51 @@ def check_data(cfg: RunConfig, model: ModelConfig, tokenizer: Tokenizer) -> list
     return metas
 
 
+def split_documents(split: str, documents: int) -> list[int]:
+    """The documents of a dataset of `documents` that Megatron-Core's train, validation and test
+    splits get under `split`, with its own rounding (BlendedMegatronDatasetBuilder)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    return [0 if m is None else int(round(m[1] * documents)) - int(round(m[0] * documents)) for m in matrix]
+
+
+def read_documents(prefix: str) -> int:
+    """The document count of a prepared dataset, from its sidecar (which check_data checked)."""
+    return json.loads(Path(prefix + ".json").read_text())["documents"]
+
+
+def check_splits(cfg: RunConfig, documents: dict[str, int]) -> str | None:
+    """Refuse a data.split that leaves a dataset of the blend no training documents; return the
+    sentence saying validation is skipped when it leaves one no validation documents, else None.
+
+    Megatron-Core does not refuse an empty split: asked for samples from it, GPTDataset's
+    `_get_num_epochs` adds empty epochs forever (a hang at full CPU), hence this check before any
+    dataset is built."""
+    import re
+
+    split = cfg.data.split
+    shares = [float(x) for x in re.findall(r"[.0-9]+", split)]
+    if not 1 <= len(shares) <= 3 or sum(shares) <= 0 or not shares[0] > 0:
+        raise ConfigError(f"data.split {split!r} must be up to three shares (train, validation, test), "
+                          f"the training share above 0, e.g. \"98,2,0\".")
+    empty_valid = []
+    for path, count in documents.items():
+        train, valid, _ = split_documents(split, count)
+        if train == 0:
+            raise ConfigError(f"data.split {split!r} leaves dataset {path} ({count} document"
+                              f"{'s' if count != 1 else ''}) no training documents.")
+        if valid == 0:
+            empty_valid.append(f"{path} ({count} document{'s' if count != 1 else ''})")
+    if not empty_valid or len(shares) < 2 or shares[1] == 0:
+        return None
+    return (f"validation skipped: data.split {split!r} leaves no validation documents in "
+            f"{', '.join(empty_valid)}; a larger validation share (e.g. data.split=90,10,0) gives some.")
+
+
 def dataset_config(cfg: RunConfig, tokenizer: Tokenizer):
     """Megatron-Core's GPTDatasetConfig of a run's data (the blend, split, seed and sequence)."""
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
@@ -69,7 +115,13 @@ def build_datasets(cfg: RunConfig, tokenizer: Tokenizer, train_samples: int, val
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
     config = dataset_config(cfg, tokenizer)
-    sizes = [train_samples, valid_samples, 0]
+    # Only the splits the run reads are built: never the test split, and no validation split
+    # where one of the datasets has no validation documents (check_splits; Megatron-Core would
+    # hang building it). The train split's documents stay those of data.split either way.
+    documents = {s.path: read_documents(s.path) for s in cfg.data.blend}
+    skip_valid = valid_samples == 0 or check_splits(cfg, documents) is not None
+    config.split_matrix = [config.split_matrix[0], None if skip_valid else config.split_matrix[1], None]
+    sizes = [train_samples, 0 if skip_valid else valid_samples, 0]
     train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     if train is None:
         raise ConfigError(f"data.split {cfg.data.split!r} leaves no training documents.")

@@ -101,6 +101,18 @@ def _skip_bad_rows(ds, builder: str, files: list[str], text_key: str, max_share:
     return keep.remove_columns("_glm52_bad"), (len(bad_rows), sentence)
 
 
+OUTPUT_SUFFIXES = (".bin", ".idx", ".json")
+
+
+def refuse_existing(output_prefix: str, default: bool = False) -> None:
+    """A dataset already at `output_prefix` is never replaced unless asked (--overwrite)."""
+    found = [suffix for suffix in OUTPUT_SUFFIXES if Path(f"{output_prefix}{suffix}").exists()]
+    if found:
+        which = " (the default --output-prefix)" if default else ""
+        raise ConfigError(f"{output_prefix}{which} already holds a dataset ({output_prefix}{', '.join(found)}); "
+                          f"pass --overwrite to replace it, or give another --output-prefix.")
+
+
 def prepare_data(
     inputs: list[str],
     output_prefix: str,
@@ -112,13 +124,18 @@ def prepare_data(
     eod_token: str | None = None,
     min_tokens: int = 0,
     max_bad_share: float = 0.01,
+    overwrite: bool = False,
 ) -> dict:
     """Tokenize `inputs` into the indexed dataset `output_prefix`.{bin,idx,json}. Documents
     shorter than `min_tokens` tokens are left out (for long-document mixtures). Rows without a
     text under `text_key`, or with a text that is not a string, are skipped and reported
     (`skipped_rows`, `skipped_rows_notes` in the result); more than `max_bad_share` of a
-    file type's rows refuses the input. Nothing but the finished files is left behind."""
+    file type's rows refuses the input. Nothing but the finished files is left behind; an
+    existing dataset at `output_prefix` is refused unless `overwrite`."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    if not overwrite:
+        refuse_existing(output_prefix)
 
     start = time.time()
     tokenizer = Tokenizer(tokenizer_path, eod_token=eod_token)
@@ -203,13 +220,17 @@ def read_dataset_meta(prefix: str) -> dict:
     except json.JSONDecodeError as e:
         raise ConfigError(f"dataset {prefix}: {prefix}.json is damaged ({e}).") from None
     try:
-        index = IndexedDataset(prefix, mmap=True)
+        # Megatron-Core's IndexedDataset.__del__ deletes attributes that a failed __init__ never
+        # set, printing "Exception ignored in ... AttributeError" after our sentence: preset them.
+        index = IndexedDataset.__new__(IndexedDataset)
+        index.index = index.bin_reader = None
+        index.__init__(prefix, mmap=True)
         lengths = index.sequence_lengths
         itemsize = index.index.dtype_size
         dtype = index.index.dtype
         n_docs = len(index.document_indices) - 1
     except Exception as e:  # noqa: BLE001 - IndexedDataset asserts on bad headers
-        raise ConfigError(f"dataset {prefix}: {prefix}.idx is corrupt ({type(e).__name__}: {e}).") from None
+        raise ConfigError(f"dataset {prefix}: {prefix}.idx is truncated or corrupt ({type(e).__name__}: {e}).") from None
     expected_bytes = int(np.asarray(lengths, dtype=np.int64).sum()) * itemsize
     actual_bytes = Path(prefix + ".bin").stat().st_size
     if actual_bytes != expected_bytes:

@@ -16,6 +16,7 @@ import functools
 import importlib
 import os
 import sys
+import weakref
 
 import torch
 from torch.autograd.profiler import record_function
@@ -134,18 +135,54 @@ def indexer_topk(q, k, w, topk: int, q_pos=None, k_pos=None, q_doc=None, k_doc=N
     return mod.indexer_topk_triton(q, k, w, topk, lo, hi, budget_bytes=budget_bytes)
 
 
+# id(idx) -> (weak reference to idx, its version, key block, InvertedSelection); an entry
+# goes when its idx tensor is freed (weakref.finalize).
+_INVERSES: dict = {}
+
+
+def inverted_selection(idx: torch.Tensor, num_keys: int, block: int = 16):
+    """`sparse_mla.invert_selection(idx, num_keys, block)`, built once per idx tensor.
+
+    The IndexShare layers attend with the very tensor the full layer selected (passed from
+    layer to layer), so the first backward that needs the key-major view builds it and the
+    others reuse it; it is freed with the indices. A memo of a pure function of idx: a tensor
+    modified in place since (its version changed) is inverted again."""
+    key = id(idx)
+    hit = _INVERSES.get(key)
+    if hit is not None and hit[0]() is idx and hit[1] == idx._version and hit[2] == block \
+            and hit[3].num_keys == num_keys:
+        return hit[3]
+    mod = importlib.import_module("glm52_train.kernels.sparse_mla")
+    inverse = mod.invert_selection(idx.to(torch.int32), num_keys, block)
+    if hit is None:
+        weakref.finalize(idx, _INVERSES.pop, key, None)
+    _INVERSES[key] = (weakref.ref(idx), idx._version, block, inverse)
+    return inverse
+
+
 @_labelled("sparse attention")
 def sparse_mla(q, kv, idx, scale: float, v_dim: int = 512, *, impl: str = "auto",
                return_lse: bool = False, fwd_cfg: dict | None = None, bwd_cfg: dict | None = None):
     """Sparse MQA attention on the latent (autograd). q [sq, b, n, d], kv [sk, b, d], idx
     [b, sq, topk] (-1 = none) -> out [sq, b, n, v_dim]; with `return_lse`, also the
-    log-sum-exp [b, n, sq] (fp32, no gradient) that `indexer_kl_loss(lse=...)` can reuse."""
+    log-sum-exp [b, n, sq] (fp32, no gradient) that `indexer_kl_loss(lse=...)` can reuse.
+
+    `bwd_cfg={"atomic": False}`: the Triton backward computes dkv key-major over the inverted
+    selection (`inverted_selection`, shared by every call with the same idx tensor) without
+    floating-point atomics, so two backward passes give bitwise-equal gradients; the default
+    (atomic) scatters dkv with fp32 atomic adds in no fixed order. The reference path is
+    deterministic on CPU either way."""
     mod = _triton("sparse_mla", q, impl)
     if mod is None:
         out, lse = reference.sparse_mla(q, kv, idx, scale, v_dim)
         lse = lse.detach().float() if q.dtype != torch.float64 else lse.detach()
     else:
-        out, lse = mod.SparseMLAFunction.apply(q, kv, idx, scale, v_dim, fwd_cfg, bwd_cfg)
+        inverse = None
+        if bwd_cfg is not None and bwd_cfg.get("atomic", True) is False:
+            block = bwd_cfg.get("BKEY", 16)
+            sk = kv.shape[0]
+            inverse = lambda: inverted_selection(idx, sk, block)  # noqa: E731 (built in backward)
+        out, lse = mod.SparseMLAFunction.apply(q, kv, idx, scale, v_dim, fwd_cfg, bwd_cfg, inverse)
     return (out, lse) if return_lse else out
 
 
@@ -185,3 +222,17 @@ def indexer_kl_loss(iq, ik, iw, q, kv, idx, scale: float, v_dim: int = 512, q_po
         ranges = _ranges(importlib.import_module("glm52_train.kernels.indexer"), iq.shape[0],
                          ik.shape[0], iq.device, q_pos, k_pos, q_doc, k_doc, validate)
     return mod.IndexerKLLoss.apply(iq, ik, iw, q.detach(), kv.detach(), idx, scale, ranges, lse, v_dim)
+
+
+@_labelled("indexer loss")
+def indexer_kl_from_probs(iq, ik, iw, idx, head_probs, num_heads: int, *, impl: str = "auto") -> torch.Tensor:
+    """The sparse `indexer_kl_loss` with its target already computed: `head_probs` [b, sq,
+    topk] fp32 holds the attention probabilities summed over `num_heads` heads per top-k slot,
+    as the sparse attention's dq pass writes them (`sparse_mla.sparse_mla_bwd(...,
+    head_probs=)`), so kv is not gathered a second time. Gradients reach iq, ik, iw only. The
+    model does not use it yet: its loss runs in the forward, before the dq pass
+    (docs/kernels.md, section 4)."""
+    mod = _triton("indexer_loss", iq, impl)
+    if mod is None:
+        return reference.indexer_kl_from_probs(iq, ik, iw, idx, head_probs, num_heads)
+    return mod.IndexerKLFromProbs.apply(iq, ik, iw, idx, head_probs, num_heads)

@@ -10,6 +10,9 @@
   linear in the sequence; on CPU tensors they run in Triton's interpreter (tests, tiny sizes);
 - ``auto``: ``triton`` for CUDA tensors, ``torch`` otherwise.
 
+``deterministic``: the Triton sparse attention backward computes dkv key-major without
+atomics (`sparse_mla(..., bwd_cfg={"atomic": False})`); the references are deterministic on CPU.
+
 Dense attention (`dsa.mode: dense`, the warm-up's main attention, the sparse shortcut) runs per
 head through torch's scaled_dot_product_attention on every backend (`kernels/dense.py`: cuDNN or
 flash kernels on GPUs, the CPU kernels on CPUs); the warm-up's indexer KL stays on the backend.
@@ -29,6 +32,7 @@ _IMPL = {"auto": "auto", "torch": "reference", "triton": "triton"}
 @dataclass(frozen=True)
 class DSABackend:
     name: BackendName = "auto"
+    deterministic: bool = False  # Triton backward without atomics (bitwise-reproducible dkv)
 
     def __post_init__(self) -> None:
         if self.name not in _IMPL:
@@ -44,7 +48,8 @@ class DSABackend:
 
     def sparse_mla(self, q, kv, idx, scale: float, v_dim: int):
         """(out [sq, b, n, v_dim], lse [b, n, sq] fp32, no gradient) over the selected keys."""
-        return api.sparse_mla(q, kv, idx, scale, v_dim, return_lse=True, impl=self.impl)
+        bwd_cfg = {"atomic": False} if self.deterministic else None
+        return api.sparse_mla(q, kv, idx, scale, v_dim, return_lse=True, impl=self.impl, bwd_cfg=bwd_cfg)
 
     def dense_attention(self, q, k, v, scale: float, runs):
         """Per-head out [sq, b, n, dv] over every visible key (SDPA on every backend)."""
@@ -55,8 +60,8 @@ class DSABackend:
         return api.indexer_kl_loss(iq, ik, iw, q, kv, idx, scale, v_dim, **visibility, lse=lse, impl=self.impl)
 
 
-def dsa_backend(name: str) -> DSABackend:
-    return DSABackend(name)
+def dsa_backend(name: str, deterministic: bool = False) -> DSABackend:
+    return DSABackend(name, deterministic)
 
 
 __all__ = ["BackendName", "DSABackend", "dsa_backend"]

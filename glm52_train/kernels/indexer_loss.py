@@ -56,13 +56,14 @@ def _kl_kernel(
     s_iqs, s_iqb, s_iqh, s_iks, s_ikb, s_iws, s_iwb, s_iwh,
     s_qs, s_qb, s_qh, s_ks, s_kb, s_ib, s_is, s_lb, s_lh, s_lossb,
     s_diks, s_dikb,
-    H: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+    H: tl.constexpr, HP: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
     IH: tl.constexpr, ID: tl.constexpr, BK: tl.constexpr,
     SPARSE: tl.constexpr, HAVE_LSE: tl.constexpr, LOSS_PASS: tl.constexpr, GRAD: tl.constexpr,
 ):
     i = tl.program_id(0)
     b = tl.program_id(1)
-    h = tl.arange(0, H)
+    h = tl.arange(0, HP)  # heads padded to 16 for tl.dot; rows h >= H are masked zeros
+    hm = h < H
     da = tl.arange(0, DA)
     db = tl.arange(0, DB)
     g = tl.arange(0, IH)
@@ -77,8 +78,8 @@ def _kl_kernel(
         n_keys = hi - lo
     idx_row = IDX + b.to(tl.int64) * s_ib + i.to(tl.int64) * s_is
     q_row = Q + i.to(tl.int64) * s_qs + b * s_qb + h[:, None] * s_qh
-    q_a = tl.load(q_row + da[None, :])
-    q_b = tl.load(q_row + DA + db[None, :])
+    q_a = tl.load(q_row + da[None, :], mask=hm[:, None], other=0.0)
+    q_b = tl.load(q_row + DA + db[None, :], mask=hm[:, None], other=0.0)
     lse_ptr = b.to(tl.int64) * s_lb + h * s_lh + i
     if LOSS_PASS:
         iq = tl.load(IQ + i.to(tl.int64) * s_iqs + b * s_iqb + g[:, None] * s_iqh + e[None, :])
@@ -87,8 +88,8 @@ def _kl_kernel(
     # Pass A: logsumexp of the indexer scores (log2 domain) and, if needed, the attention lse.
     m_i = -float("inf")
     l_i = 0.0
-    m_a = tl.full([H], float("-inf"), tl.float32)
-    l_a = tl.zeros([H], tl.float32)
+    m_a = tl.full([HP], float("-inf"), tl.float32)
+    l_a = tl.zeros([HP], tl.float32)
     for t in range(0, n_keys, BK):
         j, valid = _keys(idx_row, lo, hi, t, BK, SPARSE, topk)
         if not HAVE_LSE:
@@ -108,11 +109,11 @@ def _kl_kernel(
             l_i = l_i * tl.exp2(m_i - mi_safe) + tl.sum(tl.exp2(sc - mi_safe), 0)
             m_i = mi_new
     if HAVE_LSE:
-        lse2 = tl.load(LSE_IN + lse_ptr) * 1.4426950408889634
+        lse2 = tl.load(LSE_IN + lse_ptr, mask=hm, other=0.0) * 1.4426950408889634
     else:
         empty = l_a == 0.0
         lse2 = tl.where(empty, float("-inf"), m_a + tl.log2(tl.where(empty, 1.0, l_a)))
-        tl.store(LSE_OUT + lse_ptr, lse2 * 0.6931471805599453)
+        tl.store(LSE_OUT + lse_ptr, lse2 * 0.6931471805599453, mask=hm)
 
     if LOSS_PASS:
         # Pass B: target p, loss, and dL/dI pushed through the ReLU into iq, ik, iw.
@@ -124,7 +125,7 @@ def _kl_kernel(
         for t in range(0, n_keys, BK):
             j, valid = _keys(idx_row, lo, hi, t, BK, SPARSE, topk)
             s = _attn_scores(q_a, q_b, KV + j * s_ks + b * s_kb, valid, DA, DB)
-            p = tl.sum(tl.exp2(s * scale_log2 - lse2[:, None]), 0) / H
+            p = tl.sum(tl.where(hm[:, None], tl.exp2(s * scale_log2 - lse2[:, None]), 0.0), 0) / H
             p = tl.where(valid, p, 0.0)
             ik = tl.load(IK + j[:, None] * s_iks + b * s_ikb + e[None, :], mask=valid[:, None], other=0.0)
             si = tl.dot(iq, tl.trans(ik))
@@ -143,6 +144,57 @@ def _kl_kernel(
         if GRAD:
             tl.store(DIQ + i.to(tl.int64) * s_iqs + b * s_iqb + g[:, None] * s_iqh + e[None, :], diq)
             tl.store(DIW + i.to(tl.int64) * s_iws + b * s_iwb + g * s_iwh, diw)
+
+
+@triton.jit
+def _kl_probs_kernel(
+    IQ, IK, IW, IDX, PSUM, LOSS, DIQ, DIK, DIW, topk, inv_heads, grad_scale,
+    s_iqs, s_iqb, s_iqh, s_iks, s_ikb, s_iws, s_iwb, s_iwh, s_ib, s_is, s_lossb, s_diks, s_dikb,
+    IH: tl.constexpr, ID: tl.constexpr, BK: tl.constexpr,
+):
+    """The sparse KL loss and its gradients for one query from the attention probabilities the
+    dq pass summed over heads (PSUM, laid out like IDX): only the indexer rows are gathered."""
+    i = tl.program_id(0)
+    b = tl.program_id(1)
+    g = tl.arange(0, IH)
+    e = tl.arange(0, ID)
+    idx_row = IDX + b.to(tl.int64) * s_ib + i.to(tl.int64) * s_is
+    p_row = PSUM + b.to(tl.int64) * s_ib + i.to(tl.int64) * s_is
+    iq = tl.load(IQ + i.to(tl.int64) * s_iqs + b * s_iqb + g[:, None] * s_iqh + e[None, :])
+    iw = tl.load(IW + i.to(tl.int64) * s_iws + b * s_iwb + g * s_iwh)
+    m_i = -float("inf")
+    l_i = 0.0
+    for t in range(0, topk, BK):
+        j, valid = _keys(idx_row, 0, 0, t, BK, True, topk)
+        ik = tl.load(IK + j[:, None] * s_iks + b * s_ikb + e[None, :], mask=valid[:, None], other=0.0)
+        sc = tl.sum(tl.maximum(tl.dot(iq, tl.trans(ik)), 0.0) * iw[:, None], 0) * 1.4426950408889634
+        sc = tl.where(valid, sc, float("-inf"))
+        mi_new = tl.maximum(m_i, tl.max(sc, 0))
+        mi_safe = tl.where(mi_new == float("-inf"), 0.0, mi_new)
+        l_i = l_i * tl.exp2(m_i - mi_safe) + tl.sum(tl.exp2(sc - mi_safe), 0)
+        m_i = mi_new
+    lse_i2 = tl.where(l_i == 0.0, float("inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+    kl = tl.zeros([BK], tl.float32)
+    diq = tl.zeros([IH, ID], tl.float32)
+    diw = tl.zeros([IH], tl.float32)
+    for t in range(0, topk, BK):
+        offs = t + tl.arange(0, BK)
+        j, valid = _keys(idx_row, 0, 0, t, BK, True, topk)
+        p = tl.where(valid, tl.load(p_row + offs, mask=offs < topk, other=0.0) * inv_heads, 0.0)
+        ik = tl.load(IK + j[:, None] * s_iks + b * s_ikb + e[None, :], mask=valid[:, None], other=0.0)
+        si = tl.dot(iq, tl.trans(ik))
+        relu = tl.maximum(si, 0.0)
+        log2_q = tl.sum(relu * iw[:, None], 0) * 1.4426950408889634 - lse_i2
+        kl += tl.where(p > 0.0, p * (tl.log2(tl.where(p > 0.0, p, 1.0)) - log2_q), 0.0)
+        dI = tl.where(valid, (tl.exp2(log2_q) - p) * grad_scale, 0.0)
+        diw += tl.sum(relu * dI[None, :], 1)
+        ds = tl.where(si > 0.0, iw[:, None] * dI[None, :], 0.0).to(ik.dtype)
+        diq = tl.dot(ds, ik, diq)
+        tl.atomic_add(DIK + j[:, None] * s_diks + b * s_dikb + e[None, :], tl.dot(tl.trans(ds), iq),
+                      mask=valid[:, None], sem="relaxed")
+    tl.store(LOSS + b.to(tl.int64) * s_lossb + i, tl.sum(kl, 0) * 0.6931471805599453)
+    tl.store(DIQ + i.to(tl.int64) * s_iqs + b * s_iqb + g[:, None] * s_iqh + e[None, :], diq)
+    tl.store(DIW + i.to(tl.int64) * s_iws + b * s_iwb + g * s_iwh, diw)
 
 
 # 4 warps: every product has M = 64 heads (or 32 indexer heads), one warpgroup; BK = 32 keys
@@ -192,7 +244,7 @@ def _launch(iq, ik, iw, q, kv, idx, scale, ranges, lse, v_dim, loss_pass, grad, 
             idx.stride(0), idx.stride(1), lse_in.stride(0), lse_in.stride(1), loss.stride(0),
             dik.stride(0) if grad else 0, dik.stride(1) if grad else 0,
         )
-        meta = dict(H=n, DA=da, DB=dbb, IH=ih, ID=idim, SPARSE=sparse, HAVE_LSE=lse is not None,
+        meta = dict(H=n, HP=max(16, n), DA=da, DB=dbb, IH=ih, ID=idim, SPARSE=sparse, HAVE_LSE=lse is not None,
                     LOSS_PASS=loss_pass, GRAD=grad)
         tuned = dict(BK=c["BK"], num_warps=c["num_warps"], num_stages=c["num_stages"])
         fallbacks = [tuned, dict(tuned, num_stages=1), dict(tuned, BK=16, num_stages=1)]
@@ -228,3 +280,49 @@ class IndexerKLLoss(torch.autograd.Function):
         tq, tk, tw = ctx.dtypes
         return ((diq * dloss).to(tq), (dik * dloss).to(tk), (diw * dloss).to(tw),
                 None, None, None, None, None, None, None, None)
+
+
+def indexer_kl_from_probs(iq, ik, iw, idx, head_probs, num_heads: int, cfg: dict | None = None):
+    """(loss, diq, dik, diw): the sparse indexer KL loss with its target taken from
+    `head_probs` [b, sq, topk] fp32, the attention probabilities summed over `num_heads` heads
+    per top-k slot (`sparse_mla.sparse_mla_bwd(..., head_probs=)` fills it; under tensor
+    parallelism sum the ranks' before calling). Gathers the indexer keys only, not kv (see
+    docs/kernels.md, section 4). Gradients are of the mean loss, fp32."""
+    c = dict(KL_CFG, **(cfg or {}))
+    sq, b, ih, idim = iq.shape
+    dev = iq.device
+    idx = idx.to(torch.int32).contiguous()
+    if head_probs.shape != idx.shape or head_probs.dtype != torch.float32:
+        raise ValueError(f"head_probs must be fp32 of idx's shape {tuple(idx.shape)}")
+    head_probs = head_probs.contiguous()
+    iq, ik, iw = iq.contiguous(), ik.contiguous(), iw.float().contiguous()
+    loss = empty((b, sq), torch.float32, dev)
+    diq = empty(iq.shape, torch.float32, dev)
+    dik = torch.zeros(ik.shape, dtype=torch.float32, device=dev)
+    diw = empty(iw.shape, torch.float32, dev)
+    if sq and b:
+        args = (iq, ik, iw, idx, head_probs, loss, diq, dik, diw, idx.shape[-1], 1.0 / num_heads, 1.0 / (sq * b),
+                iq.stride(0), iq.stride(1), iq.stride(2), ik.stride(0), ik.stride(1),
+                iw.stride(0), iw.stride(1), iw.stride(2), idx.stride(0), idx.stride(1), loss.stride(0),
+                dik.stride(0), dik.stride(1))
+        tuned = dict(BK=c["BK"], num_warps=c["num_warps"], num_stages=c["num_stages"])
+        launch(_kl_probs_kernel, (sq, b), args, dict(IH=ih, ID=idim),
+               [tuned, dict(tuned, num_stages=1), dict(tuned, BK=16, num_stages=1)])
+    return loss.sum() / max(1, loss.numel()), diq, dik, diw
+
+
+class IndexerKLFromProbs(torch.autograd.Function):
+    """`indexer_kl_from_probs` as a scalar with gradients for iq, ik, iw (computed eagerly)."""
+
+    @staticmethod
+    def forward(ctx, iq, ik, iw, idx, head_probs, num_heads, cfg=None):
+        loss, diq, dik, diw = indexer_kl_from_probs(iq, ik, iw, idx, head_probs, num_heads, cfg)
+        ctx.save_for_backward(diq, dik, diw)
+        ctx.dtypes = (iq.dtype, ik.dtype, iw.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        diq, dik, diw = ctx.saved_tensors
+        tq, tk, tw = ctx.dtypes
+        return (diq * dloss).to(tq), (dik * dloss).to(tk), (diw * dloss).to(tw), None, None, None, None

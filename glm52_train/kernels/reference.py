@@ -151,6 +151,19 @@ def indexer_kl_loss(iq, ik, iw, q, kv, idx, scale: float, v_dim: int = 512,
     return kl.sum(dim=-1).mean()
 
 
+def indexer_kl_from_probs(iq, ik, iw, idx, head_probs, num_heads: int) -> torch.Tensor:
+    """`indexer_kl_loss` on the selected keys with the target given: p = head_probs / num_heads
+    ([b, sq, topk], the attention probabilities summed over heads per top-k slot)."""
+    acc = _acc(iq)
+    valid = idx >= 0
+    p = (head_probs.to(acc) / num_heads).masked_fill(~valid, 0.0)
+    scores = index_scores(iq, ik, iw)  # [b, sq, sk]
+    picked = scores.gather(-1, idx.clamp_min(0).long()).masked_fill(~valid, float("-inf"))
+    log_q = torch.log_softmax(picked, dim=-1)
+    kl = torch.where(p > 0, p * (torch.log(p.clamp_min(1e-300)) - log_q), torch.zeros_like(p))
+    return kl.sum(dim=-1).mean()
+
+
 def dense_mla(q: torch.Tensor, kv: torch.Tensor, scale: float, v_dim: int = 512, q_pos=None, k_pos=None,
               q_doc=None, k_doc=None) -> torch.Tensor:
     """Dense MQA attention on the latent over every visible key (the DSA warm-up): out [sq, b,

@@ -7,7 +7,8 @@ and with `config.fp8_blockwise` (`train.fp8: blockwise`) the column/row-parallel
 the experts' linears are the project's blockwise FP8 linears (`fp8.py`; the rest stays in the
 run's precision, see there why). Attention core is always the
 project's DSA core attention, running the kernels of the `DSABackend` named by
-`config.dsa_backend` (`torch` references, `triton` kernels, or `auto`: Triton on CUDA tensors).
+`config.dsa_backend` (`torch` references, `triton` kernels, or `auto`: Triton on CUDA tensors);
+`config.dsa_deterministic` selects the sparse attention backward without atomics.
 
 Column/row parallelism is decided here and nowhere else:
 - q/kv down projections: replicated on every tensor-parallel rank (TE's duplicated `TELinear`,
@@ -117,7 +118,10 @@ def glm52_layer_spec(config, *, moe: bool, use_te: bool) -> ModuleSpec:
             linear_q_up_proj=b["column"],
             linear_kv_down_proj=b["down_proj"],
             linear_kv_up_proj=b["column"],
-            core_attention=ModuleSpec(module=DSACoreAttention, params={"backend": DSABackend(config.dsa_backend)}),
+            core_attention=ModuleSpec(
+                module=DSACoreAttention,
+                params={"backend": DSABackend(config.dsa_backend, config.dsa_deterministic)},
+            ),
             linear_proj=b["row"],
             q_layernorm=b["latent_norm"],
             kv_layernorm=b["latent_norm"],

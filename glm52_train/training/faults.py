@@ -19,6 +19,11 @@ Fault injection, for tests only: environment variables, all off when unset.
     GLM52_FAULT_HANG_RANK_AT_STEP=1:3     rank 1 stops before step 3 and never returns (it sleeps;
                                           SIGTERM ends it, as torchrun's teardown sends)
 
+    GLM52_FAULT_HANG_IN_SETUP=python      building the data never ends: a pure-Python loop (as
+                                          Megatron-Core's _get_num_epochs on an empty split), or
+                           =native        a native call that signals do not interrupt (a pthread
+                                          mutex locked twice, the GIL released)
+
 (`GLM52_FAULT_PAUSE_IN_SAVE`, which holds a save before its commit, lives in checksums.py, where the
 writer of a synchronous or asynchronous save runs.)
 The driver calls `at_step` at the start of every step and `poison_losses` once on its model
@@ -69,6 +74,24 @@ def at_step(step: int) -> None:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             while True:
                 time.sleep(60)
+
+
+def hang_in_setup() -> None:
+    """GLM52_FAULT_HANG_IN_SETUP: never return (see the module docstring); nothing when unset."""
+    how = os.environ.get("GLM52_FAULT_HANG_IN_SETUP")
+    if not how:
+        return
+    print(f"fault injection: data building hangs ({how})", file=sys.stderr, flush=True)
+    if how == "native":
+        import ctypes
+
+        mutex = ctypes.create_string_buffer(64)  # zeros: PTHREAD_MUTEX_INITIALIZER (glibc)
+        libc = ctypes.CDLL(None)
+        libc.pthread_mutex_lock(mutex)
+        libc.pthread_mutex_lock(mutex)  # a default mutex locked again deadlocks; signals do not end it
+    count = 0
+    while True:
+        count += 1
 
 
 def poison_losses(chunks) -> None:

@@ -92,7 +92,9 @@ def schedule_of(run: dict) -> dict[str, Any]:
     o, t = run["optimizer"], run["train"]
     decay = o.get("decay_iters") or t["iters"]
     wsd = (o.get("wsd_decay_iters") or max(1, decay // 10)) if o["schedule"] == "wsd" else None
-    return {"lr": o["lr"], "min_lr": o["min_lr"], "warmup_iters": o["warmup_iters"], "decay_iters": decay,
+    # warmup_iters null: optimizer.warmup_fraction of the decay length (RunConfig.warmup_length)
+    warmup = o["warmup_iters"] if o.get("warmup_iters") is not None else int(o.get("warmup_fraction", 0.1) * decay)
+    return {"lr": o["lr"], "min_lr": o["min_lr"], "warmup_iters": warmup, "decay_iters": decay,
             "schedule": o["schedule"], "wsd_decay_iters": wsd}
 
 

@@ -178,11 +178,19 @@ def run_header(cfg, model_cfg, world: int, device: str, run_dir: Path, checkpoin
         f"layout    {cfg.layout(world).describe()} on {world} process{'es' if world > 1 else ''}",
         f"data      {'; '.join(data)}",
         f"per step  {t.global_batch_size * cfg.data.seq_length:,} tokens (global batch {t.global_batch_size} "
-        f"x {cfg.data.seq_length}), {t.iters} steps",
+        f"x {cfg.data.seq_length}), {t.iters} steps, {_warmup(cfg)}",
         f"saves     {saves}",
         f"metrics   {run_dir / 'metrics.jsonl'}"
         + ("" if cfg.logging.wandb == "disabled" else f", W&B {cfg.logging.wandb} in {run_dir / 'wandb-files'}"),
     ])
+
+
+def _warmup(cfg) -> str:
+    """The warm-up in words: given, or the fraction of the decay length it was computed from."""
+    steps, o = cfg.warmup_length(), cfg.optimizer
+    if o.warmup_iters is not None:
+        return f"warm-up {steps} steps"
+    return f"warm-up {steps} steps ({o.warmup_fraction * 100:g}% of {cfg.decay_length()}, optimizer.warmup_fraction)"
 
 
 def _duration(seconds: float) -> str:

@@ -5,13 +5,12 @@
 The loop is `train_step` (Megatron-Core's forward-backward schedule and the optimizer) with
 hooks around it: validation every `train.eval_interval` steps, metrics every
 `train.log_interval` (Metrics), a checkpoint every `checkpoint.interval` and on SIGTERM/SIGUSR1
-(Checkpointer; then exit 0, so a Slurm requeue resumes from it).
+(Checkpointer; then exit 0, so a Slurm requeue resumes from it). Before the first step those
+signals stop the run at once (training/stop.py).
 """
 
 from __future__ import annotations
 
-import signal
-import sys
 
 import torch
 
@@ -23,13 +22,16 @@ from glm52_train.training.checkpointer import Checkpointer, check_start
 from glm52_train.training.logs import RunLogger, run_header
 from glm52_train.training.metrics import Metrics
 from glm52_train.training.profile import StepProfiler, format_breakdown
+from glm52_train.training.stop import StopSignals
 from glm52_train.training.step import evaluate, train_step
 
 
-def pretrain(cfg: RunConfig) -> int:
+def pretrain(cfg: RunConfig, signals: StopSignals | None = None) -> int:
+    """Train the run `cfg`; `signals` are the stop signals installed by the caller (the command
+    line installs them before importing torch), else installed here."""
+    signals = signals or StopSignals()  # before setup: a signal then stops the run at once
     cfg.validate(parallel.world_size_from_env())
     check_start(cfg)  # --resume none into a folder holding checkpoints: refused before building anything
-    signals = StopSignals()  # from the start: a signal during setup stops after the first step
     parts = setup.build(cfg)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     logger = RunLogger(cfg, active=(rank == world - 1))
@@ -39,6 +41,8 @@ def pretrain(cfg: RunConfig) -> int:
                               checkpointer.dir if checkpointer.enable else None))
     state = checkpointer.resume()
     data = setup.Data(cfg, parts, state.consumed_samples)
+    if data.note:
+        logger.message(data.note)
     logger.start(state.iteration, cfg.to_dict())
     metrics = Metrics(cfg, parts, logger)
     profiler = StepProfiler(cfg.logging.profile_at, cfg.logging.profile_steps, logger.run_dir, parts.chunks,
@@ -46,7 +50,7 @@ def pretrain(cfg: RunConfig) -> int:
     faults.poison_losses(parts.chunks)  # GLM52_FAULT_NAN_AT_STEP (tests); nothing when unset
     exit_at = state.iteration + cfg.train.exit_after_iters if cfg.train.exit_after_iters else None
     skipped_in_a_row = 0
-    signals.training = True
+    signals.start_training()
     while state.iteration < cfg.train.iters:
         step = state.iteration + 1
         faults.at_step(step)  # for hung-rank reports; GLM52_FAULT_HANG_RANK_AT_STEP
@@ -81,43 +85,6 @@ def pretrain(cfg: RunConfig) -> int:
     signals.release()
     logger.close()
     return 0
-
-
-class StopSignals:
-    """SIGTERM / SIGUSR1 (Slurm's warning before the time limit) ask the loop to finish the
-    current step, save and exit 0. So does Ctrl-C (SIGINT) once training has begun, saying so
-    in one line; a second Ctrl-C, or one before the first step, stops at once without saving
-    (KeyboardInterrupt, which the command line reports in one line)."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.training = False  # set by the loop before its first step
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-        signal.signal(signal.SIGINT, self._interrupt)
-
-    def _handler(self, signum, frame) -> None:
-        self.received = signum
-
-    def _interrupt(self, signum, frame) -> None:
-        if not self.training or self.received == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-        print("Ctrl-C: finishing this step, saving, then stopping (Ctrl-C again stops at once, without "
-              "saving)", file=sys.stderr, flush=True)
-
-    def release(self) -> None:
-        """After the last step: ignore further signals. At exit Python restores SIG_DFL, and a
-        repeated SIGUSR1 (Slurm and the launcher both deliver one) would kill the exiting process,
-        which torchrun counts as a failure and restarts. Ctrl-C stops at once again."""
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def should_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0], device=_device())
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def _device():

@@ -16,7 +16,7 @@ from megatron.core.transformer.module import Float16Module
 
 from glm52_train import compat, parallel
 from glm52_train.config import ConfigError, ModelConfig
-from glm52_train.data.loader import build_datasets, check_data, dataloader
+from glm52_train.data.loader import build_datasets, check_data, check_splits, dataloader, read_documents
 from glm52_train.data.tokenizer import Tokenizer
 from glm52_train.model.build import build_model, transformer_config
 from glm52_train.run_config import RunConfig
@@ -45,7 +45,7 @@ def build(cfg: RunConfig) -> TrainingParts:
     parallel.initialize(cfg.parallel, seed=cfg.train.seed, timeout_minutes=cfg.train.collective_timeout_minutes)
     model_cfg = cfg.model_config()
     tokenizer = Tokenizer(cfg.data.tokenizer)
-    check_data(cfg, model_cfg, tokenizer)
+    check_training_data(cfg, model_cfg, tokenizer)
     chunks, config = build_model_chunks(model_cfg, cfg, cfg.data.seq_length)
     if cfg.train.freeze == "all_but_indexer":
         freeze_all_but_indexer(chunks)
@@ -59,6 +59,27 @@ def build(cfg: RunConfig) -> TrainingParts:
     dp = parallel_state.get_data_parallel_world_size()
     num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
     return TrainingParts(model_cfg, tokenizer, chunks, optimizer, scheduler, expert_load, num_microbatches)
+
+
+def check_run(cfg: RunConfig) -> int:
+    """What `pretrain` refuses before it joins a process group, without one: the config for the
+    WORLD_SIZE processes of the launch, the host memory of the LOCAL_WORLD_SIZE ones on this
+    machine, the tokenizer, every dataset of the blend and the start (check_start). Returns the
+    world size checked."""
+    world = parallel.world_size_from_env()
+    cfg.validate(world)
+    check_host_memory(cfg)
+    check_training_data(cfg, cfg.model_config(), Tokenizer(cfg.data.tokenizer))
+    from glm52_train.training.checkpointer import check_start
+
+    check_start(cfg)  # the resume (another run's checkpoint, a changed schedule) or --resume none over a run
+    return world
+
+
+def check_training_data(cfg: RunConfig, model_cfg: ModelConfig, tokenizer: Tokenizer) -> None:
+    """The blend's files (check_data), and a data.split leaving each dataset training documents."""
+    metas = check_data(cfg, model_cfg, tokenizer)
+    check_splits(cfg, {source.path: meta["documents"] for source, meta in zip(cfg.data.blend, metas)})
 
 
 def available_host_memory() -> int | None:
@@ -112,6 +133,11 @@ class Data:
         gbs = cfg.train.global_batch_size
         evals = cfg.train.iters // cfg.train.eval_interval + 1
         self.micro_batch_size, self.num_chunks = cfg.train.micro_batch_size, len(parts.chunks)
+        from glm52_train.training import faults
+
+        faults.hang_in_setup()  # GLM52_FAULT_HANG_IN_SETUP (tests); nothing when unset
+        paths = [s.path for s in cfg.data.blend]
+        self.note = check_splits(cfg, {p: read_documents(p) for p in paths})  # validation skipped, or None
         train, self.valid = build_datasets(cfg, parts.tokenizer, cfg.train.iters * gbs, evals * cfg.train.eval_iters * gbs)
         self.train = self._iterators(train, consumed_samples, cfg.data.num_workers)
 
