@@ -9,7 +9,8 @@ its three GEMMs (forward, input grad, weight grad), times:
 - bf16: `torch.mm` on bf16 operands;
 - fp8 GEMM: `glm52_train.model.fp8.scaled_gemm` on operands quantised beforehand (the tensor
   cores' part; on CUDA torch's blockwise `scaled_mm`);
-- fp8 linear: quantisation included, as `fp8_linear` pays it (torch ops, not a fused kernel).
+- fp8 linear: quantisation included, as `fp8_linear` pays it (on CUDA the fused Triton kernel
+  of glm52_train/kernels/fp8_quant.py, one launch per operand here).
 Experts run as the FP8 path runs them, one expert after another; whether torch's
 `scaled_grouped_mm` accepts blockwise scales here is probed and reported, not used.
 Before timing, every FP8 GEMM is checked against its dequantised fp32 product (max relative

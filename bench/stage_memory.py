@@ -101,8 +101,8 @@ def measure(model_cfg, recompute: str, modules: list[str], seq: int, micro_batch
     del model
     if cuda:
         torch.cuda.empty_cache()
-    act, dsa, _, largest = _chunk_saved_bytes(model_cfg, list(range(model_cfg.num_layers)), 1, False, seq,
-                                              recompute, modules, 1)
+    act, dsa, _, largest, _ = _chunk_saved_bytes(model_cfg, list(range(model_cfg.num_layers)), 1, False, seq,
+                                                 recompute, modules, 1)
     # what the micro-batch adds, less its output (sent and freed by the pipeline), plus its
     # input: the stage's first layer saves it, but it was allocated before the forward
     in_bytes = seq * h * (2 if cuda else 4)

@@ -123,7 +123,8 @@ def _memory(records: list[dict], cfg) -> dict:
     est = estimate(model, layout, cfg.data.seq_length, 80.0, cfg.train.micro_batch_size,
                    num_microbatches=micro, recompute=cfg.train.recompute or "none",
                    recompute_modules=cfg.train.recompute_modules if selective else (), optimizer=cfg.optimizer.name,
-                   first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers)
+                   first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers,
+                   fp8=cfg.train.fp8 == "blockwise")
     out = dict(plan_estimate_gib=est.total / GiB,
                plan_parts_gib={k: v / GiB for k, v in est.to_dict().items() if isinstance(v, float)})
     peaks = [r["peak_reserved_gib"] for r in records if r.get("peak_reserved_gib") is not None]

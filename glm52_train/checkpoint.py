@@ -526,5 +526,8 @@ def load_checkpoint(
                 f"unexpected {sorted(got - own)[:3]}."
             )
         chunk.load_state_dict(tensors, strict=False)
+    from glm52_train.model.fp8 import invalidate_fp8_weights
+
+    invalidate_fp8_weights(chunks)  # quantised copies of the weights before the load
     _check_finite(path, meta, chunks)
     return meta, loaded

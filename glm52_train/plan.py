@@ -31,6 +31,10 @@ Megatron-Core's distributed optimizer:
   group's at a time, in backward;
 - logits: fp32 logits saved by the loss for the main head and each MTP step, for the
   micro-batches in flight on the chunk with "L", plus one transient gradient of them;
+- fp8 weights (`train.fp8: blockwise`, counted in "weights" and shown as `fp8_weights` in
+  --json): the FP8 linears' weights quantised once per step (glm52_train/model/fp8.py), 1 byte
+  per element plus an fp32 scale per 128x128 tile, held from a step's first forward to its
+  optimizer step;
 - slack: 10% of the above for allocator fragmentation; fixed: 2.5 GiB of CUDA context, NCCL
   and workspace buffers. Both constants were set once against a measured run of `proxy-h100`
   (docs/benchmarks.md) and are not tuned to any other point.
@@ -81,6 +85,7 @@ class Estimate:
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
     time: dict | None = None  # steptime.StepTime.to_dict() when a step time was predicted
+    fp8_weights: float = 0.0  # of `weights`: the FP8 linears' quantised weights (train.fp8=blockwise)
     ranks: list = field(default_factory=list, repr=False)  # every pipeline rank's estimate, rank order
 
     def stage_note(self) -> str:
@@ -126,6 +131,21 @@ def _layer_params(m: ModelConfig, layer: int | None, tp: int) -> dict[str, float
         muon += 2 * h * h / tp  # eh_proj
         adam += 3 * h  # enorm, hnorm, final norm
     return {"muon": muon, "adam": adam, "expert": expert}
+
+
+def _fp8_linear_params(m: ModelConfig, layer: int | None, tp: int) -> tuple[float, float]:
+    """(non-expert, routed-expert before EP x ETP) weight elements of one layer's FP8 linears:
+    `_layer_params`' 2-D matrices less what stays in bf16 (the replicated q/kv down projections
+    and the indexer's projections; fp8.py's module docstring)."""
+    p = _layer_params(m, layer, tp)
+    h = m.hidden_size
+    bf16 = h * m.q_lora_rank + h * (m.kv_lora_rank + m.qk_rope_dim)
+    if layer is None or m.layer_index_pattern[layer] == "F":
+        bf16 += m.q_lora_rank * m.index_heads * m.index_head_dim + h * m.index_head_dim
+    return p["muon"] - bf16, p["expert"]
+
+
+FP8_WEIGHT_BYTES = 1 + FP32 / 128**2  # e4m3 data and one fp32 scale per 128x128 tile
 
 
 # ---- activations ----------------------------------------------------------------------------
@@ -290,6 +310,7 @@ def estimate(
     last_stage_layers: int | None = None,
     grad_dtype: str = "fp32",
     dsa_deterministic: bool = False,
+    fp8: bool = False,
 ) -> Estimate:
     """Memory per GPU of the busiest pipeline rank (see the module docstring)."""
     if grad_dtype not in GRAD_DTYPES:
@@ -311,7 +332,7 @@ def estimate(
     worst: Estimate | None = None
     all_ranks: list[Estimate] = []
     for rank, rank_chunks in enumerate(chunks):
-        muon = adam = expert = 0.0
+        muon = adam = expert = fp8_dense = fp8_expert = 0.0
         mtp_weights = 0
         saved = []
         largest = rebuilt_dsa = 0.0
@@ -327,13 +348,17 @@ def estimate(
                     mtp_weights += item == "m"
                     p = _layer_params(m, None if item == "m" else item, tp)
                     muon, adam, expert = muon + p["muon"], adam + p["adam"], expert + p["expert"]
+                    if fp8:
+                        d, e = _fp8_linear_params(m, None if item == "m" else item, tp)
+                        fp8_dense, fp8_expert = fp8_dense + d, fp8_expert + e
             chunk = _chunk_saved_bytes(m, items, tp, layout.sp, tokens, recompute, recompute_modules, micro_batch)
             saved.append(chunk)
             if chunk[3] > largest:
                 largest, rebuilt_dsa = chunk[3], chunk[4]
         expert /= ep * etp
         dense = muon + adam
-        weights = BF16 * (dense + expert)
+        fp8_weights = FP8_WEIGHT_BYTES * (fp8_dense + fp8_expert / (ep * etp))
+        weights = BF16 * (dense + expert) + fp8_weights
         grads = (BF16 if grad_dtype == "bf16" else FP32) * (dense + expert)
         optim = (muon_bytes * muon + 12 * adam) / (dp * cp) + muon_bytes * expert / expert_dp
         # bf16 gradients: the distributed optimizer's step works on fp32 copies of its gradient
@@ -362,7 +387,8 @@ def estimate(
                        total <= gpu_mem_gb * GiB, grad_copy=grad_copy, grad_dtype=grad_dtype,
                        first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers,
                        stage_layers=[sum(isinstance(i, int) for i in items) for items in rank_chunks],
-                       pp_rank=rank, in_flight=list(at_peak), recompute=recompute, optimizer_name=optimizer)
+                       pp_rank=rank, in_flight=list(at_peak), recompute=recompute, optimizer_name=optimizer,
+                       fp8_weights=fp8_weights)
         all_ranks.append(est)
         if worst is None or est.total > worst.total:
             worst = est

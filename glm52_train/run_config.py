@@ -67,6 +67,8 @@ class TrainConfig:
     # blockwise: DeepSeek-V3's FP8 recipe on torch (glm52_train/model/fp8.py), emulated on CPUs;
     # te-e4m3 / te-hybrid: Transformer Engine's recipes (TE importable on a GPU); null: no FP8
     fp8: Literal["blockwise", "te-e4m3", "te-hybrid"] | None = None
+    fp8_dgrad: Literal["fp8", "bf16"] = "fp8"  # train.fp8=blockwise: input-gradient GEMMs in FP8 or unquantised
+    fp8_wgrad: Literal["fp8", "bf16"] = "fp8"  # train.fp8=blockwise: weight-gradient GEMMs in FP8 or unquantised
     transformer_engine: Literal["auto", "on", "off"] = "auto"  # auto: TE's layers where importable on a GPU
     clip_grad: float = 1.0  # largest global gradient norm (0: no clipping)
     grad_reduce_in_fp32: bool = True  # false: gradients accumulated and reduced in bf16 (Megatron-Bridge's GLM-5.2 recipes)
@@ -332,6 +334,9 @@ class RunConfig:
         need(t.fp8 != "blockwise" or not te,
              "train.fp8=blockwise uses the project's FP8 linears, not Transformer Engine's: set "
              "train.transformer_engine=off or auto, or pick train.fp8=te-e4m3 / te-hybrid.")
+        need(t.fp8 == "blockwise" or (t.fp8_dgrad, t.fp8_wgrad) == ("fp8", "fp8"),
+             "train.fp8_dgrad and train.fp8_wgrad choose the GEMM paths of train.fp8=blockwise: set "
+             "train.fp8=blockwise too, or leave them at fp8.")
         if t.fp8 == "blockwise":
             import torch
 

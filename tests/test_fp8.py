@@ -5,7 +5,11 @@ it, where the spec puts FP8, and the run config's sentences."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,9 +20,15 @@ from glm52_train.model.fp8 import (
     TOKEN_TILE,
     WEIGHT_TILE,
     fp8_linear,
+    invalidate_fp8_weights,
     power_of_two_scale,
     quantize,
+    quantize_reference,
+    quantize_segments,
+    quantize_tilings,
 )
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TILES = {"1x128": ROW_TILE, "128x1": TOKEN_TILE, "128x128": WEIGHT_TILE}
 # full tiles, tails smaller than 128 in either dimension, a single element, fewer rows than a tile
@@ -195,7 +205,240 @@ def test_spec_puts_fp8_in_the_parallel_and_expert_linears_only(single_process):
     assert shapes(model) == shapes(plain)
 
 
+def adversarial_cases() -> dict[str, torch.Tensor]:
+    """Inputs where a fused quantiser could depart from the reference: zeros and -0.0, fp32
+    subnormals and tiles whose amax/448 underflows fp32, amax exactly at and just above
+    448 * 2^k, amax in a tile's last row/column and in a partial tail, e4m3 rounding ties,
+    bf16 input and a transposed (non-contiguous) view."""
+    g = torch.Generator().manual_seed(7)
+    cases = {f"wide{r}x{c}": wide_range((r, c), r + c).float() for r, c in ((256, 384), (300, 200), (7, 129))}
+    z = torch.zeros(130, 260)
+    z[0, :5] = -0.0
+    z[129, 259] = 3.0  # the tails' only non-zero, at their last element
+    z[127, 127] = -7.5  # amax at the full tile's corner
+    cases["zeros_and_edges"] = z
+    tiny = torch.randn(129, 256, generator=g)
+    tiny[:, :128] *= 1e-40  # fp32 subnormal tiles
+    tiny[:64, 128:] *= 2.0 ** -142 / tiny[:64, 128:].abs().max() * 1.75  # amax/448 exactly 2^-150
+    tiny[64:128, 128:] *= 2.0 ** -141 / tiny[64:128, 128:].abs().max()
+    tiny[128, 200] = 2.0 ** -126  # smallest normal as a tail's amax
+    cases["fp32_subnormals"] = tiny
+    edge = torch.randn(128, 384, generator=g).abs() * 100
+    edge[:, 0] = 448.0  # amax exactly 448: scale 1
+    edge[:, 128] = 448.0 * 1.0000001  # just above: scale 2
+    edge[:, 256] = 224.0  # exactly 448 * 2^-1
+    ties = torch.arange(8, 16, 0.5).repeat(7)  # halfway between e4m3 grid points in [8, 16)
+    edge[0, 257:257 + ties.numel()] = ties
+    edge[1, 257:270] = torch.tensor([2.0 ** -7 * k for k in range(13)])  # e4m3 subnormal steps and ties
+    cases["amax_and_ties"] = edge
+    cases["bf16"] = (torch.randn(200, 256, generator=g) * 30).bfloat16()
+    cases["transposed"] = wide_range((300, 130), 9).float().t()
+    return cases
+
+
+def kernel_matches_reference() -> None:
+    """Run in a fresh process with TRITON_INTERPRET=1 (Triton picks interpret or compile when it
+    is first imported): the fused kernel against `quantize_reference`, byte for byte."""
+    failures = []
+    for name, x in adversarial_cases().items():
+        got = quantize_tilings(x, row=True, token=True, block=True, impl="triton")
+        for q, tile in zip(got, (ROW_TILE, TOKEN_TILE, WEIGHT_TILE)):
+            want = quantize_reference(x, tile)
+            if not (torch.equal(q.data.view(torch.uint8), want.data.view(torch.uint8))
+                    and torch.equal(q.scale, want.scale)):
+                failures.append(f"{name} {tile}")
+    # segments (the local experts' chunks: empty, one token, tails): each as if quantised alone
+    x = wide_range((600, 256), 13).float()
+    sizes = [0, 130, 1, 256, 127, 0, 86]
+    for (row, tok), part in zip(quantize_segments(x, sizes, impl="triton"), torch.split(x, sizes)):
+        for q, tile in ((row, ROW_TILE), (tok, TOKEN_TILE)):
+            want = quantize_reference(part, tile)
+            if not (torch.equal(q.data.view(torch.uint8), want.data.view(torch.uint8)) and torch.equal(q.scale, want.scale)):
+                failures.append(f"segment of {part.shape[0]} rows {tile}")
+    # inf and NaN: the tiles holding them get NaN scales, the others are the reference's
+    x = torch.randn(256, 256)
+    x[3, 200] = float("inf")
+    x[140, 5] = float("nan")
+    row, tok, blk = quantize_tilings(x, row=True, token=True, block=True, impl="triton")
+    nan_tiles = [row.scale.isnan().nonzero().tolist(), tok.scale.isnan().nonzero().tolist(),
+                 blk.scale.isnan().nonzero().tolist()]
+    ok = row.data[:, :128][torch.arange(256) != 140].view(torch.uint8).equal(
+        quantize_reference(x, ROW_TILE).data[:, :128][torch.arange(256) != 140].view(torch.uint8))
+    try:
+        quantize(x, ROW_TILE, impl="triton")
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
+    print(json.dumps({"failures": failures, "nan_tiles": nan_tiles, "others_equal": ok, "refused": refused}))
+
+
+@pytest.mark.slow  # ~15-30 s: a fresh process imports Megatron-Core and interprets the kernel
+def test_fused_kernel_is_bit_exact_with_the_reference():
+    code = "from tests.test_fp8 import kernel_matches_reference; kernel_matches_reference()"
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["failures"] == []
+    assert got["nan_tiles"] == [[[3, 1], [140, 0]], [[0, 200], [1, 5]], [[0, 1], [1, 0]]]
+    assert got["others_equal"]
+    assert got["refused"] == "FP8 quantisation needs finite values, and this tensor holds inf or NaN."
+
+
+def test_reference_refuses_inf_and_nan_and_marks_their_tiles():
+    x = torch.ones(4, 256)
+    x[2, 130] = float("nan")
+    with pytest.raises(ValueError, match="^FP8 quantisation needs finite values, and this tensor holds inf or NaN.$"):
+        quantize(x, ROW_TILE)
+    row, tok, _ = quantize_tilings(x, row=True, token=True)
+    assert row.scale.isnan().nonzero().tolist() == [[2, 1]] and tok.scale.isnan().nonzero().tolist() == [[0, 130]]
+    with pytest.raises(ValueError, match="FP8 tiles are 1x128, 128x1 or 128x128, not 64x64."):
+        quantize(x, (64, 64))
+
+
+def test_gradient_paths_fp8_or_unquantised():
+    """train.fp8_dgrad / fp8_wgrad: "bf16" runs that GEMM unquantised (here in fp32, the CPU's
+    precision), the other GEMMs stay the FP8 path's, bit for bit."""
+    g = torch.Generator().manual_seed(11)
+    x0, w0 = torch.randn(130, 256, generator=g), torch.randn(192, 256, generator=g) * 0.05
+    dy = torch.randn(130, 192, generator=g)
+
+    def run(**paths):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        y = fp8_linear(x, w, **paths)
+        y.backward(dy)
+        return y.detach(), x.grad, w.grad
+
+    y, dx, dw = run()
+    y_d, dx_d, dw_d = run(dgrad="bf16")
+    y_w, dx_w, dw_w = run(wgrad="bf16")
+    assert torch.equal(y_d, y) and torch.equal(y_w, y) and torch.equal(dw_d, dw) and torch.equal(dx_w, dx)
+    assert torch.equal(dx_d, dy @ w0) and torch.equal(dw_w, dy.t() @ x0)
+    assert not torch.equal(dx, dx_d) and not torch.equal(dw, dw_w)  # the FP8 path is quantised
+    with pytest.raises(ValueError, match="train.fp8_wgrad must be fp8 or bf16, not 'fp4'."):
+        fp8_linear(x0, w0, wgrad="fp4")
+
+
+def test_weight_quantised_once_per_step_until_invalidated(single_process):
+    """Every micro-batch's forward and backward read the same quantised weight; the optimizer
+    step (which writes through .data, unseen by autograd) and checkpoint loads drop it through
+    `invalidate_fp8_weights`; an in-place edit autograd sees re-quantises by itself."""
+    from glm52_train.config import get_model_config
+    from glm52_train.model.build import build_model
+    from glm52_train.run_config import RunConfig
+
+    run = RunConfig()
+    run.train.fp8 = "blockwise"
+    model = build_model(get_model_config("tiny"), run)
+    lin = model.decoder.layers[0].mlp.linear_fc1
+    h = lin.weight.shape[1]
+    g = torch.Generator().manual_seed(12)
+    xs = [torch.randn(8, 1, h, generator=g).requires_grad_() for _ in range(2)]  # two micro-batches
+    assert invalidate_fp8_weights([model]) == 0
+    outs = []
+    for x in xs:
+        outs.append(lin(x)[0])
+        if x is xs[0]:
+            first = lin._fp8_w_cache[1]
+    assert lin._fp8_w_cache[1] is first  # the second micro-batch reused it
+    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    want = sum(fp8_linear(x.detach(), lin.weight.detach()).sum() for x in xs)
+    assert torch.equal(sum(o.sum() for o in outs).detach(), want)
+
+    lin.weight.data.mul_(2.0)  # as the optimizer writes: the cache cannot see it
+    assert torch.equal(lin(xs[0])[0], outs[0])  # stale until invalidated (why the step invalidates)
+    assert invalidate_fp8_weights([model]) >= 1 and lin._fp8_w_cache is None
+    assert torch.equal(lin(xs[0])[0], fp8_linear(xs[0], lin.weight))
+    with torch.no_grad():
+        lin.weight.mul_(0.5)  # seen by autograd's version counter
+    assert torch.equal(lin(xs[0])[0], fp8_linear(xs[0], lin.weight))
+
+
+def test_experts_take_their_chunks_quantised_in_one_pass(single_process, monkeypatch):
+    """FP8SequentialMLP quantises all local experts' tokens at once (`quantize_segments`) and
+    each expert's fc1 takes its chunk's slices: outputs and gradients bitwise those of each
+    expert quantising its own chunk (token tiles restart at every chunk)."""
+    from glm52_train.config import get_model_config
+    from glm52_train.model import fp8
+    from glm52_train.model.build import build_model
+    from glm52_train.run_config import RunConfig
+
+    run = RunConfig()
+    run.train.fp8 = "blockwise"
+    experts = build_model(get_model_config("tiny"), run).decoder.layers[1].mlp.experts
+    n = len(experts.local_experts)
+    chunks = [[(37 * e) % 150, (61 * e + 5) % 140] for e in range(n)]  # two source ranks, some empty
+    total = sum(map(sum, chunks))
+    g = torch.Generator().manual_seed(14)
+    x0 = torch.randn(total, experts.local_experts[0].linear_fc1.weight.shape[1], generator=g)
+    probs = torch.rand(total, generator=g)
+    handed = []
+    original = fp8.fp8_linear
+    monkeypatch.setattr(fp8, "fp8_linear", lambda *a, **k: handed.append(len(a) > 5 and a[5] is not None) or original(*a, **k))
+
+    def grads(out, x):
+        out.backward(torch.ones_like(out))
+        return [x.grad] + [p.grad.clone() for p in experts.parameters()]
+
+    x = x0.clone().requires_grad_()
+    out, _ = experts(x, torch.tensor([sum(c) for c in chunks]), probs, source_chunks=chunks)
+    got = grads(out, x)
+    assert sum(handed) == 2 * n  # every chunk's fc1 took the one-pass quantisation
+    experts.zero_grad()
+    for p in experts.parameters():
+        p.grad = None
+    handed.clear()
+    x = x0.clone().requires_grad_()
+    parts, i = [], 0
+    hidden, ps = torch.split(x, sum(chunks, [])), torch.split(probs, sum(chunks, []))
+    for expert, row in zip(experts.local_experts, chunks):  # each chunk quantised by its own fc1
+        for _ in row:
+            parts.append(expert(hidden[i], ps[i])[0])
+            i += 1
+    want_out = torch.cat(parts)
+    want = grads(want_out, x)
+    assert sum(handed) == 0 and torch.equal(out.detach(), want_out.detach())
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_plan_counts_the_quantised_weights(single_process):
+    """`glm52 plan`'s fp8_weights: the FP8 linears' weight elements of tiny, as built, at one
+    byte plus a scale per 128x128 tile."""
+    from glm52_train.config import get_model_config
+    from glm52_train.layout import Layout
+    from glm52_train.model import fp8
+    from glm52_train.model.build import build_model
+    from glm52_train.plan import FP8_WEIGHT_BYTES, estimate
+    from glm52_train.run_config import RunConfig
+
+    run = RunConfig()
+    run.train.fp8 = "blockwise"
+    tiny = get_model_config("tiny")
+    model = build_model(tiny, run)
+    built = sum(m.weight.numel() for m in model.modules()
+                if isinstance(m, (fp8.FP8ColumnParallelLinear, fp8.FP8RowParallelLinear)))
+    layout = Layout(tp=1, pp=1, vpp=1, ep=1, etp=1, cp=1, dp=1, sp=False)
+    est = estimate(tiny, layout, 256, 80.0, fp8=True)
+    assert est.fp8_weights == pytest.approx(built * FP8_WEIGHT_BYTES)
+    plain = estimate(tiny, layout, 256, 80.0)
+    assert plain.fp8_weights == 0 and est.weights == pytest.approx(plain.weights + est.fp8_weights)
+
+
+def test_glm52_plan_counts_fp8_weights_from_the_run_config(tmp_path, capsys):
+    from glm52_train.cli import main as glm52
+    from glm52_train.plan import FP8_WEIGHT_BYTES
+
+    for fp8_key, want in (("blockwise", True), ("null", False)):
+        cfg = tmp_path / f"{fp8_key}.yaml"
+        cfg.write_text(f"model: tiny\ndata: {{seq_length: 256}}\ntrain: {{fp8: {fp8_key}}}\n")
+        assert glm52(["plan", "--config", str(cfg), "--gpus", "1", "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)["fp8_weights"]
+        assert (got > 1e6 / FP8_WEIGHT_BYTES) if want else got == 0
+
+
 @pytest.mark.parametrize("overrides, sentence", [
+    (["train.fp8_wgrad=bf16"], "train.fp8_dgrad and train.fp8_wgrad choose the GEMM paths of train.fp8=blockwise"),
+    (["train.fp8=blockwise", "train.fp8_dgrad=fp4"], "train.fp8_dgrad must be one of fp8, bf16"),
     (["train.fp8=te-e4m3"], "train.fp8=te-e4m3 is Transformer Engine's recipe, and Transformer Engine is not importable"),
     (["train.fp8=e4m3"], "train.fp8 must be one of blockwise, te-e4m3, te-hybrid"),
 ])

@@ -64,6 +64,9 @@ def test_dry_run_runs_every_check_on_cpu(corpus, tmp_path):
     ran = {r["name"]: r for r in result["checks"]}
     assert ran["train_step"]["json"]["train_step.json"]["tokens_per_s"] > 0
     assert ran["dsa_bench"]["json"]["dsa_bench.json"]
+    step = ran["fp8_step"]["json"]["fp8_step.json"]
+    assert step["bf16_tokens_per_s"] > 0 and step["fp8_tokens_per_s"] > 0
+    assert all(r["bit_exact"] for r in ran["fp8_quant"]["json"]["fp8_quant.json"]["rows"])
     assert ran["train_step_dense"]["json"]["train_step.json"]["dsa_mode"] == "dense"
     assert ran["train_step_dense"]["json"]["train_step.json"]["tokens_per_s"] > 0
     assert ran["layer_2048_dense_vs_sparse"]["json"]["dense_vs_sparse.json"]["dense_speedup"] > 0

@@ -23,7 +23,7 @@ from torch.autograd.profiler import record_function
 
 from glm52_train.kernels import reference
 
-_TRITON_MODULES = ("indexer", "sparse_mla", "indexer_loss")
+_TRITON_MODULES = ("indexer", "sparse_mla", "indexer_loss", "fp8_quant")
 
 
 def _patch_interpreter() -> None:

@@ -40,6 +40,8 @@ class GLMTransformerConfig(MLATransformerConfig):
     mtp_distinct_layers: int = 0
     packed_sequences: bool = False
     fp8_blockwise: bool = False  # train.fp8=blockwise: the project's FP8 linears (spec.py)
+    fp8_dgrad: str = "fp8"  # train.fp8_dgrad: the FP8 linears' input-gradient GEMM, fp8 or bf16
+    fp8_wgrad: str = "fp8"  # train.fp8_wgrad: the FP8 linears' weight-gradient GEMM, fp8 or bf16
 
 
 def transformer_config(model: ModelConfig, run: RunConfig | None = None, *, cpu_init: bool = True,
@@ -122,6 +124,8 @@ def transformer_config(model: ModelConfig, run: RunConfig | None = None, *, cpu_
         pipeline_dtype=params_dtype,
         fp8=t.fp8.removeprefix("te-") if t.fp8 and t.fp8.startswith("te-") else None,  # TE's recipes
         fp8_blockwise=t.fp8 == "blockwise",
+        fp8_dgrad=t.fp8_dgrad,
+        fp8_wgrad=t.fp8_wgrad,
         use_cpu_initialization=cpu_init,
         perform_initialization=init,
         bias_dropout_fusion=False,

@@ -39,7 +39,18 @@ linears, not column/row-parallel) and MLA's absorbed kv up-projection (used as a
 the attention core, which DeepSeek-V3 keeps in bf16).
 
 The weights themselves stay in the run's dtype (fp32 master weights in the optimizer, as
-always): quantisation happens per GEMM, so checkpoints hold no FP8 tensor and no scale.
+always): checkpoints hold no FP8 tensor and no scale.
+
+Where the time goes (issue 26; none of it measured on a GPU yet): quantisation is one fused
+Triton kernel per tensor on CUDA (glm52_train/kernels/fp8_quant.py: both tilings of x, or of
+dy, from one read; bit-exact with `quantize_reference`, the torch ops the CPU runs); each
+weight is quantised once per optimizer step (`_WeightCache`); the forward saves x's 128x1
+quantisation (1 byte an element) rather than x; the experts' tokens are quantised in one
+launch (`FP8SequentialMLP`). `train.fp8_dgrad` / `train.fp8_wgrad` put the input- or
+weight-gradient GEMM on the unquantised path ("bf16") instead: both default to "fp8", today's
+behaviour, until a GPU measures which is faster (issue 13's H100 numbers, before the fused
+quantisation: input gradient 1.13x bf16 on dense shapes and 0.53x on experts, weight gradient
+0.42-0.85x, GEMMs alone; `bench/fp8_gemm.py`, `bench/fp8_step.py`).
 """
 
 from __future__ import annotations
@@ -95,9 +106,11 @@ def power_of_two_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, scale, torch.ones_like(scale))
 
 
-def quantize(x: torch.Tensor, tile: tuple[int, int]) -> Quantized:
-    """e4m3 with one power-of-two scale per `tile` of the 2-D `x`; tiles start at (0, 0), the
-    last ones in each dimension may be partial (tails smaller than the tile)."""
+def quantize_reference(x: torch.Tensor, tile: tuple[int, int]) -> Quantized:
+    """e4m3 with one power-of-two scale per `tile` of the 2-D `x`, in PyTorch ops (the CPU path
+    and the reference the fused kernel is tested against); tiles start at (0, 0), the last ones
+    in each dimension may be partial (tails smaller than the tile). A tile holding inf or NaN
+    gets a NaN scale."""
     if x.dim() != 2:
         raise ValueError(f"quantize takes a 2-D tensor, got shape {tuple(x.shape)}")
     tr, tc = tile
@@ -105,9 +118,81 @@ def quantize(x: torch.Tensor, tile: tuple[int, int]) -> Quantized:
     gr, gc = -(-rows // tr), -(-cols // tc)
     padded = torch.nn.functional.pad(x.float(), (0, gc * tc - cols, 0, gr * tr - rows))
     blocks = padded.view(gr, tr, gc, tc)
-    scale = power_of_two_scale(blocks.abs().amax(dim=(1, 3)) if x.numel() else torch.zeros(gr, gc, device=x.device))
+    amax = blocks.abs().amax(dim=(1, 3)) if x.numel() else torch.zeros(gr, gc, device=x.device)
+    scale = power_of_two_scale(amax)
+    scale = torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
     q = (blocks / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return Quantized(q.view(gr * tr, gc * tc)[:rows, :cols], scale, tile)
+
+
+def _use_kernel(x: torch.Tensor, impl: str) -> bool:
+    if impl not in ("auto", "triton", "reference"):
+        raise ValueError(f"impl must be auto, triton or reference, not {impl!r}")
+    return impl == "triton" or (impl == "auto" and x.is_cuda)
+
+
+def _kernel_module(x: torch.Tensor):
+    """glm52_train.kernels.fp8_quant, in Triton's interpreter for CPU tensors."""
+    from glm52_train.kernels.api import enable_interpreter
+
+    if not x.is_cuda:
+        enable_interpreter()
+    from glm52_train.kernels import fp8_quant
+
+    return fp8_quant
+
+
+def quantize_tilings(x: torch.Tensor, row: bool = False, token: bool = False, block: bool = False,
+                     impl: str = "auto") -> tuple[Quantized | None, Quantized | None, Quantized | None]:
+    """The 1x128, 128x1 and/or 128x128 quantisations of the 2-D `x` (None for those not asked),
+    from one read: the fused Triton kernel (glm52_train/kernels/fp8_quant.py, one program per
+    128x128 tile) on CUDA tensors, or with impl="triton" on CPU tensors (Triton's interpreter;
+    tests); PyTorch's ops otherwise (`quantize_reference`, bit-exact with the kernel). Tiles
+    with inf or NaN get NaN scales (the training step then sees a non-finite gradient and is
+    skipped); `quantize` refuses them."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize takes a 2-D tensor, got shape {tuple(x.shape)}")
+    if _use_kernel(x, impl):
+        got = _kernel_module(x).quantize_tiles(x, row, token, block)
+        return tuple(None if g is None else Quantized(g[0], g[1], t)
+                     for g, t in zip(got, (ROW_TILE, TOKEN_TILE, WEIGHT_TILE)))
+    return tuple(quantize_reference(x, t) if on else None
+                 for on, t in zip((row, token, block), (ROW_TILE, TOKEN_TILE, WEIGHT_TILE)))
+
+
+def quantize_segments(x: torch.Tensor, sizes: list[int], token: bool = True, impl: str = "auto"
+                      ) -> list[tuple[Quantized, Quantized | None]]:
+    """The 1x128 and (with `token`) 128x1 quantisations of each segment of `sizes` consecutive
+    rows of the 2-D `x` (the local experts' token chunks), equal to quantising each segment on
+    its own (128x1 tiles restart at every segment), in one launch of the fused kernel on CUDA;
+    per segment in PyTorch's ops otherwise."""
+    if not _use_kernel(x, impl):
+        return [quantize_tilings(part, row=True, token=token, impl=impl)[:2] for part in torch.split(x, sizes)]
+    kernel = _kernel_module(x)
+    (rq, rs), tok, _ = kernel.quantize_tiles(x, row=True, token=token, segments=list(sizes))
+    first = kernel.segment_tiles(sizes)[2]
+    out, at = [], 0
+    for i, n in enumerate(sizes):
+        row_q = Quantized(rq[at:at + n], rs[at:at + n], ROW_TILE)
+        tok_q = Quantized(tok[0][at:at + n], tok[1][first[i]:first[i + 1]], TOKEN_TILE) if token else None
+        out.append((row_q, tok_q))
+        at += n
+    return out
+
+
+def quantize(x: torch.Tensor, tile: tuple[int, int], impl: str = "auto") -> Quantized:
+    """e4m3 with one power-of-two scale per `tile` (ROW_TILE, TOKEN_TILE or WEIGHT_TILE) of the
+    2-D `x` (see `quantize_tilings`); refuses a tensor holding inf or NaN."""
+    if tile not in (ROW_TILE, TOKEN_TILE, WEIGHT_TILE):
+        raise ValueError(f"FP8 tiles are 1x128, 128x1 or 128x128, not {tile[0]}x{tile[1]}.")
+    got = quantize_tilings(x, row=tile == ROW_TILE, token=tile == TOKEN_TILE, block=tile == WEIGHT_TILE, impl=impl)
+    return _finite(next(q for q in got if q is not None))
+
+
+def _finite(q: Quantized) -> Quantized:
+    if not bool(torch.isfinite(q.scale).all()):
+        raise ValueError("FP8 quantisation needs finite values, and this tensor holds inf or NaN.")
+    return q
 
 
 # ---- the GEMM: a @ b^T on quantised operands ---------------------------------------------------
@@ -191,62 +276,149 @@ def blockwise_mm_supported(device: torch.device) -> bool:
 
 # ---- the linear ----------------------------------------------------------------------------------
 
+GEMM_PATHS = ("fp8", "bf16")
+
+
 class _FP8Linear(torch.autograd.Function):
-    """y = x W^T with the forward, input-gradient and weight-gradient GEMMs in FP8 (see the
-    module docstring). Saves the unquantised input (as the bf16 linear does) and re-quantises
-    W in the backward (the same numbers as the forward's, no copy kept alive)."""
+    """y = x W^T with the forward GEMM in FP8, the input-gradient (`dgrad`) and weight-gradient
+    (`wgrad`) GEMMs each in FP8 or unquantised in the activations' dtype ("bf16": the run's
+    precision, fp32 on CPU). W comes quantised (`w_q`, 128x128: the weight cache's, or made per
+    call); x is quantised in both of its tilings in one pass when the weight gradient is FP8,
+    and the forward then saves x's 128x1 quantisation (1 byte an element) instead of x; dy's
+    two tilings come from one pass in the backward."""
 
     @staticmethod
-    def forward(ctx, x, weight):
-        ctx.save_for_backward(x, weight)
-        return scaled_gemm(quantize(x, ROW_TILE), quantize(weight, WEIGHT_TILE), x.dtype)
+    def forward(ctx, x, weight, w_q: Quantized, x_q, dgrad: str, wgrad: str):
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_tok = need_dw and wgrad == "fp8"
+        if x_q is not None and (x_q[1] is not None or not want_tok):  # quantised by the caller (experts)
+            x_row, x_tok = x_q[0], x_q[1] if want_tok else None
+        else:
+            x_row, x_tok, _ = quantize_tilings(x, row=True, token=want_tok)
+        ctx.paths, ctx.dtypes = (dgrad, wgrad), (x.dtype, weight.dtype)
+        keep_w = weight if need_dx and dgrad == "bf16" else None
+        keep_x = x if need_dw and wgrad == "bf16" else None
+        tok = (x_tok.data, x_tok.scale) if x_tok is not None else (None, None)
+        ctx.save_for_backward(keep_w, keep_x, w_q.data, w_q.scale, *tok)
+        return scaled_gemm(x_row, w_q, x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
+        weight, x, w_data, w_scale, xt_data, xt_scale = ctx.saved_tensors
+        (dgrad, wgrad), (x_dtype, w_dtype) = ctx.paths, ctx.dtypes
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dy = dy.contiguous()
+        dy_row, dy_tok, _ = quantize_tilings(dy, row=need_dx and dgrad == "fp8", token=need_dw and wgrad == "fp8")
         dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = scaled_gemm(quantize(dy, ROW_TILE), quantize(weight, WEIGHT_TILE).t(), x.dtype)
-        if ctx.needs_input_grad[1]:
-            dw = scaled_gemm(quantize(dy, TOKEN_TILE).t(), quantize(x, TOKEN_TILE).t(), weight.dtype)
-        return dx, dw
+        if need_dx:
+            w_q = Quantized(w_data, w_scale, WEIGHT_TILE)
+            dx = scaled_gemm(dy_row, w_q.t(), x_dtype) if dgrad == "fp8" else (dy @ weight.to(dy.dtype)).to(x_dtype)
+        if need_dw:
+            if wgrad == "fp8":
+                dw = scaled_gemm(dy_tok.t(), Quantized(xt_data, xt_scale, TOKEN_TILE).t(), w_dtype)
+            else:
+                dw = (dy.t() @ x.to(dy.dtype)).to(w_dtype)
+        return dx, dw, None, None, None, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ W^T in blockwise FP8: tokens are the flattened leading dimensions."""
-    out = _FP8Linear.apply(x.reshape(-1, x.shape[-1]), weight)
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, w_q: Quantized | None = None, dgrad: str = "fp8",
+               wgrad: str = "fp8", x_q: tuple | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T in blockwise FP8: tokens are the flattened leading dimensions. `w_q`:
+    W's 128x128 quantisation if the caller holds it (the weight cache); `dgrad` / `wgrad`: the
+    input- and weight-gradient GEMMs' path, "fp8" or "bf16" (unquantised); `x_q`: x's (1x128,
+    128x1 or None) quantisations if the caller made them (`quantize_segments`)."""
+    for name, path in (("dgrad", dgrad), ("wgrad", wgrad)):
+        if path not in GEMM_PATHS:
+            raise ValueError(f"train.fp8_{name} must be fp8 or bf16, not {path!r}.")
+    if w_q is None:
+        w_q = quantize_tilings(weight.detach(), block=True)[2]
+    out = _FP8Linear.apply(x.reshape(-1, x.shape[-1]), weight, w_q, x_q, dgrad, wgrad)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
+# ---- the weight cache ----------------------------------------------------------------------------
+
+class _WeightCache:
+    """Each FP8 linear's weight quantised once per optimizer step (128x128 tiles, read by the
+    forward and, transposed, by the input gradient; the weight gradient never reads W), reused
+    by every micro-batch's forward and backward, recomputed with full recomputation's second
+    forward for free. `invalidate_fp8_weights(model)` drops it: the training step calls it
+    after every optimizer step and after every checkpoint load (both write the weights through
+    `.data`, which autograd's version counter does not see); the cache also checks the
+    weight's storage and version counter, so an in-place edit that autograd sees
+    (`with torch.no_grad(): w.mul_(2)`) re-quantises too. Memory: 1 byte per weight element
+    plus one fp32 per 128x128 tile, held from a step's first forward to its optimizer step
+    (`glm52 plan` counts it as `fp8_weights`)."""
+
+    _fp8_w_cache = None
+    _fp8_input = None  # (tensor, its quantisations): handed in by FP8SequentialMLP for one call
+
+    def _fp8_weight(self, weight: torch.Tensor) -> Quantized:
+        if weight is not getattr(self, "weight", None):  # a weight handed in (tied embeddings): no cache
+            return quantize_tilings(weight.detach(), block=True)[2]
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
+        hit = self._fp8_w_cache
+        if hit is None or hit[0] != key:
+            hit = (key, quantize_tilings(weight.detach(), block=True)[2])
+            self._fp8_w_cache = hit
+        return hit[1]
+
+    def _fp8_impl(self, input, weight, *args, **kwargs):
+        handed = self._fp8_input
+        x_q = handed[1] if handed is not None and _same_values(handed[0], input) else None
+        return _fp8_forward_impl(input, weight, *args, w_q=self._fp8_weight(weight), x_q=x_q,
+                                 dgrad=getattr(self.config, "fp8_dgrad", "fp8"),
+                                 wgrad=getattr(self.config, "fp8_wgrad", "fp8"), **kwargs)
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """b is a view of a's very elements (Megatron's copy_to_tensor_model_parallel_region hands the
+    linear a new tensor object over the same storage)."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device)
+
+
+def invalidate_fp8_weights(model) -> int:
+    """Drop every FP8 linear's cached weight quantisation under `model` (a module or a list of
+    model chunks); the number dropped."""
+    dropped = 0
+    for chunk in model if isinstance(model, (list, tuple)) else [model]:
+        for m in chunk.modules():
+            if isinstance(m, _WeightCache) and m._fp8_w_cache is not None:
+                m._fp8_w_cache = None
+                dropped += 1
+    return dropped
+
+
 def _fp8_forward_impl(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
-                      grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None, **_):
+                      grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None, w_q=None, dgrad="fp8",
+                      wgrad="fp8", x_q=None, **_):
     """Megatron-Core's linear (communication as in `linear_with_grad_accumulation_and_async_allreduce`:
     sequence-parallel all-gather / input-gradient all-reduce) with the GEMMs in FP8."""
     if gradient_accumulation_fusion:
         raise ValueError("train.fp8=blockwise does not fuse gradient accumulation into the GEMM.")
     if sequence_parallel:
-        input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=tp_group)
+        input, x_q = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=tp_group), None
     elif allreduce_dgrad:
         input = copy_to_tensor_model_parallel_region(input, group=tp_group)
-    output = fp8_linear(input, weight)
+    output = fp8_linear(input, weight, w_q, dgrad, wgrad, x_q)
     return output + bias if bias is not None else output
 
 
-class FP8ColumnParallelLinear(ColumnParallelLinear):
+class FP8ColumnParallelLinear(ColumnParallelLinear, _WeightCache):
     """Megatron-Core's column-parallel linear with blockwise FP8 GEMMs; parameters, sharding and
     checkpoints unchanged."""
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        return _fp8_forward_impl(input, weight, *args, **kwargs)
+        return self._fp8_impl(input, weight, *args, **kwargs)
 
 
-class FP8RowParallelLinear(RowParallelLinear):
+class FP8RowParallelLinear(RowParallelLinear, _WeightCache):
     """Megatron-Core's row-parallel linear with blockwise FP8 GEMMs; parameters, sharding and
     checkpoints unchanged."""
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        return _fp8_forward_impl(input, weight, *args, **kwargs)
+        return self._fp8_impl(input, weight, *args, **kwargs)
 
 
 # ---- the experts -----------------------------------------------------------------------------
@@ -259,7 +431,31 @@ class FP8SequentialMLP(SequentialMLP):
     weight-gradient GEMM's 128-token tiles never mix tokens of two microbatches: the tiles one
     process forms for each microbatch are the tiles any expert-parallel layout forms, and EP
     runs equal the one-process run. Forward and input-gradient GEMMs tile per token, so chunking
-    does not change them."""
+    does not change them.
+
+    The first linear's input, all local experts' tokens, is quantised in one launch
+    (`quantize_segments`: 1x128 tiles, and 128x1 tiles restarting at every chunk), and each
+    expert's fc1 takes its chunk's slices (checked: an fc1 whose input is not a view of the
+    very same elements quantises its own); fc2's input and the gradients are
+    quantised per chunk, where they are made.
+
+    Departure from DeepSeek-V3 / torchao: no grouped GEMM. torch 2.11-2.13's
+    `torch._scaled_grouped_mm` takes tensor-wise or row-wise fp32 scales (and MXFP8's 1x32 UE8M0
+    blocks, on Blackwell only), not 1x128 / 128x128 blocks on Hopper. What the options would
+    cost in accuracy (the error bounds, not a GPU measurement):
+    - row-wise scales (one per token for activations, one per output row for weights, over the
+      whole contraction of 6144 or 2048): e4m3's relative 2^-4 rounding is unchanged for values
+      near their row's amax, but a token's or weight row's small entries share its largest
+      one's scale: anything 2^15 below the row's amax (e4m3 subnormals, now measured against a
+      6144-long row rather than a 128-long tile) loses precision or flushes to zero; DeepSeek-V3
+      chose 1x128 tiles because activation outliers make that common;
+    - the weight-gradient GEMM row-wise along tokens: one scale per output feature over all of
+      an expert's tokens, instead of one per 128 tokens: the same argument along tokens, where
+      gradients vary by orders of magnitude between tokens;
+    - tensor-wise scales: one amax for the whole tensor, worst of all (the FP8 linears' TP test
+      shows values 2^15 under a tile's amax already round differently);
+    - MXFP8 (1x32 power-of-two blocks, finer than ours: no accuracy cost) needs sm100.
+    So the loop stays; its launches are what `bench/fp8_gemm.py` times per expert."""
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs, source_chunks=None):
         if source_chunks is None or self.config.moe_apply_probs_on_input:
@@ -267,10 +463,17 @@ class FP8SequentialMLP(SequentialMLP):
         sizes = [n for row in source_chunks for n in row]
         hidden = torch.split(permuted_local_hidden_states, sizes)
         probs = torch.split(permuted_probs, sizes)
+        token = torch.is_grad_enabled() and getattr(self.config, "fp8_wgrad", "fp8") == "fp8"
+        pre = quantize_segments(permuted_local_hidden_states.detach(), sizes, token=token)
         outputs, i = [], 0
         for expert, row in zip(self.local_experts, source_chunks):
             for _ in row:
-                out, _bias = expert(hidden[i], probs[i])
+                fc1 = expert.linear_fc1
+                fc1._fp8_input = (hidden[i], pre[i]) if isinstance(fc1, _WeightCache) else None
+                try:
+                    out, _bias = expert(hidden[i], probs[i])
+                finally:
+                    fc1._fp8_input = None
                 outputs.append(out)
                 i += 1
         return torch.cat(outputs, dim=0), None
@@ -297,6 +500,7 @@ class FP8MoELayer(MoELayer):
         return [[n] for n in torch.as_tensor(tokens_per_expert).tolist()]
 
 
-__all__ = ["Quantized", "quantize", "power_of_two_scale", "scaled_gemm", "fp8_linear",
+__all__ = ["Quantized", "quantize", "quantize_reference", "quantize_tilings", "quantize_segments", "invalidate_fp8_weights",
+           "power_of_two_scale", "scaled_gemm", "fp8_linear",
            "FP8ColumnParallelLinear", "FP8RowParallelLinear", "FP8SequentialMLP", "FP8MoELayer",
            "blockwise_support_problem"]

@@ -110,7 +110,7 @@ def check_host_memory(cfg: RunConfig) -> None:
     layout = cfg.layout(world)
     est = estimate(cfg.model_config(), layout, cfg.data.seq_length, float("inf"), t.micro_batch_size,
                    num_microbatches=t.global_batch_size // (t.micro_batch_size * layout.dp),
-                   recompute=t.recompute == "full")
+                   recompute=t.recompute == "full", fp8=t.fp8 == "blockwise")
     per_process = est.total - est.fixed  # the fixed reserve is CUDA's context and NCCL's buffers
     if per_process * here > available:
         model = cfg.model_config().name

@@ -18,6 +18,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from glm52_train import compat
 from glm52_train.data.loader import Batch, to_batch
 from glm52_train.model.dsa import DSALossScaler
+from glm52_train.model.fp8 import invalidate_fp8_weights
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -100,6 +101,7 @@ def train_step(cfg, iterator, chunks, optimizer, scheduler, num_microbatches: in
         optimizer.zero_grad()
         return StepResult(loss, None, True)
     updated, grad_norm, _ = optimizer.step()
+    invalidate_fp8_weights(chunks)  # the FP8 linears' quantised weights are the old step's
     if updated:
         scheduler.step(increment=1)
     return StepResult(loss, grad_norm, not updated)
