@@ -368,11 +368,12 @@ def test_item_09_fresh_adam_state(single_process):
 
 
 def saved_training(tmp_path):
+    from glm52_train.run_config import RunConfig
     from glm52_train.training.state import TrainState, save_training_checkpoint
 
     model, optimizer, scheduler = toy_training()
     train_step(model, optimizer)
-    path = save_training_checkpoint(tmp_path, TrainState(1, 2), [model], optimizer, scheduler, {"model": "toy"})
+    path = save_training_checkpoint(tmp_path, TrainState(1, 2), [model], optimizer, scheduler, RunConfig().to_dict())
     return path, adam_states(optimizer)
 
 

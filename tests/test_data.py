@@ -308,8 +308,12 @@ def test_make_data_builds_a_missing_corpus_and_leaves_an_existing_one(tmp_path):
     time.sleep(0.01)
     (tmp_path / ".venv" / ".installed").touch()  # set up
 
+    # as a user types it, not as a sub-make of `make test` (which would print its directories)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+
     def make(*args):
-        return subprocess.run(["make", *args, "data"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        return subprocess.run(["make", *args, "data"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=60)
 
     dry = make("-n")
     assert dry.returncode == 0 and dry.stdout.splitlines() == [
