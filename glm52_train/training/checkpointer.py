@@ -147,7 +147,8 @@ class Checkpointer:
                 self.logger.message(f"initialised the weights from {start}")
         if state.iteration >= self.cfg.train.iters:
             self.logger.message(f"nothing to do: the checkpoint is at step {state.iteration} and "
-                                f"train.iters is {self.cfg.train.iters} (raise train.iters to continue).")
+                                f"train.iters is {self.cfg.train.iters} (to continue, raise train.iters with "
+                                "train.override_schedule=true).")
         return state
 
     def _load(self, folder: Path) -> TrainState:
