@@ -123,25 +123,15 @@ class EvalResult:
                 f"{first}-{last - 1})")
 
 
-def split_documents(split: str, documents: int, part: int = 1) -> tuple[int, int]:
-    """Documents [first, last) of part `part` (0 train, 1 validation, 2 test) of a Megatron-Core
-    split string over `documents` documents, as its dataset builder cuts them."""
-    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
-                                                                        parse_and_normalize_split)
-
-    parts = split.split(",")
+def check_split(split: str) -> None:
+    """Refuse a --split that is not three non-negative weights, not all zero."""
     try:
-        weights = [float(p) for p in parts]
+        weights = [float(p) for p in split.split(",")]
     except ValueError:
         weights = []
     if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0 or not all(map(math.isfinite, weights)):
         raise ConfigError(f"--split {split!r} is not three weights 'train,validation,test' (not all zero), "
                           f"e.g. '0,100,0'.")
-    vector = parse_and_normalize_split(split)
-    bounds = convert_split_vector_to_split_matrix(vector)[part]
-    if bounds is None:
-        return 0, 0
-    return int(round(bounds[0] * documents)), int(round(bounds[1] * documents))
 
 
 def evaluate_checkpoint(ckpt: str, data: str, iters: int = 10, micro_batch_size: int | None = None,
@@ -152,7 +142,7 @@ def evaluate_checkpoint(ckpt: str, data: str, iters: int = 10, micro_batch_size:
     order and with the seed the training loop validates with. The batches are this many
     sequences of the run's sequence length; samples past the end of the part start it again
     (Megatron-Core's epochs)."""
-    from glm52_train.data.loader import check_data, dataloader
+    from glm52_train.data.loader import check_data, dataloader, split_bounds
     from glm52_train.data.prepare import read_dataset_meta
     from glm52_train.data.tokenizer import Tokenizer
     from glm52_train.training.step import evaluate
@@ -163,9 +153,9 @@ def evaluate_checkpoint(ckpt: str, data: str, iters: int = 10, micro_batch_size:
         raise ConfigError(f"--micro-batch-size must be at least 1, got {micro_batch_size}.")
     if seq_length is not None and seq_length < 1:
         raise ConfigError(f"--seq-length must be at least 1, got {seq_length}.")
-    split_documents(split, 0)  # a malformed split before anything is read
+    check_split(split)  # before anything is read
     documents = read_dataset_meta(data)["documents"]
-    first, last = split_documents(split, documents)
+    first, last = split_bounds(split, documents)[1]  # the validation part
     if last <= first:
         raise ConfigError(f"--split {split} leaves no document of {data} ({documents} documents) to evaluate on; "
                           f"give its validation part a larger share, e.g. --split 0,100,0 for all of them.")

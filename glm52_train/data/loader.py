@@ -43,16 +43,21 @@ def check_data(cfg: RunConfig, model: ModelConfig, tokenizer: Tokenizer) -> list
     return metas
 
 
-def split_documents(split: str, documents: int) -> list[int]:
-    """The documents of a dataset of `documents` that Megatron-Core's train, validation and test
-    splits get under `split`, with its own rounding (BlendedMegatronDatasetBuilder)."""
+def split_bounds(split: str, documents: int) -> list[tuple[int, int]]:
+    """Documents [first, last) of a dataset of `documents` that Megatron-Core's train, validation
+    and test splits get under `split`, with its own rounding (BlendedMegatronDatasetBuilder)."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix,
         parse_and_normalize_split,
     )
 
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    return [0 if m is None else int(round(m[1] * documents)) - int(round(m[0] * documents)) for m in matrix]
+    return [(0, 0) if m is None else (int(round(m[0] * documents)), int(round(m[1] * documents))) for m in matrix]
+
+
+def split_documents(split: str, documents: int) -> list[int]:
+    """How many documents the train, validation and test splits get (split_bounds)."""
+    return [last - first for first, last in split_bounds(split, documents)]
 
 
 def read_documents(prefix: str) -> int:
