@@ -83,25 +83,17 @@ class GLMSelfAttention(MLASelfAttention):
             freqs, mscale = self.rope_frequencies(hidden_states)
             freqs = freqs[: q_compressed.shape[0] * (tp.size() if cfg.sequence_parallel else 1)]
 
-        def up_projection(q_compressed, c_kv, k_rope):
+        def project(q_compressed, c_kv, k_rope):
             q, _ = self.linear_q_up_proj(q_compressed)
             q = q.view(*q.shape[:-1], n, self.q_head_dim)
             q_nope, q_rope = torch.split(q, [cfg.qk_head_dim, cfg.qk_pos_emb_head_dim], dim=-1)
             q_rope = apply_rotary_pos_emb(q_rope, freqs, config=cfg, mscale=mscale)
             k_rot = apply_rotary_pos_emb(k_rope.unsqueeze(2), freqs, config=cfg, mscale=mscale).squeeze(2)
-            w = self.linear_kv_up_proj.weight.view(n, cfg.qk_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
-            q_latent = torch.einsum("sbhd,hdc->sbhc", q_nope, w[:, : cfg.qk_head_dim])
-            return torch.cat([q_latent, q_rope], dim=-1), torch.cat([c_kv, k_rot], dim=-1)
-
-        def per_head_projection(q_compressed, c_kv, k_rope):
-            q, _ = self.linear_q_up_proj(q_compressed)
-            q = q.view(*q.shape[:-1], n, self.q_head_dim)
-            q_nope, q_rope = torch.split(q, [cfg.qk_head_dim, cfg.qk_pos_emb_head_dim], dim=-1)
-            q_rope = apply_rotary_pos_emb(q_rope, freqs, config=cfg, mscale=mscale)
-            k_rot = apply_rotary_pos_emb(k_rope.unsqueeze(2), freqs, config=cfg, mscale=mscale).squeeze(2)
+            if not per_head:  # absorbed: q_nope into the latent through kv_up's key half
+                w = self.linear_kv_up_proj.weight.view(n, cfg.qk_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+                q_nope = torch.einsum("sbhd,hdc->sbhc", q_nope, w[:, : cfg.qk_head_dim])
             return torch.cat([q_nope, q_rope], dim=-1), torch.cat([c_kv, k_rot], dim=-1)
 
-        project = per_head_projection if per_head else up_projection
         if self.recompute_up_proj and self.training and torch.is_grad_enabled():
             self.qkv_up_checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=cfg.fp8 or getattr(cfg, "fp4", None))
             query, key_value = self.qkv_up_checkpoint.checkpoint(project, q_compressed, c_kv, k_rope)
