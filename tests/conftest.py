@@ -15,17 +15,23 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+@pytest.fixture(autouse=True)
+def fresh_aux_loss_scale():
+    """Megatron-Core keeps the aux-loss scale on the class: a scale of another shape left by an
+    earlier test in this process would not broadcast into the next schedule's (in-process eval
+    and training alike). Reset only where Megatron-Core is loaded already."""
+    moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
+    if moe_utils is not None:
+        moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    yield
+
+
 @pytest.fixture
 def single_process():
     """Megatron-Core parallel state for one process (TP=PP=EP=CP=1), seed 1234."""
     from glm52_train import parallel
 
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
     parallel.initialize(seed=1234)
-    # Megatron-Core keeps the aux-loss scale on the class: a scale of another shape left by an
-    # earlier test in this process would not broadcast into the next schedule's.
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     yield
     parallel.destroy()  # the process groups too: each gloo group holds polling threads
 
