@@ -165,6 +165,41 @@ def test_kl_from_probs_reference_matches_the_kl_loss():
     assert torch.allclose(got, reference.indexer_kl_loss(iq, ik, iw, q, kv, idx, 0.3, d))
 
 
+def test_sparse_mla_indexer_kl_sums_the_heads_of_every_rank():
+    """The indexer KL from the attention's backward (reference path, float64), with the heads
+    split over two simulated tensor-parallel ranks: the second rank's `reduce_probs` adds the
+    first's head sums, and its KL, indexer gradients (times `loss_weight`) and dq/dkv equal the
+    one-process forward path's (`sparse_mla` + `indexer_kl_loss` over all heads)."""
+    g = torch.Generator().manual_seed(21)
+    sq, sk, b, n, dv, dr, ih, idim, topk = 7, 11, 2, 4, 8, 4, 3, 5, 6
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    q, kv, iq, ik, iw = r(sq, b, n, dv + dr), r(sk, b, dv + dr), r(sq, b, ih, idim), r(sk, b, idim), r(sq, b, ih)
+    idx = reference.indexer_topk(iq, ik, iw, topk, q_pos=torch.arange(sq) + sk - sq)
+    idx[1, -1, 3:] = -1  # a query with fewer keys
+    dout, scale, weight = r(sq, b, n, dv), 0.3, 2.5
+    leaves = [t.clone().requires_grad_() for t in (q, kv, iq, ik, iw)]
+    out = reference.sparse_mla(leaves[0], leaves[1], idx, scale, dv)[0]
+    want_kl = reference.indexer_kl_loss(*leaves[2:], q, kv, idx, scale, dv)
+    torch.autograd.backward([out, want_kl * weight], [dout, None])
+    half, first_rank_probs, kls = n // 2, [], []
+    grads = []
+    for rank, (heads, reduce) in enumerate([(slice(0, half), lambda p: first_rank_probs.append(p.clone()) or p),
+                                            (slice(half, n), lambda p: p + first_rank_probs[0])]):
+        mine = [q[:, :, heads].clone().requires_grad_(), kv.clone().requires_grad_()] + \
+            [t.clone().requires_grad_() for t in (iq, ik, iw)]
+        got = api.sparse_mla_indexer_kl(*mine[:2], idx, *mine[2:], scale, dv, num_heads=n, reduce_probs=reduce,
+                                        loss_weight=lambda: weight, on_loss=kls.append, impl="reference")
+        assert not kls[rank:]  # the KL comes in backward
+        assert torch.allclose(got, out[:, :, heads])
+        got.backward(dout[:, :, heads])
+        grads.append([t.grad for t in mine])
+    assert len(kls) == 2 and abs(kls[1].item() - want_kl.item()) < 1e-12
+    assert torch.allclose(torch.cat([grads[0][0], grads[1][0]], 2), leaves[0].grad, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(grads[0][1] + grads[1][1], leaves[1].grad, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads[1][2:], leaves[2:]):
+        assert torch.allclose(got, want.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_invert_selection_lists_each_keys_queries():
     """The key-major view of a selection: per block of 16 keys, the queries that chose any of
     them (ascending, once each) and which keys; together exactly the selected pairs."""
@@ -449,6 +484,39 @@ class TestInterpreter:
         assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item())
         assert _rel(iq.grad, iqd.grad) < BF16_TOL and _rel(ik.grad, ikd.grad) < BF16_TOL
         assert _rel(iw.grad, iwd.grad) < 1e-4
+
+    @pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "key-major"])
+    def test_sparse_mla_indexer_kl(self, request, monkeypatch, atomic):
+        """The attention whose backward computes the indexer KL from the dq pass's head
+        probabilities (`api.sparse_mla_indexer_kl`, what `dsa.indexer_loss: dq_pass` runs):
+        out, dq, dkv, the logged KL and the indexer gradients (times the loss weight) against
+        float64 `sparse_mla` + `indexer_kl_loss`."""
+        if _delegated(request):
+            return
+        _poison(monkeypatch)
+        g = torch.Generator().manual_seed(5 + atomic)
+        sq, sk, b, n, dv, dr, ih, idim, topk = 9, 14, 2, 16, 32, 16, 4, 16, 6
+        q = torch.randn(sq, b, n, dv + dr, generator=g).bfloat16().requires_grad_()
+        kv = torch.randn(sk, b, dv + dr, generator=g).bfloat16().requires_grad_()
+        iq = torch.randn(sq, b, ih, idim, generator=g).bfloat16().requires_grad_()
+        ik = torch.randn(sk, b, idim, generator=g).bfloat16().requires_grad_()
+        iw = (0.3 * torch.randn(sq, b, ih, generator=g)).requires_grad_()
+        idx = api.indexer_topk(iq.detach(), ik.detach(), iw.detach(), topk, impl="reference").int()
+        idx[0, -1, 2:] = -1  # a query with fewer keys
+        scale, weight, kls = (dv + dr) ** -0.5, 3.0, []
+        dout = torch.randn(sq, b, n, dv, generator=g).bfloat16()
+        out = api.sparse_mla_indexer_kl(q, kv, idx, iq, ik, iw, scale, dv, loss_weight=lambda: weight,
+                                        on_loss=kls.append, impl="triton", bwd_cfg=dict(atomic=atomic))
+        out.backward(dout)
+        leaves = [t.detach().double().requires_grad_() for t in (q, kv, iq, ik, iw)]
+        ref_out = reference.sparse_mla(leaves[0], leaves[1], idx, scale, dv)[0]
+        ref_kl = reference.indexer_kl_loss(*leaves[2:], q.double(), kv.double(), idx, scale, dv)
+        torch.autograd.backward([ref_out, ref_kl * weight], [dout.double(), None])
+        assert len(kls) == 1 and abs(kls[0].item() - ref_kl.item()) <= 1e-4 * abs(ref_kl.item())
+        assert _rel(out, ref_out) < BF16_TOL
+        for name, got, want in zip(("q", "kv", "iq", "ik"), (q, kv, iq, ik), leaves):
+            assert _rel(got.grad, want.grad) < BF16_TOL, name
+        assert _rel(iw.grad, leaves[4].grad) < 1e-4
 
     @pytest.mark.parametrize("mode", ["sparse", "sparse+lse", "dense", "dense+docs"])
     def test_indexer_kl_loss(self, request, monkeypatch, mode):

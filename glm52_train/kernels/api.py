@@ -236,3 +236,85 @@ def indexer_kl_from_probs(iq, ik, iw, idx, head_probs, num_heads: int, *, impl: 
     if mod is None:
         return reference.indexer_kl_from_probs(iq, ik, iw, idx, head_probs, num_heads)
     return mod.IndexerKLFromProbs.apply(iq, ik, iw, idx, head_probs, num_heads)
+
+
+class _SparseMLAIndexerKL(torch.autograd.Function):
+    """`sparse_mla_indexer_kl`: the sparse attention forward; in backward dq, dkv, the dq pass's
+    head probabilities and the indexer KL with its gradients (see there)."""
+
+    @staticmethod
+    def forward(ctx, q, kv, idx, iq, ik, iw, scale, v_dim, num_heads, loss_weight, reduce_probs, on_loss,
+                mod, bwd_cfg, inverse):
+        if mod is None:
+            with torch.no_grad():
+                out, lse = reference.sparse_mla(q, kv, idx, scale, v_dim)
+        else:
+            out, lse = mod.sparse_mla_fwd(q, kv, idx, scale, v_dim)
+        ctx.save_for_backward(q, kv, idx, out, lse, iq, ik, iw)
+        ctx.scale, ctx.v_dim, ctx.num_heads, ctx.mod = scale, v_dim, num_heads, mod
+        ctx.loss_weight, ctx.reduce_probs, ctx.on_loss = loss_weight, reduce_probs, on_loss
+        ctx.bwd_cfg, ctx.inverse = bwd_cfg, inverse
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, kv, idx, out, lse, iq, ik, iw = ctx.saved_tensors
+        mod, scale, v_dim = ctx.mod, ctx.scale, ctx.v_dim
+        with record_function("glm52::sparse attention"):
+            if mod is None:  # the reference: recompute the forward's graph, then the dq pass's sums
+                with torch.enable_grad():
+                    qd, kvd = q.detach().requires_grad_(), kv.detach().requires_grad_()
+                    dq, dkv = torch.autograd.grad(reference.sparse_mla(qd, kvd, idx, scale, v_dim)[0], (qd, kvd),
+                                                  dout)
+                probs = reference.sparse_mla_head_probs(q, kv, idx, scale, lse)
+            else:
+                probs = torch.empty(idx.shape, dtype=torch.float32, device=idx.device)
+                inverse = ctx.inverse() if callable(ctx.inverse) else ctx.inverse
+                dq, dkv = mod.sparse_mla_bwd(q, kv, idx, out, lse, dout, scale, v_dim, ctx.bwd_cfg, inverse,
+                                             head_probs=probs)
+        if ctx.reduce_probs is not None:
+            probs = ctx.reduce_probs(probs)
+        with record_function("glm52::indexer loss"):
+            if mod is None:
+                with torch.enable_grad():
+                    leaves = [t.detach().requires_grad_() for t in (iq, ik, iw)]
+                    loss = reference.indexer_kl_from_probs(*leaves, idx, probs, ctx.num_heads)
+                    diq, dik, diw = torch.autograd.grad(loss, leaves)
+            else:
+                kl = importlib.import_module("glm52_train.kernels.indexer_loss")
+                loss, diq, dik, diw = kl.indexer_kl_from_probs(iq, ik, iw, idx, probs, ctx.num_heads)
+        if ctx.on_loss is not None:
+            ctx.on_loss(loss.detach())
+        weight = 1.0 if ctx.loss_weight is None else ctx.loss_weight()
+        grads = tuple((g * weight).to(t.dtype) for g, t in zip((diq, dik, diw), (iq, ik, iw)))
+        return (dq, dkv, None, *grads) + (None,) * 9
+
+
+@_labelled("sparse attention")
+def sparse_mla_indexer_kl(q, kv, idx, iq, ik, iw, scale: float, v_dim: int = 512, *, num_heads: int | None = None,
+                          loss_weight=None, reduce_probs=None, on_loss=None, impl: str = "auto",
+                          bwd_cfg: dict | None = None) -> torch.Tensor:
+    """`sparse_mla` whose backward also computes the indexer's sparse KL loss from the dq
+    pass's probabilities (docs/kernels.md, section 4): kv is gathered once per pass, not a
+    second time for the loss, and the query heads are not gathered under tensor parallelism.
+
+    Forward: out [sq, b, n, v_dim] exactly as `sparse_mla(q, kv, idx, scale, v_dim)`; no loss
+    yet. Backward: dq and dkv as `sparse_mla`'s; the dq pass also writes `head_probs` [b, sq,
+    topk] fp32, the attention probabilities summed over the n local heads per top-k slot (4 *
+    topk bytes per query, kept from the dq pass to the KL; the reference computes them from q,
+    kv and lse); `reduce_probs(head_probs)`, when given, returns the sum over all `num_heads`
+    heads (an all-reduce over the tensor-parallel ranks); then `indexer_kl_from_probs(iq, ik,
+    iw, idx, head_probs, num_heads)` and its gradients, which reach iq, ik and iw as if
+    `loss_weight() * KL` had been added to the objective (`loss_weight` is called in backward;
+    None: 1). `on_loss(kl)` receives the KL's value (a detached scalar), once per backward.
+    `num_heads` defaults to q's head count. The dkv backward follows `bwd_cfg` as in
+    `sparse_mla` (`{"atomic": False}`: key-major, deterministic)."""
+    mod = _triton("sparse_mla", q, impl)
+    inverse = None
+    if mod is not None and bwd_cfg is not None and bwd_cfg.get("atomic", True) is False:
+        block, sk = bwd_cfg.get("BKEY", 16), kv.shape[0]
+        inverse = lambda: inverted_selection(idx, sk, block)  # noqa: E731 (built in backward)
+    if mod is not None:
+        _triton("indexer_loss", q, impl)  # (imported and, on CPU tensors, interpreted likewise)
+    return _SparseMLAIndexerKL.apply(q, kv, idx, iq, ik, iw, scale, v_dim, num_heads or q.shape[2], loss_weight,
+                                     reduce_probs, on_loss, mod, bwd_cfg, inverse)

@@ -51,6 +51,13 @@ class DSABackend:
         bwd_cfg = {"atomic": False} if self.deterministic else None
         return api.sparse_mla(q, kv, idx, scale, v_dim, return_lse=True, impl=self.impl, bwd_cfg=bwd_cfg)
 
+    def sparse_mla_indexer_kl(self, q, kv, idx, iq, ik, iw, scale: float, v_dim: int, **kl):
+        """out [sq, b, n, v_dim] as `sparse_mla`'s, whose backward also trains the indexer from the
+        dq pass's head probabilities (`api.sparse_mla_indexer_kl`: `num_heads`, `loss_weight`,
+        `reduce_probs`, `on_loss`)."""
+        bwd_cfg = {"atomic": False} if self.deterministic else None
+        return api.sparse_mla_indexer_kl(q, kv, idx, iq, ik, iw, scale, v_dim, **kl, impl=self.impl, bwd_cfg=bwd_cfg)
+
     def dense_attention(self, q, k, v, scale: float, runs):
         """Per-head out [sq, b, n, dv] over every visible key (SDPA on every backend)."""
         return dense.dense_attention(q, k, v, scale, runs)

@@ -114,6 +114,20 @@ def sparse_mla(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: floa
     return out.to(q.dtype), lse.permute(0, 2, 1)
 
 
+def sparse_mla_head_probs(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: float,
+                          lse: torch.Tensor) -> torch.Tensor:
+    """What the sparse attention's dq pass writes for the indexer loss (`sparse_mla_bwd(...,
+    head_probs=)`): sum_h exp(scale * q[i, h] . kv[j] - lse[h, i]) per top-k slot, [b, sq, topk]
+    (fp32, fp64 for fp64 inputs), 0 in -1 slots; `lse` [b, n, sq] from `sparse_mla`. No gradient."""
+    acc = _acc(q)
+    with torch.no_grad():
+        keys = _gather_kv(kv.to(acc), idx)  # [b, sq, k, d]
+        s = torch.einsum("sbnd,bskd->bsnk", q.to(acc), keys) * scale
+        lse = lse.to(acc).permute(0, 2, 1).unsqueeze(-1)  # [b, sq, n, 1]
+        p = torch.exp(s - lse.masked_fill(torch.isinf(lse), float("inf")))
+        return p.sum(dim=2).masked_fill(idx < 0, 0.0)
+
+
 def mla_lse(q, kv, idx, scale: float, q_pos=None, k_pos=None, q_doc=None, k_doc=None) -> torch.Tensor:
     """Log-sum-exp of the main attention scores, [b, n, sq]: over idx[i] (sparse) or over all
     visible keys (idx None, dense warm-up)."""

@@ -36,6 +36,7 @@ class GLMTransformerConfig(MLATransformerConfig):
     dsa_loss_coeff: float = 1.0
     dsa_backend: str = "auto"
     dsa_deterministic: bool = False  # run.dsa.deterministic: the atomics-free sparse attention backward
+    dsa_indexer_loss: str = "forward"  # run.dsa.indexer_loss: where the sparse layers' indexer KL is computed
     latent_layernorm_epsilon: float = 1e-6
     mtp_distinct_layers: int = 0
     packed_sequences: bool = False
@@ -100,6 +101,7 @@ def transformer_config(model: ModelConfig, run: RunConfig | None = None, *, cpu_
         dsa_loss_coeff=run.dsa.loss_coeff,
         dsa_backend=run.dsa.backend,
         dsa_deterministic=run.dsa.deterministic,
+        dsa_indexer_loss=run.dsa.indexer_loss,
         mtp_num_layers=model.mtp_steps if model.mtp_layers else None,
         mtp_distinct_layers=model.mtp_layers,
         mtp_loss_scaling_factor=run.mtp.loss_scale,

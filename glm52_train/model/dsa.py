@@ -215,6 +215,15 @@ class DSACoreAttention(MegatronModule):
                 f"layer {self.layer_number} shares the top-k of an earlier layer (IndexShare) but "
                 "received none: the previous full layer must run before it."
             )
+        if want_loss and self.config.dsa_indexer_loss == "dq_pass":
+            weight = self.config.dsa_loss_coeff / self.num_indexer_layers * query.shape[0] * query.shape[1]
+            out = self.backend.sparse_mla_indexer_kl(
+                query, kv_all, topk_indices, iq, ik, iw, self.softmax_scale, v_dim,
+                num_heads=self.config.num_attention_heads, reduce_probs=self._sum_over_heads,
+                loss_weight=lambda: DSALossScaler.scale * weight,
+                on_loss=lambda kl: DSALossTracker.add(self.layer_number, kl),
+            )
+            return out, topk_indices
         out, lse = self.backend.sparse_mla(query, kv_all, topk_indices, self.softmax_scale, v_dim)
         if want_loss:
             q_all, lse_all = self._all_heads(query.detach(), lse)
@@ -276,6 +285,15 @@ class DSACoreAttention(MegatronModule):
             tokens = query.shape[0] * query.shape[1]
             out = DSALossScaler.apply(out, loss * (cfg.dsa_loss_coeff / self.num_indexer_layers * tokens))
         return out, None
+
+    def _sum_over_heads(self, head_probs: torch.Tensor) -> torch.Tensor:
+        """The dq pass's per-slot sums of this rank's heads -> the sums over all heads: an
+        all-reduce over tensor parallelism (4 * topk bytes per query, where `_all_heads` gathers
+        every head's 576-channel query)."""
+        tp = self.tp_group
+        if tp is not None and tp.size() > 1:
+            torch.distributed.all_reduce(head_probs, group=tp)
+        return head_probs
 
     def _all_heads(self, query: torch.Tensor, lse: torch.Tensor | None):
         """The indexer's target averages the attention of *all* heads: gather the heads that
