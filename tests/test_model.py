@@ -336,3 +336,34 @@ def test_dsa_deterministic_reaches_the_core_attention():
         backend = glm52_layer_spec(config, moe=False, use_te=False).submodules.self_attention.submodules \
             .core_attention.params["backend"]
         assert backend == DSABackend("auto", deterministic=want)
+
+
+@pytest.mark.parametrize("overrides", [[], ["train.recompute=full"]], ids=["plain", "recompute_full"])
+def test_indexer_loss_from_the_dq_pass_equals_the_forward_one(single_process, overrides):
+    """`dsa.indexer_loss: dq_pass` (the KL from the sparse attention backward's head
+    probabilities) trains what `forward` (the KL recomputed in the forward) does: the same LM
+    loss, every parameter's gradient and the logged KL per layer, recorded once per layer in the
+    backward (also when recomputation runs the forward twice)."""
+    cfg = get_model_config("tiny")
+    ids, pos = _batch(cfg.vocab_size)
+    forward = _build(cfg, None, *overrides).train()
+    dq_pass = _build(cfg, forward, "dsa.indexer_loss=dq_pass", *overrides).train()
+    results = []
+    for model in (forward, dq_pass):
+        DSALossTracker.pop()
+        model.zero_grad()
+        loss = model(ids, pos, None, labels=ids).float().mean()
+        before_backward = {k: len(v) for k, v in DSALossTracker.values.items()}
+        loss.backward()
+        counts = {k: len(v) for k, v in DSALossTracker.values.items()}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, before_backward, counts, DSALossTracker.pop()))
+    (loss_a, grads_a, _, counts_a, kl_a), (loss_b, grads_b, before_b, counts_b, kl_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert before_b == {} and counts_a == counts_b == {1: 1, 3: 1, 5: 1}
+    for layer, value in kl_a.items():
+        assert abs(kl_b[layer] - value) <= 1e-4 * abs(value), layer
+    assert set(grads_a) == set(grads_b)
+    for name, a in grads_a.items():
+        err = ((grads_b[name] - a).norm() / a.norm().clamp_min(1e-30)).item()
+        assert err < (1e-4 if ".indexer." in name else 1e-6), (name, err)

@@ -22,6 +22,8 @@ LAYOUTS = {
     # name: (processes, overrides)
     "dp2_distributed_optimizer": (2, []),
     "tp2_sequence_parallel": (2, ["parallel.tp=2", "parallel.sp=true"]),
+    # the indexer KL from the attention backward: each rank's head sums all-reduced over TP
+    "tp2_sequence_parallel_dq_pass_kl": (2, ["parallel.tp=2", "parallel.sp=true", "dsa.indexer_loss=dq_pass"]),
     "ep2_alltoall": (2, ["parallel.ep=2"]),
     # stage 2 begins with IndexShare layer 1 (S): its top-k crosses the stage boundary
     "pp2_uneven_shared_layer_start": (2, ["parallel.pp=2", "parallel.first_stage_layers=1"]),
