@@ -124,7 +124,8 @@ def _memory(records: list[dict], cfg) -> dict:
                    num_microbatches=micro, recompute=cfg.train.recompute or "none",
                    recompute_modules=cfg.train.recompute_modules if selective else (), optimizer=cfg.optimizer.name,
                    first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers,
-                   fp8=cfg.train.fp8 == "blockwise")
+                   fp8=cfg.train.fp8 == "blockwise", dsa_deterministic=cfg.dsa.deterministic,
+                   dsa_indexer_loss=cfg.dsa.indexer_loss)
     out = dict(plan_estimate_gib=est.total / GiB,
                plan_parts_gib={k: v / GiB for k, v in est.to_dict().items() if isinstance(v, float)})
     peaks = [r["peak_reserved_gib"] for r in records if r.get("peak_reserved_gib") is not None]

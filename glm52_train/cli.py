@@ -191,7 +191,8 @@ def _plan_inputs(args) -> dict:
     q = dict(seq_len=args.seq_len or 4096, micro_batch=args.micro_batch or 1, global_batch=args.global_batch,
              recompute=args.recompute or "full", modules=_modules(args.recompute_modules),
              optimizer=args.optimizer or "adamw", first=args.first_stage_layers, last=args.last_stage_layers,
-             grad_dtype=args.grad_dtype or "fp32", deterministic=False, fp8=False)
+             grad_dtype=args.grad_dtype or "fp32", deterministic=False, fp8=False,
+             indexer_loss="forward")
     if args.config:
         from glm52_train.run_config import load_run_config
 
@@ -215,7 +216,8 @@ def _plan_inputs(args) -> dict:
                  first=q["first"] if q["first"] is not None else p.first_stage_layers,
                  last=q["last"] if q["last"] is not None else p.last_stage_layers, sp=p.sp,
                  grad_dtype=args.grad_dtype or ("fp32" if t.grad_reduce_in_fp32 else "bf16"),
-                 deterministic=cfg.dsa.deterministic, fp8=t.fp8 == "blockwise")
+                 deterministic=cfg.dsa.deterministic, fp8=t.fp8 == "blockwise",
+                 indexer_loss=cfg.dsa.indexer_loss)
         if q["recompute"] != "selective":
             q["modules"] = ()
     elif not args.model:
@@ -278,7 +280,8 @@ def cmd_plan(args) -> int:
             return 1
         est = estimate(model, layout, q["seq_len"], args.gpu_mem, q["micro_batch"], microbatches, q["recompute"],
                        q["modules"], q["optimizer"], grad_dtype=q["grad_dtype"], **stages,
-                       dsa_deterministic=q["deterministic"], fp8=q["fp8"])
+                       dsa_deterministic=q["deterministic"], fp8=q["fp8"],
+                       dsa_indexer_loss=q["indexer_loss"])
         st = step_time(model, layout, q["seq_len"], q["micro_batch"], microbatches, q["recompute"], q["modules"],
                        **timing, **stages)
         est.time = st.to_dict(chunks=False)

@@ -28,7 +28,9 @@ Megatron-Core's distributed optimizer:
 - dsa: the part of those activations that DSA adds (top-k indices, log-sum-exp, the indexer's
   gradients, computed in the forward pass by the fused KL kernel); under `dsa.deterministic`
   also one inverted selection and its build (`inverted_selection_bytes`): one IndexShare
-  group's at a time, in backward;
+  group's at a time, in backward; under `dsa.indexer_loss: dq_pass` also the dq pass's head
+  probabilities (`head_probs_bytes`): one layer's at a time, in backward (the indexer's inputs
+  saved for its KL there take the place of the forward-computed gradients, the same bytes);
 - logits: fp32 logits saved by the loss for the main head and each MTP step, for the
   micro-batches in flight on the chunk with "L", plus one transient gradient of them;
 - fp8 weights (`train.fp8: blockwise`, counted in "weights" and shown as `fp8_weights` in
@@ -211,6 +213,17 @@ def inverted_selection_bytes(m: ModelConfig, tokens: float) -> float:
     return INVERSE_BYTES_PER_SLOT * m.index_topk * tokens
 
 
+# `dsa.indexer_loss: dq_pass`: the sparse attention's dq pass writes one fp32 per top-k slot
+# (the attention probabilities summed over heads), kept until the indexer KL reads it.
+HEAD_PROBS_BYTES_PER_SLOT = 4
+
+
+def head_probs_bytes(m: ModelConfig, tokens: float) -> float:
+    """Bytes of the dq pass's head probabilities for `tokens` local queries (one layer's, in
+    backward; kernels/api.py, sparse_mla_indexer_kl)."""
+    return HEAD_PROBS_BYTES_PER_SLOT * m.index_topk * tokens
+
+
 def _chunk_saved_bytes(m: ModelConfig, items: list, tp: int, sp: bool, tokens: float, recompute: str,
                        modules, micro_batch: int, act_bytes: int = BF16) -> tuple[float, float, float, float]:
     """(saved bytes, of which DSA, of which logits, the largest layer's working set, of which
@@ -311,6 +324,7 @@ def estimate(
     grad_dtype: str = "fp32",
     dsa_deterministic: bool = False,
     fp8: bool = False,
+    dsa_indexer_loss: str = "forward",
 ) -> Estimate:
     """Memory per GPU of the busiest pipeline rank (see the module docstring)."""
     if grad_dtype not in GRAD_DTYPES:
@@ -372,8 +386,11 @@ def estimate(
         logits = sum(n * c[2] for n, c in zip(at_peak, saved))
         dsa = sum(n * c[1] for n, c in zip(at_peak, saved))
         activations = peak - logits - dsa
-        if dsa_deterministic and any(item not in ("E", "L") for items in rank_chunks for item in items):
+        has_layers = any(item not in ("E", "L") for items in rank_chunks for item in items)
+        if dsa_deterministic and has_layers:
             dsa += inverted_selection_bytes(m, tokens)  # not saved for backward: on top of the peak
+        if dsa_indexer_loss == "dq_pass" and has_layers:
+            dsa += head_probs_bytes(m, tokens)  # likewise, one layer's in backward
         if recompute == "full":
             activations += largest - rebuilt_dsa  # one layer rebuilt at a time in backward
             dsa += rebuilt_dsa

@@ -202,6 +202,23 @@ def test_plan_counts_the_deterministic_backwards_inverted_selection(tmp_path, ca
     assert (total[True] - total[False]) * 2**20 == pytest.approx(extra * 1.10)  # with the 10% slack
 
 
+def test_plan_counts_the_dq_pass_head_probabilities(tmp_path, capsys):
+    """`dsa.indexer_loss: dq_pass` adds the dq pass's head probabilities (one fp32 per top-k slot
+    of the local queries, one layer's at a time in backward) to the dsa column, nothing else."""
+    from glm52_train.plan import HEAD_PROBS_BYTES_PER_SLOT
+
+    dsa, activations, total = {}, {}, {}
+    for value in ("forward", "dq_pass"):
+        cfg = tiny_run_config(tmp_path, str(tmp_path / "d"), dsa={"indexer_loss": value})
+        assert glm52(["plan", "--config", str(cfg), "--gpus", "1", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        dsa[value], activations[value], total[value] = out["dsa_buffers"], out["activations"], out["total_mib"]
+    extra = HEAD_PROBS_BYTES_PER_SLOT * TINY.index_topk * 2 * 64  # micro-batch 2 x 64-token sequences, no CP
+    assert dsa["dq_pass"] - dsa["forward"] == pytest.approx(extra)
+    assert activations["dq_pass"] == activations["forward"]
+    assert (total["dq_pass"] - total["forward"]) * 2**20 == pytest.approx(extra * 1.10)  # with the 10% slack
+
+
 # ---- measured on CPU runs of tiny -----------------------------------------------------------
 
 @pytest.mark.slow

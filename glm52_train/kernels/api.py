@@ -230,8 +230,8 @@ def indexer_kl_from_probs(iq, ik, iw, idx, head_probs, num_heads: int, *, impl: 
     topk] fp32 holds the attention probabilities summed over `num_heads` heads per top-k slot,
     as the sparse attention's dq pass writes them (`sparse_mla.sparse_mla_bwd(...,
     head_probs=)`), so kv is not gathered a second time. Gradients reach iq, ik, iw only. The
-    model does not use it yet: its loss runs in the forward, before the dq pass
-    (docs/kernels.md, section 4)."""
+    model computes this KL inside `sparse_mla_indexer_kl`'s backward (`dsa.indexer_loss:
+    dq_pass`; docs/kernels.md, section 4)."""
     mod = _triton("indexer_loss", iq, impl)
     if mod is None:
         return reference.indexer_kl_from_probs(iq, ik, iw, idx, head_probs, num_heads)

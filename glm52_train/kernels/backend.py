@@ -13,6 +13,9 @@
 ``deterministic``: the Triton sparse attention backward computes dkv key-major without
 atomics (`sparse_mla(..., bwd_cfg={"atomic": False})`); the references are deterministic on CPU.
 
+``sparse_mla_indexer_kl`` (`dsa.indexer_loss: dq_pass`): the sparse attention whose backward
+also computes the indexer KL from the dq pass's head probabilities (no second kv gather).
+
 Dense attention (`dsa.mode: dense`, the warm-up's main attention, the sparse shortcut) runs per
 head through torch's scaled_dot_product_attention on every backend (`kernels/dense.py`: cuDNN or
 flash kernels on GPUs, the CPU kernels on CPUs); the warm-up's indexer KL stays on the backend.

@@ -19,6 +19,18 @@ Training modes (`config.dsa_mode`), GLM-5's stages in order:
   would select them all: the layer then takes the dense path exactly (no top-k selection; the KL
   over all visible keys, which is the sparse KL there).
 
+Where the sparse KL is computed (`config.dsa_indexer_loss`, run config `dsa.indexer_loss`):
+- ``forward`` (the default): in the forward, by a kernel that gathers every selected kv row a
+  second time to recompute the head-averaged attention probabilities (under tensor
+  parallelism after all-gathering every head's query);
+- ``dq_pass``: in the attention's backward (`DSABackend.sparse_mla_indexer_kl`): the dq pass
+  writes the probabilities summed over this rank's heads per top-k slot (4 * topk bytes per
+  query, kept until the KL), an all-reduce over tensor parallelism sums the heads, and the KL
+  and the indexer's gradients come from them, weighted exactly as ``forward``'s; the value is
+  logged from the backward (once per micro-batch, recomputation included). Predicted ~30% of
+  the forward KL's time (docs/kernels.md, section 4), unmeasured on a GPU, hence not the
+  default.
+
 Sparse attention runs in MLA's absorbed form (MQA on the 576-channel latent, see attention.py),
 on the kernels of a `DSABackend` (the PyTorch references or the Triton kernels), chosen in the
 layer spec (spec.py); dense attention runs per head through SDPA (kernels/dense.py). Where
