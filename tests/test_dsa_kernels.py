@@ -719,3 +719,41 @@ def test_gpu_indexer_kl_from_dq_pass_probabilities(monkeypatch, dsa_case):
     assert _rel(iq.grad, iqd.grad) < BF16_TOL
     assert _rel(ik.grad, ikd.grad) < BF16_TOL
     assert _rel(iw.grad, iwd.grad) < 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_sparse_mla_indexer_kl(monkeypatch, dsa_case):
+    """`api.sparse_mla_indexer_kl` (what `dsa.indexer_loss: dq_pass` runs) at full size: out, dq
+    and dkv as `sparse_mla`'s (checked against float64 by test_gpu_sparse_mla), and the KL and
+    the indexer gradients (times the loss weight) against the float64 KL loss from q and kv."""
+    _poison(monkeypatch)
+    dev = "cuda"
+    g, vis, full, sq, sk = _case_inputs(dsa_case, dev)
+    b, n, dv, dr, ih = 1, dsa_case.heads, 512, 64, dsa_case.index_heads
+    q = torch.randn(sq, b, n, dv + dr, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    kv = torch.randn(sk, b, dv + dr, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    iq = torch.randn(sq, b, ih, 128, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    ik = torch.randn(sk, b, 128, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    iw = (torch.randn(sq, b, ih, generator=g) * 0.02).to(dev).requires_grad_()
+    idx = api.indexer_topk(iq.detach(), ik.detach(), iw.detach(), dsa_case.topk, **vis)
+    scale, weight, kls = (dv + dr) ** -0.5, 2.0, []
+    dout = torch.randn(sq, b, n, dv, generator=g).to(dev, torch.bfloat16)
+    out = api.sparse_mla_indexer_kl(q, kv, idx, iq, ik, iw, scale, dv, loss_weight=lambda: weight, on_loss=kls.append)
+    out.backward(dout)
+    qs, kvs = q.detach().requires_grad_(), kv.detach().requires_grad_()
+    want = api.sparse_mla(qs, kvs, idx, scale, dv)
+    want.backward(dout)
+    assert torch.equal(out, want)  # the same forward kernel
+    assert _rel(q.grad, qs.grad) < 1e-3 and _rel(kv.grad, kvs.grad) < 1e-3  # dkv: atomics in another order
+    iqd, ikd, iwd = (t.detach().double().requires_grad_() for t in (iq, ik, iw))
+    ref = 0.0
+    for i in range(0, sq, 128):
+        rows = slice(i, min(i + 128, sq))
+        part = reference.indexer_kl_loss(iqd[rows], ikd, iwd[rows], q[rows].detach().double(), kv.detach().double(),
+                                         idx[:, rows], scale, dv, **_rows(full, rows))
+        (part * (weight * (rows.stop - rows.start) / sq)).backward()
+        ref += part.item() * (rows.stop - rows.start) / sq
+    assert len(kls) == 1 and abs(kls[0].item() - ref) <= 1e-4 * abs(ref) + 1e-6
+    assert _rel(iq.grad, iqd.grad) < BF16_TOL
+    assert _rel(ik.grad, ikd.grad) < BF16_TOL
+    assert _rel(iw.grad, iwd.grad) < 1e-3
