@@ -118,6 +118,13 @@ CHECKS: list[Check] = [
           ["{py}", "bench/dsa.py", "--cpu-smoke", "--heads", "8", "--skip", "dense,mcore", "--only", "sparse attn fwd",
            "--json", "{out}/dsa_heads.json"],
           what="sparse MLA fwd, both backwards and the KL at 64/32/16/8 heads per rank (TP1..TP8), 32K and 128K"),
+    Check("dsa_bench_uniform", 25, 150,
+          ["{py}", "bench/dsa.py", "--seqs", "32768,131072", "--selection", "uniform", "--skip", "dense,mcore",
+           "--only", "sparse attn fwd,sparse attn bwd", "--json", "{out}/dsa_uniform.json"],
+          ["{py}", "bench/dsa.py", "--cpu-smoke", "--selection", "uniform", "--skip", "dense,mcore", "--only",
+           "sparse attn fwd", "--json", "{out}/dsa_uniform.json"],
+          what="sparse MLA fwd and backwards on uniformly scattered top-k (rows from device memory at 128K): "
+               "the gather bound, with each wave's working set"),
     Check("long_context_layer", 27, 90,
           ["{py}", "bench/long_context_layer.py", "--layer", "dense", "--json", "{out}/long_context.json"],
           ["{py}", "bench/long_context_layer.py", "--smoke", "--layer", "dense", "--json", "{out}/long_context.json"],
