@@ -2,7 +2,7 @@
 
     python bench/dsa.py [--seqs 4096,16384,65536,131072] [--json PATH] [--quick] [--sweep SEQ]
     python bench/dsa.py --seqs 32768 --heads 16 --topk 1024 --docs 8 --cp 1/4   # any shape
-    python bench/dsa.py --seqs 32768,131072 --only "sparse attn" --selection uniform  # scattered rows
+    python bench/dsa.py --seqs 32768,131072 --only "sparse attn" --selection window  # shared rows
     python bench/dsa.py --cpu-smoke     # every code path at toy sizes, Triton interpreter, no GPU
 
 `--heads` (main attention heads per tensor-parallel rank; a comma list runs each, e.g.
@@ -52,7 +52,7 @@ SCALE = (192 + 64) ** -0.5
 DEVICE = "cuda"
 IMPL = "auto"  # api implementation: Triton on CUDA; --cpu-smoke forces the interpreter
 DOCS, CP = 1, None  # packed documents per sample; (rank, size) of the timed context-parallel rank
-SELECTION = "indexer"  # --selection: the kernels' top-k from the indexer on random inputs, or uniform
+SELECTION = "indexer"  # --selection: the kernel rows' top-k: the indexer's on random inputs, uniform or window
 
 
 def smoke_sizes() -> None:
@@ -200,25 +200,31 @@ def make_inputs(seq: int, gen: torch.Generator, plain: bool = False):
     )
 
 
-def uniform_topk(seq: int, vis: dict, gen: torch.Generator) -> torch.Tensor:
-    """[1, sq, TOPK] int32: each query's top-k drawn uniformly among its visible keys, without
-    replacement (-1 past the visible count). The indexer on random inputs picks the keys of large
-    norm for most queries, so its selections share rows and stay in L2; uniform ones are the
-    scattered extreme, where a long sequence's rows come from device memory."""
+def synthetic_topk(kind: str, seq: int, vis: dict, gen: torch.Generator) -> torch.Tensor:
+    """[1, sq, TOPK] int32 selections of a given shape (-1 past the visible count):
+    - "uniform": each query's top-k drawn uniformly among its visible keys, without replacement.
+      Measured on a CPU (132 consecutive queries at 128K, the inputs of `make_inputs`), the
+      indexer's own selections on random inputs are as scattered: 111K distinct rows per 132
+      queries against 115K uniform, no key chosen by half of them.
+    - "window": the top-k latest visible keys: neighbouring queries share all but one row, the
+      most L2 reuse any selection can give (trained selections lie in between)."""
     from glm52_train.kernels import indexer
 
     sq = case_for(seq).num_queries
     lo, hi = indexer.visible_ranges(sq, seq, DEVICE, **vis)
-    keys = torch.arange(seq, device=DEVICE)
-    out = torch.full((sq, TOPK), -1, dtype=torch.int32, device=DEVICE)
-    chunk = max(1, (1 << 28) // max(seq, 1))  # 1 GiB of fp32 scores at a time
     k = min(TOPK, seq)
+    out = torch.full((sq, TOPK), -1, dtype=torch.int32, device=DEVICE)
+    if kind == "window":
+        j = hi.long()[:, None] - 1 - torch.arange(k, device=DEVICE)[None]
+        out[:, :k] = torch.where(j >= lo.long()[:, None], j, -1).to(torch.int32)
+        return out.unsqueeze(0)
+    keys = torch.arange(seq, device=DEVICE)
+    chunk = max(1, (1 << 28) // max(seq, 1))  # 1 GiB of fp32 scores at a time
     for a in range(0, sq, chunk):
         b = min(sq, a + chunk)
         score = torch.rand(b - a, seq, generator=gen, device=DEVICE)
         visible = (keys >= lo[a:b, None]) & (keys < hi[a:b, None])
-        score = torch.where(visible, score, -1.0)
-        top, j = score.topk(k, dim=-1)
+        top, j = torch.where(visible, score, -1.0).topk(k, dim=-1)
         out[a:b, :k] = torch.where(top >= 0, j, -1).to(torch.int32)
     return out.unsqueeze(0)
 
@@ -240,8 +246,8 @@ def bench_ours(seq: int, quick: bool) -> list[Row]:
     vis = visibility(seq)
     rows = []
     idx = api.indexer_topk(x["iq"], x["ik"], x["iw"], TOPK, **vis, impl=IMPL)
-    if SELECTION == "uniform":  # the kernel rows below; the layer rows select with the indexer
-        idx = uniform_topk(seq, vis, gen)
+    if SELECTION != "indexer":  # the kernel rows below; the layer rows select with the indexer
+        idx = synthetic_topk(SELECTION, seq, vis, gen)
     working_set = wave_working_set_mib(idx, META.get("sms") or 132)
     META.setdefault("wave_working_set_mib", {})[f"{seq}x{N_HEADS}"] = working_set
     print(f"# {SELECTION} selection at {seq}: {working_set:.1f} MiB of distinct kv rows per wave of "
@@ -513,9 +519,9 @@ def main(argv=None) -> int:
     ap.add_argument("--topk", type=int, default=TOPK)
     ap.add_argument("--docs", type=int, default=1, help="packed documents per sample")
     ap.add_argument("--cp", default=None, metavar="RANK/SIZE", help="time one context-parallel rank's queries")
-    ap.add_argument("--selection", choices=("indexer", "uniform"), default="indexer",
-                    help="the kernel rows' top-k: the indexer's on random inputs (rows shared, L2-resident) "
-                         "or uniform among the visible keys (scattered: the gather bound)")
+    ap.add_argument("--selection", choices=("indexer", "uniform", "window"), default="indexer",
+                    help="the kernel rows' top-k: the indexer's on random inputs (as scattered as uniform), "
+                         "uniform among the visible keys, or the latest top-k keys (window: most L2 reuse)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="every code path at toy sizes on the CPU (Triton interpreter); timings meaningless")
     args = ap.parse_args(argv)
