@@ -114,7 +114,7 @@ class DSAConfig:
     loss_coeff: float = 1.0  # weight of the indexer's KL loss
     backend: Literal["auto", "torch", "triton"] = "auto"  # auto: Triton on GPU, the PyTorch references on CPU
     deterministic: bool = False  # true: sparse attention backward without atomics (bitwise-reproducible; GPU speed unmeasured)
-    indexer_loss: Literal["forward", "dq_pass"] = "forward"  # sparse indexer KL: forward (re-gathers kv) or dq_pass (from the attention backward's probabilities; GPU speed unmeasured)
+    indexer_loss: Literal["forward", "dq_pass"] = "forward"  # sparse indexer KL: forward (gathers kv again) or dq_pass (in the attention backward; GPU speed unmeasured)
 
 
 @dataclass
