@@ -89,6 +89,7 @@ def _run_config(tmp: Path, data: str, init: Path, mode: str, packed: bool):
 CP_CASES = {
     # name: (processes, mode, packed, extra overrides)
     "cp2_sparse": (2, "sparse", False, []),
+    "cp2_sparse_dq_pass_kl": (2, "sparse", False, ["dsa.indexer_loss=dq_pass"]),  # the KL from the backward
     "cp2_dense_packed": (2, "dense", True, []),
     "cp2_sparse_packed": (2, "sparse", True, []),
     "cp2_warmup_packed": (2, "warmup", True, []),
