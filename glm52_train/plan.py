@@ -29,8 +29,8 @@ Megatron-Core's distributed optimizer:
   gradients, computed in the forward pass by the fused KL kernel); under `dsa.deterministic`
   also one inverted selection and its build (`inverted_selection_bytes`): one IndexShare
   group's at a time, in backward; under `dsa.indexer_loss: dq_pass` also the dq pass's head
-  probabilities (`head_probs_bytes`): one layer's at a time, in backward (the indexer's inputs
-  saved for its KL there take the place of the forward-computed gradients, the same bytes);
+  probabilities (`head_probs_bytes`): one layer's at a time, in backward (the indexer's inputs,
+  saved for its KL there, take the place of the forward-computed gradients: counted as those);
 - logits: fp32 logits saved by the loss for the main head and each MTP step, for the
   micro-batches in flight on the chunk with "L", plus one transient gradient of them;
 - fp8 weights (`train.fp8: blockwise`, counted in "weights" and shown as `fp8_weights` in
