@@ -45,8 +45,11 @@ Where the time goes (issue 26; none of it measured on a GPU yet): quantisation i
 Triton kernel per tensor on CUDA (glm52_train/kernels/fp8_quant.py: both tilings of x, or of
 dy, from one read; bit-exact with `quantize_reference`, the torch ops the CPU runs); each
 weight is quantised once per optimizer step (`_WeightCache`); the forward saves x's 128x1
-quantisation (1 byte an element) rather than x; the experts' tokens are quantised in one
-launch (`FP8SequentialMLP`). `train.fp8_dgrad` / `train.fp8_wgrad` put the input- or
+quantisation (1 byte an element) rather than x. The routed experts quantise each tensor once
+for all local experts (`FP8SequentialMLP`: fc1's input, fc2's input, and in the backward fc2's
+and fc1's output gradients: four launches per MoE layer and micro-batch, where fc1's input
+took one and the other three one per (expert, source) chunk before); their GEMMs still run one per chunk, and on the CPU so does their activation. Speed
+unmeasured (no GPU). `train.fp8_dgrad` / `train.fp8_wgrad` put the input- or
 weight-gradient GEMM on the unquantised path ("bf16") instead: both default to "fp8", today's
 behaviour, until a GPU measures which is faster (issue 13's H100 numbers, before the fused
 quantisation: input gradient 1.13x bf16 on dense shapes and 0.53x on experts, weight gradient
@@ -543,21 +546,30 @@ class FP8SequentialMLP(SequentialMLP):
 
     Departure from DeepSeek-V3 / torchao: no grouped GEMM. torch 2.11-2.13's
     `torch._scaled_grouped_mm` takes tensor-wise or row-wise fp32 scales (and MXFP8's 1x32 UE8M0
-    blocks, on Blackwell only), not 1x128 / 128x128 blocks on Hopper. What the options would
-    cost in accuracy (the error bounds, not a GPU measurement):
-    - row-wise scales (one per token for activations, one per output row for weights, over the
-      whole contraction of 6144 or 2048): e4m3's relative 2^-4 rounding is unchanged for values
-      near their row's amax, but a token's or weight row's small entries share its largest
-      one's scale: anything 2^15 below the row's amax (e4m3 subnormals, now measured against a
-      6144-long row rather than a 128-long tile) loses precision or flushes to zero; DeepSeek-V3
-      chose 1x128 tiles because activation outliers make that common;
-    - the weight-gradient GEMM row-wise along tokens: one scale per output feature over all of
-      an expert's tokens, instead of one per 128 tokens: the same argument along tokens, where
-      gradients vary by orders of magnitude between tokens;
-    - tensor-wise scales: one amax for the whole tensor, worst of all (the FP8 linears' TP test
-      shows values 2^15 under a tile's amax already round differently);
+    blocks, on Blackwell only), not 1x128 / 128x128 blocks on Hopper. What its scales would cost
+    in accuracy (`bench/fp8_scaling_accuracy.py`: CPU, synthetic operands at GLM-5.2's expert
+    shapes, 512 tokens; docs/benchmarks.md; not GLM's own activations, which tiny's 128-wide
+    experts cannot stand in for):
+    - row-wise scales (one per token over the whole contraction of 6144 or 2048, one per weight
+      output row; for the weight gradient one per feature over all of an expert's tokens instead
+      of per 128 tokens): e4m3's relative precision is flat over its normal range (448 down to
+      2^-6, a factor 2^14.8), so a row's small entries lose precision only when they lie that far
+      below the row's amax. Gaussian operands, 1 channel in 256 at 64x (the 20-100x outliers
+      LLM.int8() and SmoothQuant report), dy rows spread over 3 decades: row-wise errs as
+      blockwise to 3 digits (GEMM output 3.7e-2 relative Frobenius error against bf16 operands'
+      2.4e-3; median entry error 2.2e-2). Two "massive" channels at 2^14x (the ~10^4x reported in
+      LLMs): the output error is still equal (the massive terms carry its norm), but the
+      activation's ordinary entries become e4m3 subnormals: median entry error 3.8-4.0e-2
+      row-wise against 2.3e-2 blockwise; dy over 6 decades: 3.1e-2 against 3.0e-2 (128-token
+      tiles already mix such tokens);
+    - tensor-wise scales: as row-wise without outliers, 8.6e-2-1.8e-1 median entry error with
+      the massive channels;
     - MXFP8 (1x32 power-of-two blocks, finer than ours: no accuracy cost) needs sm100.
-    So the loop stays; its launches are what `bench/fp8_gemm.py` times per expert."""
+    So row-wise scales cost nothing on well-behaved operands and degrade the ordinary channels
+    of tokens that carry massive activations, which 1x128 tiles confine to their own tile. The
+    loop stays: 1x128 is DeepSeek-V3's recipe and the one this repository's accuracy runs
+    measured, and without a GPU there is no speed to trade for it. Its launches are what
+    `bench/fp8_gemm.py` times per expert."""
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs, source_chunks=None):
         if source_chunks is None or self.config.moe_apply_probs_on_input:
