@@ -48,12 +48,13 @@ weight is quantised once per optimizer step (`_WeightCache`); the forward saves 
 quantisation (1 byte an element) rather than x. The routed experts quantise each tensor once
 for all local experts (`FP8SequentialMLP`: fc1's input, fc2's input, and in the backward fc2's
 and fc1's output gradients: four launches per MoE layer and micro-batch, where fc1's input
-took one and the other three one per (expert, source) chunk before); their GEMMs still run one per chunk, and on the CPU so does their activation. Speed
-unmeasured (no GPU). `train.fp8_dgrad` / `train.fp8_wgrad` put the input- or
-weight-gradient GEMM on the unquantised path ("bf16") instead: both default to "fp8", today's
-behaviour, until a GPU measures which is faster (issue 13's H100 numbers, before the fused
-quantisation: input gradient 1.13x bf16 on dense shapes and 0.53x on experts, weight gradient
-0.42-0.85x, GEMMs alone; `bench/fp8_gemm.py`, `bench/fp8_step.py`).
+took one and the other three one per (expert, source) chunk before); their GEMMs still run
+one per chunk, and on the CPU so does their activation. Speed unmeasured (no GPU).
+`train.fp8_dgrad` / `train.fp8_wgrad` put the input- or weight-gradient GEMM on the
+unquantised path ("bf16") instead: both default to "fp8", today's behaviour, until a GPU
+measures which is faster (issue 13's H100 numbers, before the fused quantisation: input
+gradient 1.13x bf16 on dense shapes and 0.53x on experts, weight gradient 0.42-0.85x, GEMMs
+alone; `bench/fp8_gemm.py`, `bench/fp8_step.py`).
 """
 
 from __future__ import annotations
@@ -163,8 +164,8 @@ def quantize_tilings(x: torch.Tensor, row: bool = False, token: bool = False, bl
                  for on, t in zip((row, token, block), (ROW_TILE, TOKEN_TILE, WEIGHT_TILE)))
 
 
-def quantize_segments(x: torch.Tensor, sizes: list[int], token: bool = True, impl: str = "auto", row: bool = True
-                      ) -> list[tuple[Quantized | None, Quantized | None]]:
+def quantize_segments(x: torch.Tensor, sizes: list[int], row: bool = True, token: bool = True,
+                      impl: str = "auto") -> list[tuple[Quantized | None, Quantized | None]]:
     """The 1x128 (with `row`) and 128x1 (with `token`) quantisations of each segment of `sizes`
     consecutive rows of the 2-D `x` (the local experts' token chunks), equal to quantising each
     segment on its own (128x1 tiles restart at every segment), in one launch of the fused kernel
@@ -616,5 +617,5 @@ class FP8MoELayer(MoELayer):
 
 __all__ = ["Quantized", "quantize", "quantize_reference", "quantize_tilings", "quantize_segments", "invalidate_fp8_weights",
            "power_of_two_scale", "scaled_gemm", "fp8_linear",
-           "FP8ColumnParallelLinear", "FP8RowParallelLinear", "FP8SequentialMLP", "FP8MoELayer",
+           "FP8ColumnParallelLinear", "FP8RowParallelLinear", "FP8SequentialMLP", "FP8MoELayer", "grouped_expert_activation",
            "blockwise_support_problem"]
