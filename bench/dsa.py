@@ -2,6 +2,7 @@
 
     python bench/dsa.py [--seqs 4096,16384,65536,131072] [--json PATH] [--quick] [--sweep SEQ]
     python bench/dsa.py --seqs 32768 --heads 16 --topk 1024 --docs 8 --cp 1/4   # any shape
+    python bench/dsa.py --seqs 32768,131072 --only "sparse attn" --selection window  # shared rows
     python bench/dsa.py --cpu-smoke     # every code path at toy sizes, Triton interpreter, no GPU
 
 `--heads` (main attention heads per tensor-parallel rank; a comma list runs each, e.g.
@@ -51,6 +52,7 @@ SCALE = (192 + 64) ** -0.5
 DEVICE = "cuda"
 IMPL = "auto"  # api implementation: Triton on CUDA; --cpu-smoke forces the interpreter
 DOCS, CP = 1, None  # packed documents per sample; (rank, size) of the timed context-parallel rank
+SELECTION = "indexer"  # --selection: the kernel rows' top-k: the indexer's on random inputs, uniform or window
 
 
 def smoke_sizes() -> None:
@@ -164,6 +166,8 @@ def measure(name, seq, fn, flops=None, quick=False, memory=True, extra=None) -> 
     if ONLY and name.startswith("ours:") and not any(part in name for part in ONLY):
         return None
     row = Row(name=name, seq=seq, heads=N_HEADS, **(extra or {}))
+    if name.startswith("ours:"):
+        row["selection"] = "indexer" if "layer" in name else SELECTION
     try:
         warmup, reps = reps_for(seq, quick)
         ms = cuda_time(fn, warmup, reps)
@@ -196,6 +200,44 @@ def make_inputs(seq: int, gen: torch.Generator, plain: bool = False):
     )
 
 
+def synthetic_topk(kind: str, seq: int, vis: dict, gen: torch.Generator) -> torch.Tensor:
+    """[1, sq, TOPK] int32 selections of a given shape (-1 past the visible count):
+    - "uniform": each query's top-k drawn uniformly among its visible keys, without replacement.
+      Measured on a CPU (132 consecutive queries at 128K, the inputs of `make_inputs`), the
+      indexer's own selections on random inputs are as scattered: 111K distinct rows per 132
+      queries against 115K uniform, no key chosen by half of them.
+    - "window": the top-k latest visible keys: neighbouring queries share all but one row, the
+      most L2 reuse any selection can give (trained selections lie in between)."""
+    from glm52_train.kernels import indexer
+
+    sq = case_for(seq).num_queries
+    lo, hi = indexer.visible_ranges(sq, seq, DEVICE, **vis)
+    k = min(TOPK, seq)
+    out = torch.full((sq, TOPK), -1, dtype=torch.int32, device=DEVICE)
+    if kind == "window":
+        j = hi.long()[:, None] - 1 - torch.arange(k, device=DEVICE)[None]
+        out[:, :k] = torch.where(j >= lo.long()[:, None], j, -1).to(torch.int32)
+        return out.unsqueeze(0)
+    keys = torch.arange(seq, device=DEVICE)
+    chunk = max(1, (1 << 28) // max(seq, 1))  # 1 GiB of fp32 scores at a time
+    for a in range(0, sq, chunk):
+        b = min(sq, a + chunk)
+        score = torch.rand(b - a, seq, generator=gen, device=DEVICE)
+        visible = (keys >= lo[a:b, None]) & (keys < hi[a:b, None])
+        top, j = torch.where(visible, score, -1.0).topk(k, dim=-1)
+        out[a:b, :k] = torch.where(top >= 0, j, -1).to(torch.int32)
+    return out.unsqueeze(0)
+
+
+def wave_working_set_mib(idx: torch.Tensor, sms: int) -> float:
+    """Mean MiB of distinct kv rows that `sms` consecutive queries (one wave of programs, one
+    query each) gather: what L2 must hold for their rows to be read from device memory once."""
+    rows = idx[0]
+    waves = list(range(0, max(1, rows.shape[0] - sms + 1), max(sms, rows.shape[0] // 64)))[:64]
+    sizes = [torch.unique(rows[w:w + sms][rows[w:w + sms] >= 0]).numel() for w in waves]
+    return statistics.mean(sizes) * (D_LAT + D_ROPE) * 2 / 2**20
+
+
 def bench_ours(seq: int, quick: bool) -> list[Row]:
     from glm52_train.kernels import api, indexer_loss, sparse_mla
 
@@ -204,6 +246,12 @@ def bench_ours(seq: int, quick: bool) -> list[Row]:
     vis = visibility(seq)
     rows = []
     idx = api.indexer_topk(x["iq"], x["ik"], x["iw"], TOPK, **vis, impl=IMPL)
+    if SELECTION != "indexer":  # the kernel rows below; the layer rows select with the indexer
+        idx = synthetic_topk(SELECTION, seq, vis, gen)
+    working_set = wave_working_set_mib(idx, META.get("sms") or 132)
+    META.setdefault("wave_working_set_mib", {})[f"{seq}x{N_HEADS}"] = working_set
+    print(f"# {SELECTION} selection at {seq}: {working_set:.1f} MiB of distinct kv rows per wave of "
+          f"{META.get('sms') or 132} queries", flush=True)
     out, lse = sparse_mla.sparse_mla_fwd(x["q"], x["kv"], idx, SCALE, D_LAT)
     dout = torch.randn_like(out)
     n_visible, sel = pair_counts(seq, vis)
@@ -454,7 +502,7 @@ def _split_indexer(x, lo, hi, seq, quick) -> list[Row]:
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    global N_HEADS, IH, TOPK, DOCS, CP
+    global N_HEADS, IH, TOPK, DOCS, CP, SELECTION
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seqs", default="4096,16384,65536,131072")
     ap.add_argument("--json", default=None, help="write all rows here")
@@ -471,6 +519,9 @@ def main(argv=None) -> int:
     ap.add_argument("--topk", type=int, default=TOPK)
     ap.add_argument("--docs", type=int, default=1, help="packed documents per sample")
     ap.add_argument("--cp", default=None, metavar="RANK/SIZE", help="time one context-parallel rank's queries")
+    ap.add_argument("--selection", choices=("indexer", "uniform", "window"), default="indexer",
+                    help="the kernel rows' top-k: the indexer's on random inputs (as scattered as uniform), "
+                         "uniform among the visible keys, or the latest top-k keys (window: most L2 reuse)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="every code path at toy sizes on the CPU (Triton interpreter); timings meaningless")
     args = ap.parse_args(argv)
@@ -490,7 +541,7 @@ def main(argv=None) -> int:
     except ValueError:
         print(f"--heads takes head counts separated by commas, not {args.heads!r}")
         return 2
-    N_HEADS, IH, TOPK, DOCS = head_counts[0], args.index_heads, args.topk, args.docs
+    N_HEADS, IH, TOPK, DOCS, SELECTION = head_counts[0], args.index_heads, args.topk, args.docs, args.selection
     ONLY[:] = [part for part in args.only.split(",") if part]
     if args.cp:
         rank, _, size = args.cp.partition("/")
@@ -512,7 +563,7 @@ def main(argv=None) -> int:
     JSON_PATH = args.json
     meta = META
     meta.update(device=dev_name, sms=sms, torch=torch.__version__, heads=head_counts, index_heads=IH, topk=TOPK,
-                docs=DOCS, cp=CP,
+                docs=DOCS, cp=CP, selection=SELECTION,
                 triton=triton.__version__, cuda=torch.version.cuda, time=time.strftime("%Y-%m-%d %H:%M:%S"),
                 argv=sys.argv[1:], flops_convention=__doc__.split("FLOP conventions")[1].split("Times are")[0].strip())
     print(f"# {meta['device']} ({meta['sms']} SMs), torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}")

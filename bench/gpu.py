@@ -118,6 +118,13 @@ CHECKS: list[Check] = [
           ["{py}", "bench/dsa.py", "--cpu-smoke", "--heads", "8", "--skip", "dense,mcore", "--only", "sparse attn fwd",
            "--json", "{out}/dsa_heads.json"],
           what="sparse MLA fwd, both backwards and the KL at 64/32/16/8 heads per rank (TP1..TP8), 32K and 128K"),
+    Check("dsa_bench_window", 25, 150,
+          ["{py}", "bench/dsa.py", "--seqs", "32768,131072", "--selection", "window", "--skip", "dense,mcore",
+           "--only", "sparse attn fwd,sparse attn bwd", "--json", "{out}/dsa_window.json"],
+          ["{py}", "bench/dsa.py", "--cpu-smoke", "--selection", "window", "--skip", "dense,mcore", "--only",
+           "sparse attn fwd", "--json", "{out}/dsa_window.json"],
+          what="sparse MLA fwd and backwards on window top-k (neighbours share rows: the most L2 reuse) against "
+               "dsa_bench's scattered selections, with each wave's working set"),
     Check("long_context_layer", 27, 90,
           ["{py}", "bench/long_context_layer.py", "--layer", "dense", "--json", "{out}/long_context.json"],
           ["{py}", "bench/long_context_layer.py", "--smoke", "--layer", "dense", "--json", "{out}/long_context.json"],

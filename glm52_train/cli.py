@@ -619,6 +619,11 @@ def main(argv: list[str] | None = None) -> int:
         label = f"glm52 {command}" if command and command.replace("-", "").isalpha() else "glm52"
         print(f"{label}: interrupted (Ctrl-C).", file=sys.stderr, flush=True)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`glm52 info | head`): what it read is what it wanted; send what is
+        # still buffered nowhere, so that the interpreter's exit does not fail on it again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a process stopped by SIGPIPE
 
 
 def _main(argv: list[str]) -> int:

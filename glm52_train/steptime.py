@@ -37,8 +37,9 @@ Rank placement is Megatron-Core's default order (TP fastest, then CP, then DP, P
 expert groups ETP, EP, expert-DP): a group stays inside an NVLink domain when its span does.
 Not modelled: host overhead and kernel launches (so a host-bound run is predicted too fast; see
 docs/benchmarks.md), load imbalance among experts (routing is taken as uniform), Muon's
-Newton-Schulz GEMMs, compute/communication overlap inside a layer, the DSA kernels' lower rate
-with fewer heads per rank under TP (taken at the 64-head rate measured).
+Newton-Schulz GEMMs, compute/communication overlap inside a layer. The DSA kernels' rate with
+fewer heads per rank under TP is the rate table's `head_factor` (this stack's: predicted from
+docs/kernels.md §3c, unmeasured).
 """
 
 from __future__ import annotations
@@ -158,9 +159,13 @@ class _Rates:
         g = self.r["gemm"]
         return flops / (self.peak * _interp(g["rows"], g["efficiency"], max(rows, 1.0)))
 
-    def attention(self, kind: str, flops: float, seq: int) -> float:
+    def attention(self, kind: str, flops: float, seq: int, heads: float | None = None) -> float:
+        """Seconds of a DSA kernel; `heads` per rank scales the rate by the table's `head_factor`
+        (its rates are at 64 heads; absent: the same rate at every head count)."""
         a = self.r["attention"]
         tflops = _interp(a["seq"], a[f"{kind}_tflops"], seq) * 1e12
+        if heads is not None and "heads_per_rank" in a:
+            tflops *= _interp(a["heads_per_rank"], a["head_factor"], heads)
         return flops / (tflops * self.peak / self.base_peak)  # the same fraction of this device's peak
 
     def memory(self, nbytes: float) -> float:
@@ -234,12 +239,14 @@ def _layer_cost(m: ModelConfig, layer, lay: Layout, seq_len: int, tokens: float,
     # DSA
     visible, attended = attended_keys(seq_len, m.index_topk)
     pairs = tokens * attended
-    att_fwd = R.attention("sparse_fwd", 2 * n * (m.kv_lora_rank + m.qk_rope_dim + m.kv_lora_rank) * pairs, seq_len)
+    att_fwd = R.attention("sparse_fwd", 2 * n * (m.kv_lora_rank + m.qk_rope_dim + m.kv_lora_rank) * pairs, seq_len, n)
     att_bwd = R.attention("sparse_bwd", 2.5 * 2 * n * (m.kv_lora_rank + m.qk_rope_dim + m.kv_lora_rank) * pairs,
-                          seq_len)
+                          seq_len, n)
     if full:
         att_fwd += R.attention("indexer", 2 * m.index_heads * m.index_head_dim * tokens * visible, seq_len)
-        att_bwd += R.attention("indexer_kl", (2 * n * (m.kv_lora_rank + m.qk_rope_dim)
+        # the KL's target averages every head's attention: TP ranks gather all heads' queries
+        # (DSACoreAttention._all_heads), so each computes it for num_heads
+        att_bwd += R.attention("indexer_kl", (2 * m.num_heads * (m.kv_lora_rank + m.qk_rope_dim)
                                               + 4 * 2 * m.index_heads * m.index_head_dim) * pairs, seq_len)
     # memory-bound work over what the layer saves for backward
     saved, _ = layer_saved_bytes(m, layer, tp, lay.sp, BF16, (), micro_batch)

@@ -235,3 +235,14 @@ def test_a_dashed_key_points_at_key_value(argv, meant, capsys):
     (line,) = _errors(capsys.readouterr().err)
     assert line.startswith(f"glm52 {argv[0]}: error: unrecognized argument --") and line.endswith(
         f"run-config keys are given as key=value, without dashes: {meant}")
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`glm52 config keys | head -1`: the pipe closes before the command has written; it stops
+    quietly with SIGPIPE's status (141), no BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "glm52_train.cli", "config", "keys"], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the interpreter has even started: the first write fails
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == ""

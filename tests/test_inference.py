@@ -92,6 +92,7 @@ def test_eval_generate_and_export_of_a_trained_checkpoint(trained, golden_data, 
     assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token == "<|pad|>"
     config = json.loads((out / "config.json").read_text())
     assert config["eos_token_id"] == tokenizer.eos_token_id == 0 and config["pad_token_id"] == 1
+    assert config["bos_token_id"] is None and tokenizer.bos_token_id is None  # it has none
     reference, _ = load_reference(str(out), num_layers=4)
     assert _greedy_reference(reference, first["prompt_tokens"], 40, eos=0) == first["tokens"]
 

@@ -172,3 +172,24 @@ def test_search_ranks_the_fitting_layouts_fastest_first(capsys):
     fitting = json.loads(capsys.readouterr().out)["fitting"]
     assert any(e["layout"]["pp"] >= 8 and e["first_stage_layers"] is not None for e in fitting)
     assert [round(e["time"]["tokens_per_s_per_gpu"], 1) for e in fitting] == speeds
+
+
+def test_fewer_heads_per_rank_run_the_sparse_attention_at_the_tables_head_factor():
+    """TP8 leaves 8 of the 64 heads per rank: the sparse attention kernels do an eighth of the
+    FLOPs at a quarter of the 64-head rate (configs/rates/glm52_train.yaml head_factor), so the
+    rank spends half the TP1 time in them; a table without head factors (Bridge's) keeps the rate."""
+    from glm52_train.steptime import _layer_cost, _Rates
+
+    ours, plain = load_rates(), load_rates(BRIDGE)
+    assert dict(zip(ours["attention"]["heads_per_rank"], ours["attention"]["head_factor"]))[8] == 0.25
+    layer = next(i for i, c in enumerate(GLM.layer_index_pattern) if c == "F" and GLM.is_moe_layer(i))
+
+    def attention_s(rates, tp):
+        R = _Rates({**rates, "memory": {**rates["memory"], "passes": 0}}, "h100")  # kernels only
+        cost = _layer_cost(GLM, layer, Layout(tp=tp, ep=8, sp=tp > 1), 32768, 32768, R, 1)
+        no_dsa = _layer_cost(GLM.replace(index_topk=1), layer,
+                             Layout(tp=tp, ep=8, sp=tp > 1), 32768, 32768, R, 1)
+        return cost["fwd"] - no_dsa["fwd"]
+
+    assert attention_s(ours, 8) / attention_s(ours, 1) == pytest.approx(0.5, rel=0.02)
+    assert attention_s(plain, 8) / attention_s(plain, 1) == pytest.approx(0.125, rel=0.02)

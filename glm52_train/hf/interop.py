@@ -216,7 +216,8 @@ def write_tokenizer(out: Path, tok, model_config: ModelConfig) -> None:
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     cfg_file = out / "config.json"
     hf_config = json.loads(cfg_file.read_text())
-    hf_config.update(eos_token_id=tok.eod, pad_token_id=tok.pad if pad else None)
+    # the tokenizer has no beginning-of-text token (documents are separated by end-of-text)
+    hf_config.update(bos_token_id=None, eos_token_id=tok.eod, pad_token_id=tok.pad if pad else None)
     cfg_file.write_text(json.dumps(hf_config, indent=2) + "\n")
 
 
