@@ -354,51 +354,143 @@ def test_weight_quantised_once_per_step_until_invalidated(single_process):
     assert torch.equal(lin(xs[0])[0], fp8_linear(xs[0], lin.weight))
 
 
-def test_experts_take_their_chunks_quantised_in_one_pass(single_process, monkeypatch):
-    """FP8SequentialMLP quantises all local experts' tokens at once (`quantize_segments`) and
-    each expert's fc1 takes its chunk's slices: outputs and gradients bitwise those of each
-    expert quantising its own chunk (token tiles restart at every chunk)."""
+def _tiny_experts(dgrad: str = "fp8", wgrad: str = "fp8"):
     from glm52_train.config import get_model_config
-    from glm52_train.model import fp8
     from glm52_train.model.build import build_model
     from glm52_train.run_config import RunConfig
 
     run = RunConfig()
-    run.train.fp8 = "blockwise"
-    experts = build_model(get_model_config("tiny"), run).decoder.layers[1].mlp.experts
+    run.train.fp8, run.train.fp8_dgrad, run.train.fp8_wgrad = "blockwise", dgrad, wgrad
+    return build_model(get_model_config("tiny"), run).decoder.layers[1].mlp.experts
+
+
+def grouped_experts_match_per_chunk(experts, chunks=None, seed: int = 14, impl: str = "auto") -> dict:
+    """Two micro-batches (the second accumulating into the first's gradients) through the
+    grouped FP8 experts (their `quantize_segments` calls with `impl`) and through each (expert,
+    source) chunk's own MLP: whether outputs and the gradients of the tokens, the router
+    probabilities and every weight are bitwise equal, and how often the grouped path quantised.
+    `chunks`: [expert][source] token counts (default: three sources, empty chunks, single tokens
+    and chunks across 128-token tiles)."""
+    from glm52_train.model import fp8
+
     n = len(experts.local_experts)
-    chunks = [[(37 * e) % 150, (61 * e + 5) % 140] for e in range(n)]  # two source ranks, some empty
-    total = sum(map(sum, chunks))
-    g = torch.Generator().manual_seed(14)
-    x0 = torch.randn(total, experts.local_experts[0].linear_fc1.weight.shape[1], generator=g)
-    probs = torch.rand(total, generator=g)
-    handed = []
-    original = fp8.fp8_linear
-    monkeypatch.setattr(fp8, "fp8_linear", lambda *a, **k: handed.append(len(a) > 5 and a[5] is not None) or original(*a, **k))
+    if chunks is None:
+        chunks = [[(37 * e + 91 * s) % 170 if (e + s) % 5 else (e + s) % 2 for s in range(3)] for e in range(n)]
+    sizes = sum(chunks, [])
+    g = torch.Generator().manual_seed(seed)
+    hidden = experts.local_experts[0].linear_fc1.weight.shape[1]
+    batches = [(torch.randn(sum(sizes), hidden, generator=g), torch.rand(sum(sizes), generator=g),
+                torch.randn(sum(sizes), hidden, generator=g)) for _ in range(2)]
+    calls = []
+    segments = fp8.quantize_segments
 
-    def grads(out, x):
-        out.backward(torch.ones_like(out))
-        return [x.grad] + [p.grad.clone() for p in experts.parameters()]
+    def counted(*a, **k):
+        calls.append(1)
+        return segments(*a, **k, impl=impl)
 
-    x = x0.clone().requires_grad_()
-    out, _ = experts(x, torch.tensor([sum(c) for c in chunks]), probs, source_chunks=chunks)
-    got = grads(out, x)
-    assert sum(handed) == 2 * n  # every chunk's fc1 took the one-pass quantisation
-    experts.zero_grad()
-    for p in experts.parameters():
-        p.grad = None
-    handed.clear()
-    x = x0.clone().requires_grad_()
-    parts, i = [], 0
-    hidden, ps = torch.split(x, sum(chunks, [])), torch.split(probs, sum(chunks, []))
-    for expert, row in zip(experts.local_experts, chunks):  # each chunk quantised by its own fc1
-        for _ in row:
-            parts.append(expert(hidden[i], ps[i])[0])
-            i += 1
-    want_out = torch.cat(parts)
-    want = grads(want_out, x)
-    assert sum(handed) == 0 and torch.equal(out.detach(), want_out.detach())
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    def run(grouped: bool):
+        for p in experts.parameters():
+            p.grad = None
+        outs, grads = [], []
+        for x0, p0, dy in batches:
+            x, probs = x0.clone().requires_grad_(), p0.clone().requires_grad_()
+            if grouped:
+                out, _ = experts(x, torch.tensor([sum(c) for c in chunks]), probs, source_chunks=chunks)
+            else:
+                owner = [e for e, row in enumerate(chunks) for _ in row]
+                out = torch.cat([experts.local_experts[e](xc, pc)[0]
+                                 for e, xc, pc in zip(owner, torch.split(x, sizes), torch.split(probs, sizes))])
+            out.backward(dy)
+            outs.append(out.detach())
+            grads += [x.grad, probs.grad]
+        return outs + grads + [p.grad.clone() for p in experts.parameters()]
+
+    fp8.quantize_segments = counted
+    try:
+        got = run(grouped=True)
+        grouped_calls = len(calls)
+        calls.clear()
+        want = run(grouped=False)
+    finally:
+        fp8.quantize_segments = segments
+    return {"equal": [bool(torch.equal(a, b)) for a, b in zip(got, want)], "grouped_calls": grouped_calls,
+            "per_chunk_calls": len(calls), "chunks": len(sizes)}
+
+
+@pytest.mark.parametrize("paths", [("fp8", "fp8"), ("bf16", "fp8"), ("fp8", "bf16")], ids="-".join)
+def test_experts_quantise_each_tensor_once_for_all_chunks(single_process, paths):
+    """FP8SequentialMLP runs fc1, the activation and fc2 over all local experts' chunks at once,
+    one GEMM per chunk: each of fc1's input, fc2's input and (backward) fc2's and fc1's output
+    gradients quantised in one call (`quantize_segments`), and outputs and gradients (tokens,
+    router probabilities, weights, accumulated over two micro-batches) bitwise those of each
+    (expert, source) chunk run through its own MLP, under train.fp8_dgrad / fp8_wgrad too."""
+    got = grouped_experts_match_per_chunk(_tiny_experts(*paths))
+    assert got["equal"] and all(got["equal"]), got
+    assert got["grouped_calls"] == 2 * 2 * 2 and got["per_chunk_calls"] == 0  # 2 micro-batches x fwd/bwd x fc1/fc2
+
+
+def test_experts_activation_on_the_whole_tensor_is_each_chunks(single_process):
+    """What CUDA runs (the activation over all chunks at once) computes, on one CPU thread (each
+    row one contiguous run of the vectorised loop, as each chunk's rows are), the per-chunk bits,
+    forward and backward; the CPU runs it per chunk (vector tails and threads' seams move with
+    the tensor's extent)."""
+    from glm52_train.model.fp8 import grouped_expert_activation
+
+    experts = _tiny_experts()
+    config, act = experts.config, experts.local_experts[0].activation_func
+    width = 2 * experts.local_experts[0].linear_fc2.weight.shape[1]
+    sizes = [0, 1, 130, 77, 256, 3]
+    g = torch.Generator().manual_seed(15)
+    h0, p0 = torch.randn(sum(sizes), width, generator=g) * 4, torch.rand(sum(sizes), generator=g)
+    dy = torch.randn(sum(sizes), width // 2, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = []
+        for whole in (True, False):
+            h, p = h0.clone().requires_grad_(), p0.clone().requires_grad_()
+            a = grouped_expert_activation(h, p, sizes, config, act, whole=whole)
+            a.backward(dy)
+            out.append((a.detach(), h.grad, p.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+def grouped_experts_in_the_interpreter() -> None:
+    """In a fresh process with TRITON_INTERPRET=1: the grouped experts' quantisations through
+    the fused kernel (one segmented launch per tensor, as on CUDA) against each chunk's own MLP
+    quantising with PyTorch's ops (the kernel's bit-exactness with them is tested above)."""
+    from glm52_train import parallel
+    from glm52_train.kernels import api
+
+    parallel.initialize(seed=1234)
+    api.enable_interpreter()
+    from glm52_train.kernels import fp8_quant
+
+    launches = []
+    tiles = fp8_quant.quantize_tiles
+
+    def counted(x, *a, segments=None, **k):
+        launches.append(segments is not None)
+        return tiles(x, *a, segments=segments, **k)
+
+    fp8_quant.quantize_tiles = counted
+    chunks = [[0, 131], [1, 0], [5, 2], [0, 0], [17, 1], [3, 9], [0, 1], [2, 0]]  # tails, empties, 128 crossed
+    got = grouped_experts_match_per_chunk(_tiny_experts(), chunks, seed=17, impl="triton")
+    got["segmented_launches"] = sum(launches)
+    print(json.dumps(got))
+
+
+@pytest.mark.slow  # ~20 s: a fresh process imports Megatron-Core and interprets the kernel
+def test_grouped_experts_bit_exact_through_the_fused_kernel():
+    code = "from tests.test_fp8 import grouped_experts_in_the_interpreter; grouped_experts_in_the_interpreter()"
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["equal"] and all(got["equal"]), got
+    assert got["grouped_calls"] == 8 and got["segmented_launches"] == 8 and got["per_chunk_calls"] == 0, got
 
 
 def test_plan_counts_the_quantised_weights(single_process):

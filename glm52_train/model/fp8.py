@@ -45,12 +45,16 @@ Where the time goes (issue 26; none of it measured on a GPU yet): quantisation i
 Triton kernel per tensor on CUDA (glm52_train/kernels/fp8_quant.py: both tilings of x, or of
 dy, from one read; bit-exact with `quantize_reference`, the torch ops the CPU runs); each
 weight is quantised once per optimizer step (`_WeightCache`); the forward saves x's 128x1
-quantisation (1 byte an element) rather than x; the experts' tokens are quantised in one
-launch (`FP8SequentialMLP`). `train.fp8_dgrad` / `train.fp8_wgrad` put the input- or
-weight-gradient GEMM on the unquantised path ("bf16") instead: both default to "fp8", today's
-behaviour, until a GPU measures which is faster (issue 13's H100 numbers, before the fused
-quantisation: input gradient 1.13x bf16 on dense shapes and 0.53x on experts, weight gradient
-0.42-0.85x, GEMMs alone; `bench/fp8_gemm.py`, `bench/fp8_step.py`).
+quantisation (1 byte an element) rather than x. The routed experts quantise each tensor once
+for all local experts (`FP8SequentialMLP`: fc1's input, fc2's input, and in the backward fc2's
+and fc1's output gradients: four launches per MoE layer and micro-batch, where fc1's input
+took one and the other three one per (expert, source) chunk before); their GEMMs still run
+one per chunk, and on the CPU so does their activation. Speed unmeasured (no GPU).
+`train.fp8_dgrad` / `train.fp8_wgrad` put the input- or weight-gradient GEMM on the
+unquantised path ("bf16") instead: both default to "fp8", today's behaviour, until a GPU
+measures which is faster (issue 13's H100 numbers, before the fused quantisation: input
+gradient 1.13x bf16 on dense shapes and 0.53x on experts, weight gradient 0.42-0.85x, GEMMs
+alone; `bench/fp8_gemm.py`, `bench/fp8_step.py`).
 """
 
 from __future__ import annotations
@@ -160,20 +164,22 @@ def quantize_tilings(x: torch.Tensor, row: bool = False, token: bool = False, bl
                  for on, t in zip((row, token, block), (ROW_TILE, TOKEN_TILE, WEIGHT_TILE)))
 
 
-def quantize_segments(x: torch.Tensor, sizes: list[int], token: bool = True, impl: str = "auto"
-                      ) -> list[tuple[Quantized, Quantized | None]]:
-    """The 1x128 and (with `token`) 128x1 quantisations of each segment of `sizes` consecutive
-    rows of the 2-D `x` (the local experts' token chunks), equal to quantising each segment on
-    its own (128x1 tiles restart at every segment), in one launch of the fused kernel on CUDA;
-    per segment in PyTorch's ops otherwise."""
+def quantize_segments(x: torch.Tensor, sizes: list[int], row: bool = True, token: bool = True,
+                      impl: str = "auto") -> list[tuple[Quantized | None, Quantized | None]]:
+    """The 1x128 (with `row`) and 128x1 (with `token`) quantisations of each segment of `sizes`
+    consecutive rows of the 2-D `x` (the local experts' token chunks), equal to quantising each
+    segment on its own (128x1 tiles restart at every segment), in one launch of the fused kernel
+    on CUDA; per segment in PyTorch's ops otherwise."""
+    if not (row or token):
+        return [(None, None) for _ in sizes]
     if not _use_kernel(x, impl):
-        return [quantize_tilings(part, row=True, token=token, impl=impl)[:2] for part in torch.split(x, sizes)]
+        return [quantize_tilings(part, row=row, token=token, impl=impl)[:2] for part in torch.split(x, sizes)]
     kernel = _kernel_module(x)
-    (rq, rs), tok, _ = kernel.quantize_tiles(x, row=True, token=token, segments=list(sizes))
+    rows, tok, _ = kernel.quantize_tiles(x, row=row, token=token, segments=list(sizes))
     first = kernel.segment_tiles(sizes)[2]
     out, at = [], 0
     for i, n in enumerate(sizes):
-        row_q = Quantized(rq[at:at + n], rs[at:at + n], ROW_TILE)
+        row_q = Quantized(rows[0][at:at + n], rows[1][at:at + n], ROW_TILE) if row else None
         tok_q = Quantized(tok[0][at:at + n], tok[1][first[i]:first[i + 1]], TOKEN_TILE) if token else None
         out.append((row_q, tok_q))
         at += n
@@ -279,6 +285,12 @@ def blockwise_mm_supported(device: torch.device) -> bool:
 GEMM_PATHS = ("fp8", "bf16")
 
 
+def _check_paths(dgrad: str, wgrad: str) -> None:
+    for name, path in (("dgrad", dgrad), ("wgrad", wgrad)):
+        if path not in GEMM_PATHS:
+            raise ValueError(f"train.fp8_{name} must be fp8 or bf16, not {path!r}.")
+
+
 class _FP8Linear(torch.autograd.Function):
     """y = x W^T with the forward GEMM in FP8, the input-gradient (`dgrad`) and weight-gradient
     (`wgrad`) GEMMs each in FP8 or unquantised in the activations' dtype ("bf16": the run's
@@ -288,13 +300,9 @@ class _FP8Linear(torch.autograd.Function):
     two tilings come from one pass in the backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, w_q: Quantized, x_q, dgrad: str, wgrad: str):
+    def forward(ctx, x, weight, w_q: Quantized, dgrad: str, wgrad: str):
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        want_tok = need_dw and wgrad == "fp8"
-        if x_q is not None and (x_q[1] is not None or not want_tok):  # quantised by the caller (experts)
-            x_row, x_tok = x_q[0], x_q[1] if want_tok else None
-        else:
-            x_row, x_tok, _ = quantize_tilings(x, row=True, token=want_tok)
+        x_row, x_tok, _ = quantize_tilings(x, row=True, token=need_dw and wgrad == "fp8")
         ctx.paths, ctx.dtypes = (dgrad, wgrad), (x.dtype, weight.dtype)
         keep_w = weight if need_dx and dgrad == "bf16" else None
         keep_x = x if need_dw and wgrad == "bf16" else None
@@ -318,21 +326,18 @@ class _FP8Linear(torch.autograd.Function):
                 dw = scaled_gemm(dy_tok.t(), Quantized(xt_data, xt_scale, TOKEN_TILE).t(), w_dtype)
             else:
                 dw = (dy.t() @ x.to(dy.dtype)).to(w_dtype)
-        return dx, dw, None, None, None, None
+        return dx, dw, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, w_q: Quantized | None = None, dgrad: str = "fp8",
-               wgrad: str = "fp8", x_q: tuple | None = None) -> torch.Tensor:
+               wgrad: str = "fp8") -> torch.Tensor:
     """x [..., K] @ W^T in blockwise FP8: tokens are the flattened leading dimensions. `w_q`:
     W's 128x128 quantisation if the caller holds it (the weight cache); `dgrad` / `wgrad`: the
-    input- and weight-gradient GEMMs' path, "fp8" or "bf16" (unquantised); `x_q`: x's (1x128,
-    128x1 or None) quantisations if the caller made them (`quantize_segments`)."""
-    for name, path in (("dgrad", dgrad), ("wgrad", wgrad)):
-        if path not in GEMM_PATHS:
-            raise ValueError(f"train.fp8_{name} must be fp8 or bf16, not {path!r}.")
+    input- and weight-gradient GEMMs' path, "fp8" or "bf16" (unquantised)."""
+    _check_paths(dgrad, wgrad)
     if w_q is None:
         w_q = quantize_tilings(weight.detach(), block=True)[2]
-    out = _FP8Linear.apply(x.reshape(-1, x.shape[-1]), weight, w_q, x_q, dgrad, wgrad)
+    out = _FP8Linear.apply(x.reshape(-1, x.shape[-1]), weight, w_q, dgrad, wgrad)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -351,7 +356,6 @@ class _WeightCache:
     (`glm52 plan` counts it as `fp8_weights`)."""
 
     _fp8_w_cache = None
-    _fp8_input = None  # (tensor, its quantisations): handed in by FP8SequentialMLP for one call
 
     def _fp8_weight(self, weight: torch.Tensor) -> Quantized:
         if weight is not getattr(self, "weight", None):  # a weight handed in (tied embeddings): no cache
@@ -364,18 +368,12 @@ class _WeightCache:
         return hit[1]
 
     def _fp8_impl(self, input, weight, *args, **kwargs):
-        handed = self._fp8_input
-        x_q = handed[1] if handed is not None and _same_values(handed[0], input) else None
-        return _fp8_forward_impl(input, weight, *args, w_q=self._fp8_weight(weight), x_q=x_q,
-                                 dgrad=getattr(self.config, "fp8_dgrad", "fp8"),
-                                 wgrad=getattr(self.config, "fp8_wgrad", "fp8"), **kwargs)
+        return _fp8_forward_impl(input, weight, *args, w_q=self._fp8_weight(weight), **_gemm_paths(self.config),
+                                 **kwargs)
 
 
-def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """b is a view of a's very elements (Megatron's copy_to_tensor_model_parallel_region hands the
-    linear a new tensor object over the same storage)."""
-    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-            and a.dtype == b.dtype and a.device == b.device)
+def _gemm_paths(config) -> dict:
+    return dict(dgrad=getattr(config, "fp8_dgrad", "fp8"), wgrad=getattr(config, "fp8_wgrad", "fp8"))
 
 
 def invalidate_fp8_weights(model) -> int:
@@ -392,16 +390,16 @@ def invalidate_fp8_weights(model) -> int:
 
 def _fp8_forward_impl(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
                       grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None, w_q=None, dgrad="fp8",
-                      wgrad="fp8", x_q=None, **_):
+                      wgrad="fp8", **_):
     """Megatron-Core's linear (communication as in `linear_with_grad_accumulation_and_async_allreduce`:
     sequence-parallel all-gather / input-gradient all-reduce) with the GEMMs in FP8."""
     if gradient_accumulation_fusion:
         raise ValueError("train.fp8=blockwise does not fuse gradient accumulation into the GEMM.")
     if sequence_parallel:
-        input, x_q = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=tp_group), None
+        input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=tp_group)
     elif allreduce_dgrad:
         input = copy_to_tensor_model_parallel_region(input, group=tp_group)
-    output = fp8_linear(input, weight, w_q, dgrad, wgrad, x_q)
+    output = fp8_linear(input, weight, w_q, dgrad, wgrad)
     return output + bias if bias is not None else output
 
 
@@ -423,9 +421,110 @@ class FP8RowParallelLinear(RowParallelLinear, _WeightCache):
 
 # ---- the experts -----------------------------------------------------------------------------
 
+class _FP8GroupedLinear(torch.autograd.Function):
+    """Consecutive row chunks of x [T, K], chunk c multiplied by its expert's weight:
+    y[c] = x[c] @ W[owner[c]]^T, one GEMM per chunk as `_FP8Linear` runs it, but each tensor's
+    quantisation in one launch over all chunks (`quantize_segments`: 1x128 tiles per token, 128x1
+    tiles restarting at every chunk): x's in the forward, dy's in the backward. Each expert's
+    weight gradient is the sum of its chunks' in reverse chunk order, the order autograd's
+    engine adds them when each chunk is a node of its own (the last chunk's backward runs first),
+    so the result is bitwise the per-chunk `_FP8Linear`'s."""
+
+    @staticmethod
+    def forward(ctx, x, sizes: list[int], owner: list[int], w_qs: list[Quantized], dgrad: str, wgrad: str,
+                grad: bool, *weights):
+        need_dx = grad and ctx.needs_input_grad[0]
+        need_dw = [grad and n for n in ctx.needs_input_grad[7:]]
+        want_tok = any(need_dw) and wgrad == "fp8"
+        parts = quantize_segments(x, sizes, token=want_tok)
+        y = torch.cat([scaled_gemm(row, w_qs[e], x.dtype) for (row, _), e in zip(parts, owner)])
+        ctx.sizes, ctx.owner, ctx.paths, ctx.need = sizes, owner, (dgrad, wgrad), (need_dx, need_dw)
+        ctx.dtypes, ctx.n_weights = (x.dtype, [w.dtype for w in weights]), len(weights)
+        keep_w = list(weights) if need_dx and dgrad == "bf16" else [None] * len(weights)
+        keep_x = x if any(need_dw) and wgrad == "bf16" else None
+        tok = [t for _, q in parts for t in ((q.data, q.scale) if q is not None else (None, None))]
+        w = [t for q in w_qs for t in (q.data, q.scale)] if need_dx and dgrad == "fp8" else []
+        ctx.save_for_backward(keep_x, *keep_w, *w, *tok)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved = ctx.saved_tensors
+        n_w, sizes, owner = ctx.n_weights, ctx.sizes, ctx.owner
+        (dgrad, wgrad), (need_dx, need_dw), (x_dtype, w_dtypes) = ctx.paths, ctx.need, ctx.dtypes
+        x, keep_w = saved[0], saved[1:1 + n_w]
+        rest = saved[1 + n_w:]
+        w_fp8 = need_dx and dgrad == "fp8"
+        w_qs = [Quantized(rest[2 * j], rest[2 * j + 1], WEIGHT_TILE) for j in range(n_w)] if w_fp8 else []
+        tok = rest[2 * n_w:] if w_fp8 else rest
+        dy = dy.contiguous()
+        parts = quantize_segments(dy, sizes, row=w_fp8, token=any(need_dw) and wgrad == "fp8")
+        dys = torch.split(dy, sizes)
+        dx = None
+        if need_dx:
+            if dgrad == "fp8":
+                dx = torch.cat([scaled_gemm(row, w_qs[e].t(), x_dtype) for (row, _), e in zip(parts, owner)])
+            else:
+                dx = torch.cat([(d @ keep_w[e].to(dy.dtype)).to(x_dtype) for d, e in zip(dys, owner)])
+        dws = [None] * n_w
+        xs = torch.split(x, sizes) if x is not None else None
+        for c in reversed(range(len(sizes))):
+            e = owner[c]
+            if not need_dw[e]:
+                continue
+            if wgrad == "fp8":
+                x_tok = Quantized(tok[2 * c], tok[2 * c + 1], TOKEN_TILE)
+                dw = scaled_gemm(parts[c][1].t(), x_tok.t(), w_dtypes[e])
+            else:
+                dw = (dys[c].t() @ xs[c].to(dy.dtype)).to(w_dtypes[e])
+            dws[e] = dw if dws[e] is None else dws[e] + dw
+        return (dx, None, None, None, None, None, None, *dws)
+
+
+def _expert_activation(h: torch.Tensor, probs: torch.Tensor, config, activation_func) -> torch.Tensor:
+    """Megatron-Core's MLP between fc1 and fc2 (its unfused path: no bias, no fused or TE
+    activation), weighted by each token's router probability, the same ops in the same order."""
+    if config.gated_linear_unit:
+        x_glu, x_linear = torch.chunk(h, 2, dim=-1)
+        if (val := config.activation_func_clamp_value) is not None:
+            x_glu = x_glu.clamp(min=None, max=val)
+            x_linear = x_linear.clamp(min=-val, max=val)
+        a = config.activation_func(x_glu) * (x_linear + config.glu_linear_offset)
+    else:
+        a = activation_func(h)
+    return (a * probs.unsqueeze(-1)).to(a.dtype)
+
+
+def grouped_expert_activation(h: torch.Tensor, probs: torch.Tensor, sizes: list[int], config, activation_func,
+                              whole: bool) -> torch.Tensor:
+    """`_expert_activation` of the local experts' concatenated fc1 outputs: on the whole tensor
+    (`whole`: what CUDA runs, its elementwise kernels computing every element alone, so the bits
+    are each chunk's own), or chunk by chunk (the CPU: its vectorised exp rounds differently in a
+    vector's tail and at the seams between threads' ranges, so values depend on the tensor's
+    extent, and per chunk keeps them those of the per-expert path)."""
+    if whole:
+        return _expert_activation(h, probs, config, activation_func)
+    return torch.cat([_expert_activation(hc, pc, config, activation_func)
+                      for hc, pc in zip(torch.split(h, sizes), torch.split(probs, sizes))])
+
+
+def _groupable(expert) -> bool:
+    """The expert is Megatron-Core's MLP as this model builds it: FP8 linears without bias that
+    communicate nothing themselves (experts' linears leave TP/EP communication to the token
+    dispatcher), an activation `_expert_activation` reproduces."""
+    fc1, fc2, c = expert.linear_fc1, expert.linear_fc2, expert.config
+    linears = (fc1, fc2)
+    return (all(isinstance(m, _WeightCache) and getattr(m, "bias", None) is None for m in linears)
+            and all(m.explicit_expert_comm or m.tp_group.size() == 1 for m in linears)
+            and not fc1.gather_output and fc2.input_is_parallel
+            and not (c.use_te_activation_func or c.bias_activation_fusion or c.gradient_accumulation_fusion
+                     or c._cpu_offloading_context is not None or getattr(c, "delay_wgrad_compute", False)))
+
+
 class FP8SequentialMLP(SequentialMLP):
-    """The routed experts with blockwise FP8 linears, one expert after another (the loop path:
-    torch has no blockwise-scaled grouped GEMM we could check on the GPUs we have).
+    """The routed experts with blockwise FP8 linears, one GEMM per expert chunk (the loop path:
+    torch has no blockwise-scaled grouped GEMM we could check on the GPUs we have), each tensor
+    the GEMMs read quantised once for all local experts.
 
     Each expert runs once per source chunk (the tokens one rank's microbatch sent it), so the
     weight-gradient GEMM's 128-token tiles never mix tokens of two microbatches: the tiles one
@@ -433,50 +532,66 @@ class FP8SequentialMLP(SequentialMLP):
     runs equal the one-process run. Forward and input-gradient GEMMs tile per token, so chunking
     does not change them.
 
-    The first linear's input, all local experts' tokens, is quantised in one launch
-    (`quantize_segments`: 1x128 tiles, and 128x1 tiles restarting at every chunk), and each
-    expert's fc1 takes its chunk's slices (checked: an fc1 whose input is not a view of the
-    very same elements quantises its own); fc2's input and the gradients are
-    quantised per chunk, where they are made.
+    One launch of the fused quantiser (`quantize_segments`: 1x128 tiles, and 128x1 tiles
+    restarting at every chunk) over all local experts' tokens for each of: fc1's input (forward),
+    fc2's input (the activation of all chunks' fc1 outputs, concatenated), fc2's output gradient
+    and fc1's output gradient (backward, each in the tilings its dgrad and wgrad GEMMs need):
+    four per MoE layer and step instead of four per chunk. fc1, the activation and fc2 each span
+    all chunks (`_FP8GroupedLinear` twice, `grouped_expert_activation` between), so autograd
+    hands each backward the whole gradient. Still per chunk: the GEMMs (fc1, fc2, and in the
+    backward each one's dgrad and wgrad), and on the CPU the activation (see
+    `grouped_expert_activation`). Outputs and gradients are bitwise those of running each chunk
+    through its expert alone (tests/test_fp8.py). An expert that `_groupable` does not recognise
+    (biases, fused or TE activations) runs chunk by chunk through its own MLP. Speed unmeasured
+    (no GPU).
 
     Departure from DeepSeek-V3 / torchao: no grouped GEMM. torch 2.11-2.13's
     `torch._scaled_grouped_mm` takes tensor-wise or row-wise fp32 scales (and MXFP8's 1x32 UE8M0
-    blocks, on Blackwell only), not 1x128 / 128x128 blocks on Hopper. What the options would
-    cost in accuracy (the error bounds, not a GPU measurement):
-    - row-wise scales (one per token for activations, one per output row for weights, over the
-      whole contraction of 6144 or 2048): e4m3's relative 2^-4 rounding is unchanged for values
-      near their row's amax, but a token's or weight row's small entries share its largest
-      one's scale: anything 2^15 below the row's amax (e4m3 subnormals, now measured against a
-      6144-long row rather than a 128-long tile) loses precision or flushes to zero; DeepSeek-V3
-      chose 1x128 tiles because activation outliers make that common;
-    - the weight-gradient GEMM row-wise along tokens: one scale per output feature over all of
-      an expert's tokens, instead of one per 128 tokens: the same argument along tokens, where
-      gradients vary by orders of magnitude between tokens;
-    - tensor-wise scales: one amax for the whole tensor, worst of all (the FP8 linears' TP test
-      shows values 2^15 under a tile's amax already round differently);
+    blocks, on Blackwell only), not 1x128 / 128x128 blocks on Hopper. What its scales would cost
+    in accuracy (`bench/fp8_scaling_accuracy.py`: CPU, synthetic operands at GLM-5.2's expert
+    shapes, 512 tokens; docs/benchmarks.md; not GLM's own activations, which tiny's 128-wide
+    experts cannot stand in for):
+    - row-wise scales (one per token over the whole contraction of 6144 or 2048, one per weight
+      output row; for the weight gradient one per feature over all of an expert's tokens instead
+      of per 128 tokens): e4m3's relative precision is flat over its normal range (448 down to
+      2^-6, a factor 2^14.8), so a row's small entries lose precision only when they lie that far
+      below the row's amax. Gaussian operands, 1 channel in 256 at 64x (the 20-100x outliers
+      LLM.int8() and SmoothQuant report), dy rows spread over 3 decades: row-wise errs as
+      blockwise to 3 digits (GEMM output 3.7e-2 relative Frobenius error against bf16 operands'
+      2.4e-3; median entry error 2.2e-2). Two "massive" channels at 2^14x (the ~10^4x reported in
+      LLMs): the output error is still equal (the massive terms carry its norm), but the
+      activation's ordinary entries become e4m3 subnormals: median entry error 3.8-4.0e-2
+      row-wise against 2.3e-2 blockwise; dy over 6 decades: 3.1e-2 against 3.0e-2 (128-token
+      tiles already mix such tokens);
+    - tensor-wise scales: as row-wise without outliers, 8.6e-2-1.8e-1 median entry error with
+      the massive channels;
     - MXFP8 (1x32 power-of-two blocks, finer than ours: no accuracy cost) needs sm100.
-    So the loop stays; its launches are what `bench/fp8_gemm.py` times per expert."""
+    So row-wise scales cost nothing on well-behaved operands and degrade the ordinary channels
+    of tokens that carry massive activations, which 1x128 tiles confine to their own tile. The
+    loop stays: 1x128 is DeepSeek-V3's recipe and the one this repository's accuracy runs
+    measured, and without a GPU there is no speed to trade for it. Its launches are what
+    `bench/fp8_gemm.py` times per expert."""
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs, source_chunks=None):
         if source_chunks is None or self.config.moe_apply_probs_on_input:
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         sizes = [n for row in source_chunks for n in row]
-        hidden = torch.split(permuted_local_hidden_states, sizes)
-        probs = torch.split(permuted_probs, sizes)
-        token = torch.is_grad_enabled() and getattr(self.config, "fp8_wgrad", "fp8") == "fp8"
-        pre = quantize_segments(permuted_local_hidden_states.detach(), sizes, token=token)
-        outputs, i = [], 0
-        for expert, row in zip(self.local_experts, source_chunks):
-            for _ in row:
-                fc1 = expert.linear_fc1
-                fc1._fp8_input = (hidden[i], pre[i]) if isinstance(fc1, _WeightCache) else None
-                try:
-                    out, _bias = expert(hidden[i], probs[i])
-                finally:
-                    fc1._fp8_input = None
-                outputs.append(out)
-                i += 1
-        return torch.cat(outputs, dim=0), None
+        owner = [e for e, row in enumerate(source_chunks) for _ in row]
+        if not all(_groupable(e) for e in self.local_experts):
+            chunks = zip(torch.split(permuted_local_hidden_states, sizes), torch.split(permuted_probs, sizes))
+            return torch.cat([self.local_experts[e](x, p)[0] for e, (x, p) in zip(owner, chunks)]), None
+        x = permuted_local_hidden_states
+        h = self._grouped("linear_fc1", x, sizes, owner)
+        a = grouped_expert_activation(h, permuted_probs, sizes, self.config, self.local_experts[0].activation_func,
+                                      whole=h.is_cuda)
+        return self._grouped("linear_fc2", a, sizes, owner), None
+
+    def _grouped(self, name: str, x: torch.Tensor, sizes: list[int], owner: list[int]) -> torch.Tensor:
+        linears = [getattr(e, name) for e in self.local_experts]
+        paths = _gemm_paths(self.config)
+        _check_paths(**paths)
+        return _FP8GroupedLinear.apply(x, sizes, owner, [m._fp8_weight(m.weight) for m in linears], paths["dgrad"],
+                                       paths["wgrad"], torch.is_grad_enabled(), *[m.weight for m in linears])
 
 
 class FP8MoELayer(MoELayer):
@@ -502,5 +617,5 @@ class FP8MoELayer(MoELayer):
 
 __all__ = ["Quantized", "quantize", "quantize_reference", "quantize_tilings", "quantize_segments", "invalidate_fp8_weights",
            "power_of_two_scale", "scaled_gemm", "fp8_linear",
-           "FP8ColumnParallelLinear", "FP8RowParallelLinear", "FP8SequentialMLP", "FP8MoELayer",
+           "FP8ColumnParallelLinear", "FP8RowParallelLinear", "FP8SequentialMLP", "FP8MoELayer", "grouped_expert_activation",
            "blockwise_support_problem"]
