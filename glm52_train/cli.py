@@ -248,7 +248,8 @@ def cmd_plan(args) -> int:
     rates = load_rates(args.rates)
     model, given = q["model"], q["given"]
     recompute = q["recompute"] + (f" ({', '.join(q['modules'])})" if q["modules"] else "") + q.get("note", "")
-    timing = dict(gpu_type=args.gpu_type, rates=rates, grad_dtype=q["grad_dtype"], optimizer=q["optimizer"])
+    timing = dict(gpu_type=args.gpu_type, rates=rates, grad_dtype=q["grad_dtype"], optimizer=q["optimizer"],
+                  dsa_indexer_loss=q["indexer_loss"])
     where = (f"predicted on {args.gpu_type} with {rates['stack']}'s rates"
              f"{' (' + args.rates + ')' if args.rates else ''}")
     if q["explicit"]:

@@ -147,6 +147,7 @@ class _Rates:
         if gpu_type not in devices:
             raise ConfigError(f"--gpu-type must be one of {', '.join(devices)}, got {gpu_type!r}.")
         self.r, self.gpu_type, self.dev = rates, gpu_type, devices[gpu_type]
+        self.kl_from_probs = False  # dsa.indexer_loss=dq_pass (step_time sets it)
         base = devices.get(rates["measured_on"], self.dev)
         self.peak = self.dev["bf16_tflops"] * 1e12
         self.base_peak = base["bf16_tflops"] * 1e12
@@ -244,10 +245,14 @@ def _layer_cost(m: ModelConfig, layer, lay: Layout, seq_len: int, tokens: float,
                           seq_len, n)
     if full:
         att_fwd += R.attention("indexer", 2 * m.index_heads * m.index_head_dim * tokens * visible, seq_len)
-        # the KL's target averages every head's attention: TP ranks gather all heads' queries
-        # (DSACoreAttention._all_heads), so each computes it for num_heads
-        att_bwd += R.attention("indexer_kl", (2 * m.num_heads * (m.kv_lora_rank + m.qk_rope_dim)
-                                              + 4 * 2 * m.index_heads * m.index_head_dim) * pairs, seq_len)
+        # the KL's target averages every head's attention: by default TP ranks gather all heads'
+        # queries (DSACoreAttention._all_heads) and each recomputes it for num_heads; from the dq
+        # pass's head probabilities (dsa.indexer_loss=dq_pass) only the indexer's work is left,
+        # taken at the same rate (unmeasured), and the sums' all-reduce under TP
+        target = 0 if R.kl_from_probs else 2 * m.num_heads * (m.kv_lora_rank + m.qk_rope_dim)
+        att_bwd += R.attention("indexer_kl", (target + 4 * 2 * m.index_heads * m.index_head_dim) * pairs, seq_len)
+        if R.kl_from_probs and tp > 1:  # once, in backward (reduce-scatter + all-gather)
+            att_bwd += R.link(2 * _ring(tokens * m.index_topk * FP32, tp), tp <= R.domain)
     # memory-bound work over what the layer saves for backward
     saved, _ = layer_saved_bytes(m, layer, tp, lay.sp, BF16, (), micro_batch)
     mem = R.memory(R.r["memory"]["passes"] * saved * tokens) / 2
@@ -351,13 +356,16 @@ def replay_pipeline(pp: int, vpp: int, microbatches: int, fwd, bwd, send: float)
 def step_time(m: ModelConfig, layout: Layout, seq_len: int, micro_batch: int = 1, num_microbatches: int | None = None,
               recompute: str = "full", recompute_modules=(), gpu_type: str = "h100", rates: dict | None = None,
               first_stage_layers: int | None = None, last_stage_layers: int | None = None,
-              grad_dtype: str = "fp32", optimizer: str = "adamw") -> StepTime:
-    """Seconds per training step of `layout` (see the module docstring)."""
+              grad_dtype: str = "fp32", optimizer: str = "adamw", dsa_indexer_loss: str = "forward") -> StepTime:
+    """Seconds per training step of `layout` (see the module docstring). `dsa_indexer_loss`
+    (`dsa.indexer_loss`): "dq_pass" counts the sparse KL's indexer work only, its target coming
+    from the attention's dq pass (an all-reduce of 4 * topk bytes per query under TP)."""
     from glm52_train.model.info import model_info
     from glm52_train.plan import default_microbatches
 
     rates = rates or load_rates()
     R = _Rates(rates, gpu_type)
+    R.kl_from_probs = dsa_indexer_loss == "dq_pass"
     lay = layout
     chunks = pipeline_chunks(m, lay, first_stage_layers, last_stage_layers)
     pp, vpp = lay.pp, len(chunks[0])

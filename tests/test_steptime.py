@@ -193,3 +193,37 @@ def test_fewer_heads_per_rank_run_the_sparse_attention_at_the_tables_head_factor
 
     assert attention_s(ours, 8) / attention_s(ours, 1) == pytest.approx(0.5, rel=0.02)
     assert attention_s(plain, 8) / attention_s(plain, 1) == pytest.approx(0.125, rel=0.02)
+
+
+def test_the_kl_from_the_dq_pass_costs_its_indexer_work_only():
+    """dsa.indexer_loss=dq_pass: the KL drops its target's 2 x 64 x 576 FLOPs per selected pair
+    (keeping the indexer's 4 x 2 x 32 x 128), nothing else of the layer changes; under TP the
+    head sums' all-reduce comes in instead of the queries' all-gather."""
+    from glm52_train.steptime import _layer_cost, _Rates, attended_keys
+
+    layer = next(i for i, c in enumerate(GLM.layer_index_pattern) if c == "F" and GLM.is_moe_layer(i))
+
+    def cost(tp, from_probs):
+        R = _Rates(load_rates(), "h100")
+        R.kl_from_probs = from_probs
+        return _layer_cost(GLM, layer, Layout(tp=tp, ep=8, sp=tp > 1), 32768, 32768, R, 1), R
+
+    (fwd_path, R), (dq, _) = cost(1, False), cost(1, True)
+    pairs = 32768 * attended_keys(32768, GLM.index_topk)[1]
+    target = R.attention("indexer_kl", 2 * GLM.num_heads * (GLM.kv_lora_rank + GLM.qk_rope_dim) * pairs, 32768)
+    assert fwd_path["bwd"] - dq["bwd"] == pytest.approx(target, rel=1e-9)
+    assert fwd_path["fwd"] == dq["fwd"] and fwd_path["tp"] == dq["tp"]
+    (tp_fwd, _), (tp_dq, _) = cost(2, False), cost(2, True)
+    assert tp_fwd["bwd"] - tp_dq["bwd"] < target  # the all-reduce of the sums is paid back
+
+
+def test_plan_takes_the_indexer_loss_from_the_config(capsys, tmp_path):
+    import yaml
+
+    raw = yaml.safe_load(open("configs/proxy_h100.yaml"))
+    raw["dsa"]["indexer_loss"] = "dq_pass"
+    cfg = tmp_path / "proxy_dq_pass.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    base = _run(capsys, PROXY_RUN)
+    dq = _run(capsys, ["plan", "--config", str(cfg), *PROXY_RUN[3:]])
+    assert dq["step_time_s"] < base["step_time_s"]
